@@ -1,1 +1,4 @@
-print("ingest main")
+from lfr.ingest.service import IngestService
+from lfr.runtime.service import main
+
+main(IngestService)

@@ -1,1 +1,113 @@
-def main(): print("hi")
+"""The `lfr` command line: run services, the embedded system, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+SERVICES = ("ingest", "detection", "embedding", "watchlist", "match", "audit")
+BENCHES = {
+    "verify": "lfr.bench.verify",
+    "identify": "lfr.bench.identify",
+    "speed": "lfr.bench.speed",
+    "pipeline": "lfr.bench.live",
+}
+
+
+def default_state_dir() -> str:
+    return os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
+
+
+def cmd_serve(args) -> None:
+    os.environ.setdefault("LFR_STATE_DIR", default_state_dir())
+    module = importlib.import_module(f"lfr.{args.service}.service")
+    cls = next(v for k, v in vars(module).items() if k.endswith("Service") and k != "Service"
+               and getattr(v, "name", None) == args.service)
+    from lfr.runtime.service import main
+
+    main(cls)
+
+
+def cmd_up(args) -> None:
+    from lfr.runtime.embedded import EmbeddedSystem
+
+    system = EmbeddedSystem(args.state_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"starting nats-server and six services under {system.state_dir} ...", flush=True)
+    system.start()
+    try:
+        print(json.dumps(system.endpoints(), indent=2), flush=True)
+        print("all services SERVING; Ctrl-C or SIGTERM stops everything", flush=True)
+        stop.wait()
+    finally:
+        print("stopping ...", flush=True)
+        system.stop()
+        print("stopped", flush=True)
+
+
+def cmd_demo(args) -> None:
+    from lfr.cli.demo import run_demo
+
+    state = args.state_dir or tempfile.mkdtemp(prefix="lfr-demo-")
+    sys.exit(run_demo(state, video=args.video, watchlist=args.watchlist, fps=args.fps))
+
+
+def cmd_bench(args) -> None:
+    result = args.bench_run(args)
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
+    """bench: the one benchmark whose module to import ('' = none, None = all)."""
+    p = argparse.ArgumentParser(prog="lfr", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run one service in the foreground (configured by LFR_* variables)")
+    s.add_argument("service", choices=SERVICES)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("up", help="embedded default: nats-server, Qdrant local mode and all six services")
+    s.add_argument("--state-dir", default=default_state_dir(), help="state folder (default ./state or $LFR_STATE_DIR)")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("demo", help="enroll a watchlist, stream a real video through the embedded system, print alerts")
+    s.add_argument("--state-dir", default="", help="state folder (default: a new temporary folder)")
+    s.add_argument("--video", default="", help="video file or rtsp:// URL (default: the shared stage video)")
+    s.add_argument("--watchlist", default="", help="folder of <subject>/<image> files or of images named by subject")
+    s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
+    s.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (print JSON); never part of the test run: "
+                       + ", ".join(BENCHES))
+    bsub = b.add_subparsers(dest="bench", required=True)
+    for name, module_name in BENCHES.items():
+        if bench is not None and name != bench:  # keep `lfr --help` fast
+            bsub.add_parser(name, help=f"see `lfr bench {name} --help`")
+            continue
+        module = importlib.import_module(module_name)  # benchmarks import torch: only the one asked for
+        bp = bsub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(bp)
+        if not any(a.dest == "json" for a in bp._actions):
+            bp.add_argument("--json", action="store_true", help="one-line JSON")
+        bp.set_defaults(func=cmd_bench, bench_run=module.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    bench = argv[1] if len(argv) > 1 and argv[0] == "bench" and argv[1] in BENCHES else ""
+    args = build_parser(bench).parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""gRPC clients for a running system (found through its state folder's endpoints.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from lfr.pb import (
+    audit_pb2_grpc,
+    detection_pb2_grpc,
+    embedding_pb2_grpc,
+    ingest_pb2_grpc,
+    match_pb2_grpc,
+    watchlist_pb2_grpc,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass
+class Clients:
+    ingest: ingest_pb2_grpc.IngestServiceStub
+    detection: detection_pb2_grpc.DetectionServiceStub
+    embedding: embedding_pb2_grpc.EmbeddingServiceStub
+    watchlist: watchlist_pb2_grpc.WatchlistServiceStub
+    match: match_pb2_grpc.MatchServiceStub
+    audit: audit_pb2_grpc.AuditServiceStub
+    channels: list
+
+    @classmethod
+    def connect(cls, endpoints: dict, aio: bool = False) -> Clients:
+        make = grpc.aio.insecure_channel if aio else grpc.insecure_channel
+        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        chans = {s: make(endpoints[s], options=opts) for s in
+                 ("ingest", "detection", "embedding", "watchlist", "match", "audit")}
+        return cls(
+            ingest=ingest_pb2_grpc.IngestServiceStub(chans["ingest"]),
+            detection=detection_pb2_grpc.DetectionServiceStub(chans["detection"]),
+            embedding=embedding_pb2_grpc.EmbeddingServiceStub(chans["embedding"]),
+            watchlist=watchlist_pb2_grpc.WatchlistServiceStub(chans["watchlist"]),
+            match=match_pb2_grpc.MatchServiceStub(chans["match"]),
+            audit=audit_pb2_grpc.AuditServiceStub(chans["audit"]),
+            channels=list(chans.values()),
+        )
+
+    @classmethod
+    def from_state_dir(cls, state_dir: str | Path, aio: bool = False) -> Clients:
+        path = Path(state_dir) / "endpoints.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no running system found: {path} is missing (start one with `lfr up`)")
+        return cls.connect(json.loads(path.read_text()), aio=aio)
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+
+def subject_images(folder: str | Path) -> dict[str, list[Path]]:
+    """A watchlist folder: `<subject>/<image>` files, or loose images named after their subject."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"watchlist folder not found: {folder}")
+    out: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir():
+            imgs = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if imgs:
+                out[p.name] = imgs
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            out.setdefault(p.stem, []).append(p)
+    return out

@@ -1,0 +1,121 @@
+"""Typed configuration from LFR_* environment variables (and *_FILE secret files).
+
+One frozen dataclass serves every service; each reads the fields it needs. A bad value raises ConfigError
+naming the key (never the environment's contents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "LFR_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+def _opt(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Config:
+    service: str = _opt("", "service name (set by the entry point)")
+    nats_url: str = _opt("nats://127.0.0.1:4222", "NATS server URL(s), comma separated")
+    grpc_host: str = _opt("127.0.0.1", "gRPC listen address (0.0.0.0 in a container)")
+    grpc_port: int = _opt(0, "gRPC listen port (0 = pick a free port and report it)")
+    metrics_port: int = _opt(0, "Prometheus metrics port (0 = pick a free port, -1 = off)")
+    log_level: str = _opt("info", "debug, info, warning or error")
+    state_dir: str = _opt("", "folder for the embedded default's state (NATS store, Qdrant, audit DB)")
+    model: str = _opt("", "live model id (empty = the library default)")
+    device: str = _opt("", "torch device: cpu, cuda, or empty for cuda-when-present")
+    threads: int = _opt(0, "torch intra-op threads (0 = torch default)")
+    freshness_ms: int = _opt(1000, "frames, faces and embeddings older than this are dropped")
+    max_message_bytes: int = _opt(8 * 1024 * 1024, "largest gRPC message accepted")
+    max_image_pixels: int = _opt(40_000_000, "largest image (width x height) decoded")
+    detect_max_side: int = _opt(1920, "frames are downscaled so the longer side is at most this before detection")
+    detection_batch: int = _opt(4, "frames per detector batch")
+    embedding_batch: int = _opt(32, "faces per embedder batch")
+    queue_size: int = _opt(8, "bounded queue per stage; the oldest item is dropped (and counted) when full")
+    ingest_fps: float = _opt(10.0, "default sampling rate of pulled sources")
+    jpeg_quality: int = _opt(90, "JPEG quality of frames published by ingest")
+    min_face_px: float = _opt(0.0, "faces with a smaller inter-eye distance are not matched live (0 = all)")
+    detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
+    embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
+    watchlist_target: str = _opt("127.0.0.1:50054", "watchlist service gRPC address")
+    qdrant_url: str = _opt("", "Qdrant server URL (empty = local mode under the state dir)")
+    qdrant_api_key: str = _opt("", "Qdrant API key (use LFR_QDRANT_API_KEY_FILE for a secret file)")
+    audit_db: str = _opt("", "audit index SQLite path (empty = <state dir>/audit.sqlite)")
+    stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
+    grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Config:
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in dataclasses.fields(cls):
+            key = PREFIX + f.name.upper()
+            raw = env.get(key)
+            file_key = key + "_FILE"
+            if raw is None and env.get(file_key):
+                try:
+                    raw = Path(env[file_key]).read_text().strip()
+                except OSError as exc:
+                    raise ConfigError(f"{file_key}: cannot read the file ({exc.strerror})") from None
+            if raw is None:
+                continue
+            values[f.name] = _parse(key, f.type, raw)
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def validated(self) -> Config:
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("LFR_LOG_LEVEL: must be one of debug, info, warning, error")
+        for name in ("grpc_port",):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"LFR_{name.upper()}: {port} is not a port number")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError("LFR_METRICS_PORT: must be -1 (off), 0 (any) or a port number")
+        for name in ("freshness_ms", "max_message_bytes", "max_image_pixels", "detect_max_side",
+                     "detection_batch", "embedding_batch", "queue_size", "jpeg_quality"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if self.ingest_fps <= 0:
+            raise ConfigError("LFR_INGEST_FPS: must be positive")
+        if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError("LFR_DEVICE: must be cpu, cuda, cuda:N or empty")
+        return self
+
+    def state_path(self, *parts: str) -> Path:
+        if not self.state_dir:
+            raise ConfigError("LFR_STATE_DIR: required for the embedded default's local state")
+        return Path(self.state_dir).joinpath(*parts)
+
+
+def _parse(key: str, typ, raw: str):
+    typ = typ if isinstance(typ, type) else {"int": int, "float": float, "str": str, "bool": bool}[typ]
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {typ.__name__}") from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for the README's configuration table."""
+    return [
+        (PREFIX + f.name.upper(), repr(f.default), f.metadata.get("doc", ""))
+        for f in dataclasses.fields(Config)
+        if f.name != "service"
+    ]

@@ -1,0 +1,127 @@
+"""The embedded default: a real nats-server, Qdrant local mode and all six services as separate processes
+on loopback, sharing one state folder. Used by `lfr up`, `lfr demo`, `lfr bench pipeline` and the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lfr.runtime.natsserver import NatsServer, free_port
+
+SERVICES = ("watchlist", "embedding", "detection", "match", "ingest", "audit")
+# Stop the producers first, the record keepers last, so in-flight facts reach the audit.
+STOP_ORDER = ("ingest", "detection", "embedding", "match", "watchlist", "audit")
+TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_TARGET",
+               "watchlist": "LFR_WATCHLIST_TARGET"}
+
+
+class EmbeddedSystem:
+    def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+        self.state_dir = Path(state_dir).resolve()
+        self.host = host
+        self.extra_env = dict(env or {})
+        self.nats = NatsServer(self.state_dir / "nats")
+        self.ports = {s: free_port(host) for s in SERVICES}
+        self.metrics_ports = {s: free_port(host) for s in SERVICES}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def endpoint(self, service: str) -> str:
+        return f"{self.host}:{self.ports[service]}"
+
+    def service_env(self, service: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "LFR_NATS_URL": self.nats.url, "LFR_STATE_DIR": str(self.state_dir), "LFR_GRPC_HOST": self.host,
+            "LFR_GRPC_PORT": str(self.ports[service]), "LFR_METRICS_PORT": str(self.metrics_ports[service]),
+        })
+        env.update({key: self.endpoint(s) for s, key in TARGET_KEYS.items()})
+        env.setdefault("LFR_THREADS", "1" if (os.cpu_count() or 1) <= 2 else "")
+        env.update(self.extra_env)
+        return env
+
+    def start_service(self, service: str) -> None:
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{service}.log", "ab")
+        self.procs[service] = subprocess.Popen(
+            [sys.executable, "-m", f"lfr.{service}"], env=self.service_env(service), stdout=out, stderr=out,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+
+    def start(self, timeout_s: float = 180.0) -> EmbeddedSystem:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.nats.start()
+        try:
+            for s in SERVICES:
+                self.start_service(s)
+            self.wait_healthy(SERVICES, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        (self.state_dir / "endpoints.json").write_text(json.dumps(self.endpoints(), indent=2))
+        return self
+
+    def endpoints(self) -> dict:
+        return {"nats": self.nats.url, **{s: self.endpoint(s) for s in SERVICES},
+                "metrics": {s: f"http://{self.host}:{p}/metrics" for s, p in self.metrics_ports.items()}}
+
+    def wait_healthy(self, services, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(services)
+        while pending:
+            s = pending[0]
+            proc = self.procs[s]
+            if proc.poll() is not None:
+                tail = (self.state_dir / "logs" / f"{s}.log").read_text()[-2000:]
+                raise RuntimeError(f"service {s} exited with {proc.returncode}:\n{tail}")
+            if check_health(self.endpoint(s)) == "SERVING":
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service {s} not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def stop_service(self, service: str, timeout_s: float = 20.0) -> None:
+        proc = self.procs.pop(service, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart_service(self, service: str, timeout_s: float = 120.0) -> None:
+        self.stop_service(service)
+        self.start_service(service)
+        self.wait_healthy([service], timeout_s)
+
+    def stop(self) -> None:
+        for s in STOP_ORDER:
+            self.stop_service(s)
+        self.nats.stop()
+
+    def __enter__(self) -> EmbeddedSystem:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def check_health(target: str, service: str = "", timeout: float = 1.0) -> str:
+    try:
+        with grpc.insecure_channel(target) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                       timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as exc:
+        return exc.code().name

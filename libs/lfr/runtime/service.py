@@ -1,0 +1,234 @@
+"""The service runtime written once for all six services.
+
+`main(ServiceClass)` loads config, sets up logging and uvloop, runs `serve()`. `serve()` opens resources in
+order (metrics, NATS, gRPC server with health NOT_SERVING, the service's own stores and consumers), warms up,
+flips health to SERVING, waits for SIGINT/SIGTERM, then shuts down in a fixed order:
+
+    health NOT_SERVING -> stop taking work -> finish in-flight -> server.stop(grace) -> NATS drain -> close stores
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from lfr.runtime import metrics
+from lfr.runtime.bus import Bus
+from lfr.runtime.config import Config, ConfigError
+from lfr.runtime.logs import get_logger, setup_logging
+
+
+class Service:
+    """Base class of a service: a thin adapter layer over a pure core.
+
+    Subclasses set `name`, and override `start` (register servicers and subscriptions), `warmup`,
+    `stop_intake` (unsubscribe / stop sources), and `close` (stores).
+    """
+
+    name = "service"
+    uses_nats = True
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.log = get_logger()
+        self.rt: Runtime | None = None
+
+    async def start(self, rt: Runtime) -> None: ...
+
+    async def warmup(self) -> None: ...
+
+    async def stop_intake(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by code; an unexpected exception becomes INTERNAL with a generic message."""
+
+    def __init__(self, service: str):
+        self.service = service
+        self.log = get_logger(component="grpc")
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        service, log = self.service, self.log
+
+        def wrap_unary(fn):
+            async def inner(request, context):
+                code = "OK"
+                try:
+                    return await fn(request, context)
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except Exception as exc:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        code = context.code().name
+                        raise
+                    if isinstance(exc, grpc.aio.AbortError):
+                        code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                        raise
+                    code = "INTERNAL"
+                    log.error("rpc.failed", method=method, error=type(exc).__name__, exc_info=True)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+                finally:
+                    if context.code() not in (None, grpc.StatusCode.OK) and code == "OK":
+                        code = context.code().name
+                    metrics.RPCS.labels(service, method, code).inc()
+
+            return inner
+
+        def wrap_stream(fn):
+            async def inner(request, context):
+                try:
+                    async for item in fn(request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    log.error("rpc.failed", method=method, error=type(exc).__name__, exc_info=True)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+                finally:
+                    metrics.RPCS.labels(service, method, (context.code() or grpc.StatusCode.OK).name).inc()
+
+            return inner
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+class Runtime:
+    """What a running service gets: config, logger, bus, gRPC server, executor for CPU-heavy work."""
+
+    def __init__(self, config: Config, bus: Bus | None, server: grpc.aio.Server, health: HealthServicer):
+        self.config = config
+        self.bus = bus
+        self.server = server
+        self.health = health
+        self.service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=config.service)
+        self.inflight = 0
+
+    def add_servicer(self, add_fn: Callable, servicer, descriptor) -> None:
+        add_fn(servicer, self.server)
+        self.service_names.append(descriptor.full_name)
+
+    async def run_cpu(self, fn, *args):
+        """Run CPU-heavy work (inference, decoding) off the event loop, one job at a time per process."""
+        self.inflight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.inflight -= 1
+
+
+def grpc_options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+
+
+async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    log = get_logger()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+    if config.threads:
+        import torch  # only services that use it pay for the import
+
+        torch.set_num_threads(config.threads)
+
+    metrics_port = metrics.start_metrics_server(config.metrics_port, config.grpc_host)
+    health = HealthServicer()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(config.service)], options=grpc_options(config))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+    if port == 0:
+        raise ConfigError(f"LFR_GRPC_PORT: cannot bind {config.grpc_host}:{config.grpc_port}")
+
+    bus = None
+    service = service_cls(config)
+    async with contextlib.AsyncExitStack() as stack:
+        if service.uses_nats:
+            bus = Bus(config.nats_url, name=f"lfr-{config.service}", service=config.service)
+            await bus.connect()
+            stack.push_async_callback(bus.drain)
+            await bus.ensure_streams()
+        rt = Runtime(config, bus, server, health)
+        service.rt = rt
+        stack.callback(rt.executor.shutdown, wait=True)
+        stack.push_async_callback(service.close)
+        await service.start(rt)
+        reflection.enable_server_reflection(rt.service_names, server)
+        for name in rt.service_names:
+            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        t0 = time.monotonic()
+        await service.warmup()
+        for name in rt.service_names:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("service.serving", grpc=f"{config.grpc_host}:{port}", metrics_port=metrics_port,
+                 warmup_s=round(time.monotonic() - t0, 3), services=rt.service_names)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+
+        log.info("service.stopping")
+        await health.enter_graceful_shutdown()
+        await service.stop_intake()
+        deadline = time.monotonic() + config.grace_s
+        while rt.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await server.stop(config.grace_s)
+    log.info("service.stopped")
+
+
+def main(service_cls: type[Service]) -> None:
+    try:
+        config = Config.from_env(service=service_cls.name)
+    except ConfigError as exc:
+        print(json.dumps({"level": "error", "event": "config.invalid", "error": str(exc)}), file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(service_cls.name, config.log_level)
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
+        run = asyncio.run
+    try:
+        run(serve(service_cls, config))
+    except (ConfigError, ConnectionError) as exc:
+        get_logger().error("service.failed", error=str(exc))
+        raise SystemExit(1) from None

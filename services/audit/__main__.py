@@ -1,0 +1,4 @@
+from lfr.audit.service import AuditService
+from lfr.runtime.service import main
+
+main(AuditService)

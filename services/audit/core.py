@@ -1,0 +1,51 @@
+"""Pure core of the audit service: turn a durable event into a record with no biometric in it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from google.protobuf.json_format import MessageToDict
+from lfr.pb import match_pb2, watchlist_pb2
+
+
+@dataclass(frozen=True)
+class RecordData:
+    time_ns: int
+    type: str
+    actor: str
+    deployment_id: str
+    subject: str
+    payload_digest: str
+    summary_json: str
+
+
+def record_from_event(subject: str, data: bytes) -> RecordData | None:
+    """None for subjects that are not audited."""
+    parts = subject.split(".")
+    if len(parts) < 4 or parts[0] != "lfr":
+        return None
+    domain = parts[2]
+    digest = hashlib.sha256(data).hexdigest()
+    if domain == "alerts":
+        msg = match_pb2.Alert.FromString(data)
+        msg.ClearField("probe_jpeg")  # the record holds no image
+        typ, actor, subj = "alert.raised", msg.envelope.producer, msg.alert_id
+    elif domain == "lifecycle":
+        msg = watchlist_pb2.DeploymentEvent.FromString(data)
+        typ, actor, subj = f"deployment.{msg.action}", msg.actor, msg.deployment.id
+    elif domain == "watchlist":
+        msg = watchlist_pb2.WatchlistEvent.FromString(data)
+        typ, actor, subj = f"watchlist.{msg.action}", msg.actor, msg.entry_id
+    elif domain == "matchstats":
+        msg = match_pb2.MatchStats.FromString(data)
+        typ, actor, subj = "match.stats", msg.envelope.producer, msg.envelope.deployment_id
+    else:
+        return None
+    env = msg.envelope
+    summary = MessageToDict(msg, preserving_proto_field_name=True)
+    return RecordData(
+        time_ns=env.emit_time.ToNanoseconds() or env.capture_time.ToNanoseconds(), type=typ, actor=actor,
+        deployment_id=env.deployment_id, subject=subj, payload_digest=digest,
+        summary_json=json.dumps(summary, sort_keys=True))

@@ -1,0 +1,75 @@
+"""Pure core of the detection service: image -> faces with quality, aligned chips and review crops."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+from lfr.models.quality import face_quality
+from lfr.models.types import Face
+from lfr.pb import common_pb2, detection_pb2
+from PIL import Image
+
+
+def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Shrink so the longer side is at most max_side; returns (image, factor to map back to full size)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image, 1.0
+    s = max_side / max(h, w)
+    small = Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BILINEAR)
+    return np.asarray(small), 1.0 / s
+
+
+def rescale_face(face: Face, factor: float) -> Face:
+    if factor == 1.0:
+        return face
+    return replace(face, box=tuple(v * factor for v in face.box), landmarks=face.landmarks * factor)
+
+
+def crop_jpeg(image: np.ndarray, box, margin: float = 0.4, quality: int = 85) -> bytes:
+    """A review crop around the face (with margin), for alerts and officers' side-by-side view."""
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = box
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    left, top = max(0, int(x1 - mx)), max(0, int(y1 - my))
+    right, bottom = min(w, int(x2 + mx) + 1), min(h, int(y2 + my) + 1)
+    if right <= left or bottom <= top:
+        return b""
+    buf = io.BytesIO()
+    Image.fromarray(image[top:bottom, left:right]).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def face_pb(image: np.ndarray, face: Face, chips: dict[str, np.ndarray] | None, crop: bool) -> detection_pb2.DetectedFace:
+    q = face.quality
+    out = detection_pb2.DetectedFace(
+        box=common_pb2.Box(x1=face.box[0], y1=face.box[1], x2=face.box[2], y2=face.box[3]),
+        landmarks=[common_pb2.Point(x=float(x), y=float(y)) for x, y in np.asarray(face.landmarks)],
+        score=face.score,
+    )
+    if q is not None:
+        out.quality.CopyFrom(common_pb2.FaceQuality(
+            inter_eye_px=q.inter_eye_px, sharpness=q.sharpness, yaw_deg=q.yaw_deg, pitch_deg=q.pitch_deg,
+            roll_deg=q.roll_deg, detector_score=q.detector_score))
+    for model_id, chip in (chips or {}).items():
+        out.chips.append(common_pb2.Chip(model_id=model_id, size=chip.shape[0],
+                                         rgb=np.ascontiguousarray(chip, dtype=np.uint8).tobytes()))
+    if crop:
+        out.crop_jpeg = crop_jpeg(image, face.box)
+    return out
+
+
+def detect_images(engine, images: list[np.ndarray], max_side: int, with_chips: bool, with_crops: bool
+                  ) -> list[list[detection_pb2.DetectedFace]]:
+    """Detect on (downscaled) copies, align and crop from the full-resolution images."""
+    small = [downscale(im, max_side) for im in images]
+    found = engine.detect([s for s, _ in small])
+    out = []
+    for image, (_, factor), faces in zip(images, small, found, strict=True):
+        faces = [rescale_face(f, factor) for f in faces]
+        if factor != 1.0:
+            faces = [replace(f, quality=face_quality(image, f)) for f in faces]
+        out.append([face_pb(image, f, engine.chips(image, f) if with_chips else None, with_crops) for f in faces])
+    return out

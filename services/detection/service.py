@@ -1,0 +1,86 @@
+"""Detection service: frames (NATS queue group) -> faces with chips; unary Detect for enrollment/search."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lfr.detection.core import detect_images
+from lfr.models.images import ImageError, decode_image
+from lfr.pb import detection_pb2 as pb
+from lfr.pb import detection_pb2_grpc, ingest_pb2
+from lfr.runtime import events, subjects
+from lfr.runtime.rpc import abort
+from lfr.runtime.service import Runtime, Service
+from lfr.runtime.stage import Stage
+
+DETECTOR_ID = "yunet-2023mar-int8bq"
+
+
+class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
+    def __init__(self, svc: DetectionService):
+        self.svc = svc
+
+    async def Detect(self, request, context):
+        cfg = self.svc.config
+        try:
+            image = await self.svc.rt.run_cpu(decode_image, request.image, cfg.max_message_bytes,
+                                              cfg.max_image_pixels)
+        except ImageError as exc:
+            await abort(context, "INVALID_ARGUMENT", f"image refused ({exc.reason}): {exc.message}")
+        faces = await self.svc.rt.run_cpu(detect_images, self.svc.engine, [image], cfg.detect_max_side,
+                                          request.include_chips, request.include_crops)
+        return pb.DetectResponse(faces=faces[0], width=image.shape[1], height=image.shape[0],
+                                 detector_id=DETECTOR_ID)
+
+
+class DetectionService(Service):
+    name = "detection"
+
+    async def start(self, rt: Runtime) -> None:
+        from lfr.models.engines import get_engine
+
+        cfg = self.config
+        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
+        self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
+                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms)
+        rt.add_servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(self),
+                        pb.DESCRIPTOR.services_by_name["DetectionService"])
+
+    async def warmup(self) -> None:
+        await self.rt.run_cpu(self.engine.warmup)
+        self.worker = asyncio.create_task(self.stage.run(), name="detect-stage")
+        self.sub = await self.rt.bus.subscribe(subjects.frames(), ingest_pb2.FrameEvent, self._on_frame,
+                                               queue=subjects.QUEUE["detection"], stage="detect")
+
+    def _on_frame(self, frame: ingest_pb2.FrameEvent, _subject: str) -> None:
+        self.stage.offer(frame)
+
+    def _decode_batch(self, frames: list[ingest_pb2.FrameEvent]):
+        cfg = self.config
+        images, kept = [], []
+        for f in frames:
+            try:
+                images.append(decode_image(f.image, cfg.max_message_bytes, cfg.max_image_pixels))
+                kept.append(f)
+            except ImageError:
+                self.stage._drop(f, "bad_image")
+        if not images:
+            return kept, []
+        return kept, detect_images(self.engine, images, cfg.detect_max_side, True, True)
+
+    async def _process(self, frames: list[ingest_pb2.FrameEvent]) -> None:
+        kept, results = await self.rt.run_cpu(self._decode_batch, frames)
+        for frame, faces in zip(kept, results, strict=True):
+            if not faces:
+                continue
+            env = frame.envelope
+            out = pb.FacesEvent(envelope=events.derive(env, self.name), frame_index=frame.frame_index,
+                                video_time_s=frame.video_time_s, faces=faces, frame_width=frame.width,
+                                frame_height=frame.height)
+            await self.rt.bus.publish(subjects.faces(env.deployment_id, env.camera_id), out)
+
+    async def stop_intake(self) -> None:
+        if hasattr(self, "sub"):
+            await self.sub.unsubscribe()
+            await self.stage.drain(self.config.grace_s)
+            self.worker.cancel()

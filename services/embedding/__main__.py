@@ -1,0 +1,4 @@
+from lfr.embedding.service import EmbeddingService
+from lfr.runtime.service import main
+
+main(EmbeddingService)

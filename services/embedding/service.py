@@ -1,0 +1,91 @@
+"""Embedding service: faces (NATS queue group) -> embeddings tagged with model id/version; unary Embed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lfr.embedding.core import ChipError, embed_chips
+from lfr.pb import detection_pb2, embedding_pb2_grpc
+from lfr.pb import embedding_pb2 as pb
+from lfr.runtime import events, subjects
+from lfr.runtime.rpc import abort
+from lfr.runtime.service import Runtime, Service
+from lfr.runtime.stage import Stage
+
+
+def describe(engine) -> pb.ModelDescription:
+    info = engine.info
+    out = pb.ModelDescription(model_id=info.model_id, model_version=info.version,
+                              default_threshold=info.threshold)
+    for c in engine.components:
+        ci = engine.component_info(c)
+        out.components.append(pb.Component(model_id=ci.model_id, model_version=ci.version, dim=ci.dim,
+                                           chip_size=ci.chip_size, metric=ci.metric))
+    if info.extra.get("weights"):  # a fusion model: weights per component, in component order
+        out.fusion_weights.extend(float(info.extra["weights"][c]) for c in engine.components)
+        out.fusion_bias = float(info.extra["bias"])
+    return out
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, svc: EmbeddingService):
+        self.svc = svc
+
+    async def Embed(self, request, context):
+        if not request.chips:
+            await abort(context, "INVALID_ARGUMENT", "at least one chip is required")
+        if len(request.chips) > 256:
+            await abort(context, "INVALID_ARGUMENT", "at most 256 chips per call")
+        try:
+            vectors = await self.svc.rt.run_cpu(embed_chips, self.svc.engine, list(request.chips))
+        except ChipError as exc:
+            await abort(context, "INVALID_ARGUMENT", str(exc))
+        return pb.EmbedResponse(vectors=vectors)
+
+    async def GetModel(self, request, context):
+        return self.svc.description
+
+
+class EmbeddingService(Service):
+    name = "embedding"
+
+    async def start(self, rt: Runtime) -> None:
+        from lfr.models.engines import get_engine
+
+        cfg = self.config
+        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
+        self.description = describe(self.engine)
+        self.stage = Stage(self.name, "embed", cfg.queue_size, 1, self._process,
+                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms)
+        rt.add_servicer(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(self),
+                        pb.DESCRIPTOR.services_by_name["EmbeddingService"])
+
+    async def warmup(self) -> None:
+        await self.rt.run_cpu(self.engine.warmup)
+        self.stage.batch = max(1, self.config.embedding_batch // 4)  # frames per batch; faces add up
+        self.worker = asyncio.create_task(self.stage.run(), name="embed-stage")
+        self.sub = await self.rt.bus.subscribe(subjects.faces(), detection_pb2.FacesEvent, self._on_faces,
+                                               queue=subjects.QUEUE["embedding"], stage="embed")
+
+    def _on_faces(self, msg: detection_pb2.FacesEvent, _subject: str) -> None:
+        self.stage.offer(msg)
+
+    async def _process(self, batch: list[detection_pb2.FacesEvent]) -> None:
+        chips = [c for msg in batch for f in msg.faces for c in f.chips]
+        vectors = await self.rt.run_cpu(embed_chips, self.engine, chips) if chips else []
+        it = iter(vectors)
+        info = self.engine.info
+        for msg in batch:
+            env = msg.envelope
+            out = pb.EmbeddingsEvent(envelope=events.derive(env, self.name, info.model_id, info.version),
+                                     frame_index=msg.frame_index, video_time_s=msg.video_time_s)
+            for i, f in enumerate(msg.faces):
+                out.faces.append(pb.FaceEmbedding(face_index=i, box=f.box, quality=f.quality,
+                                                  vectors=[next(it) for _ in f.chips], crop_jpeg=f.crop_jpeg))
+            await self.rt.bus.publish(subjects.embeddings(env.deployment_id, env.camera_id), out)
+
+    async def stop_intake(self) -> None:
+        if hasattr(self, "sub"):
+            await self.sub.unsubscribe()
+            await self.stage.drain(self.config.grace_s)
+            self.worker.cancel()

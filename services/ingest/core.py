@@ -1,0 +1,51 @@
+"""Pure core of the ingest service: frame checks and frame sampling. No I/O."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+FORMATS = {"JPEG", "PNG"}
+
+
+def check_frame(data: bytes, max_bytes: int, max_pixels: int) -> tuple[int, int]:
+    """Cheap checks before a frame enters the pipeline: size, container, declared dimensions, completeness.
+
+    Returns (width, height); raises ValueError with the reason. Pixels are decoded by detection.
+    """
+    if not data:
+        raise ValueError("empty frame")
+    if len(data) > max_bytes:
+        raise ValueError(f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h) = im.format, im.size
+    except Exception:
+        raise ValueError("frame is not a JPEG or PNG image") from None
+    if fmt not in FORMATS:
+        raise ValueError(f"frame format {fmt} not accepted (JPEG or PNG)")
+    if w * h > max_pixels:
+        raise ValueError(f"frame of {w}x{h} exceeds the limit of {max_pixels} pixels")
+    if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise ValueError("JPEG frame is truncated (no end-of-image marker)")
+    if fmt == "PNG" and b"IEND" not in data[-16:]:
+        raise ValueError("PNG frame is truncated (no IEND chunk)")
+    return w, h
+
+
+class Sampler:
+    """Keep frames at a target rate from a source of timestamped frames."""
+
+    def __init__(self, target_fps: float):
+        self.period = 1.0 / target_fps
+        self.next_t: float | None = None
+
+    def keep(self, t: float) -> bool:
+        if self.next_t is None:
+            self.next_t = t
+        if t + 1e-6 >= self.next_t:
+            # Advance on the grid; if the source jumped ahead, restart the grid at t.
+            self.next_t = max(self.next_t + self.period, t + self.period * 0.5)
+            return True
+        return False

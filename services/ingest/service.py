@@ -1,0 +1,129 @@
+"""Ingest service: frames pushed by camera gateways or pulled from file/RTSP sources -> frame events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import grpc
+from lfr.ingest.core import check_frame
+from lfr.ingest.sources import SourceState, start_thread
+from lfr.pb import ingest_pb2 as pb
+from lfr.pb import ingest_pb2_grpc, watchlist_pb2_grpc
+from lfr.runtime import events, metrics, subjects
+from lfr.runtime.deployments import DeploymentCache, is_live
+from lfr.runtime.rpc import abort, channel
+from lfr.runtime.service import Runtime, Service
+
+STATES = {"RUNNING": pb.SOURCE_STATE_RUNNING, "STOPPED": pb.SOURCE_STATE_STOPPED,
+          "FINISHED": pb.SOURCE_STATE_FINISHED, "FAILED": pb.SOURCE_STATE_FAILED}
+
+
+def source_pb(s: SourceState) -> pb.Source:
+    return pb.Source(source_id=s.source_id, deployment_id=s.deployment_id, camera_id=s.camera_id, url=s.url,
+                     target_fps=s.target_fps, state=STATES[s.state], frames_published=s.frames_published,
+                     error=s.error)
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, svc: IngestService):
+        self.svc = svc
+
+    async def _check_live(self, deployment_id: str, camera_id: str, context) -> None:
+        if not deployment_id or not camera_id:
+            await abort(context, "INVALID_ARGUMENT", "deployment_id and camera_id are required")
+        try:
+            d = await self.svc.deployments.get(deployment_id)
+        except grpc.aio.AioRpcError as exc:
+            await abort(context, "UNAVAILABLE", f"cannot check the deployment: watchlist {exc.code().name}")
+        reason = is_live(d, camera_id)
+        if reason:
+            await abort(context, "FAILED_PRECONDITION", reason)
+
+    async def PushFrames(self, request_iterator, context):
+        cfg = self.svc.config
+        accepted = 0
+        async for req in request_iterator:
+            await self._check_live(req.deployment_id, req.camera_id, context)
+            try:
+                w, h = check_frame(req.image, cfg.max_message_bytes, cfg.max_image_pixels)
+            except ValueError as exc:
+                await abort(context, "INVALID_ARGUMENT", f"frame {req.frame_index}: {exc}")
+            capture_ns = req.capture_time.ToNanoseconds() if req.capture_time.seconds else time.time_ns()
+            await self.svc.publish(req.deployment_id, req.camera_id, req.image, w, h, capture_ns,
+                                   req.video_time_s, req.frame_index)
+            accepted += 1
+        return pb.PushFramesResponse(frames_accepted=accepted)
+
+    async def StartSource(self, request, context):
+        await self._check_live(request.deployment_id, request.camera_id, context)
+        url = request.url
+        if not url:
+            await abort(context, "INVALID_ARGUMENT", "url is required")
+        if not url.startswith("rtsp://") and not os.path.isfile(url):
+            await abort(context, "INVALID_ARGUMENT", f"not an rtsp:// URL or a readable file: {url}")
+        fps = request.target_fps or self.svc.config.ingest_fps
+        if not 0 < fps <= 60:
+            await abort(context, "INVALID_ARGUMENT", "target_fps must be in (0, 60]")
+        src = SourceState(events.new_id()[:12], request.deployment_id, request.camera_id, url, fps,
+                          request.realtime)
+        self.svc.sources[src.source_id] = src
+        await start_thread(asyncio.get_running_loop(), src, self.svc.config.jpeg_quality, self.svc.emitter(src))
+        return source_pb(src)
+
+    async def StopSource(self, request, context):
+        src = self.svc.sources.get(request.source_id)
+        if src is None:
+            await abort(context, "NOT_FOUND", f"no source {request.source_id!r}")
+        src.stop.set()
+        if src.state == "RUNNING":
+            src.state = "STOPPED"
+        return source_pb(src)
+
+    async def ListSources(self, request, context):
+        return pb.ListSourcesResponse(sources=[source_pb(s) for s in self.svc.sources.values()])
+
+
+class IngestService(Service):
+    name = "ingest"
+
+    async def start(self, rt: Runtime) -> None:
+        cfg = self.config
+        self.deployments = DeploymentCache(watchlist_pb2_grpc.WatchlistServiceStub(channel(cfg.watchlist_target, cfg)))
+        self.sources: dict[str, SourceState] = {}
+        self.loop = asyncio.get_running_loop()
+        rt.add_servicer(ingest_pb2_grpc.add_IngestServiceServicer_to_server, IngestServicer(self),
+                        pb.DESCRIPTOR.services_by_name["IngestService"])
+
+    async def warmup(self) -> None:
+        await self.deployments.follow(self.rt.bus)
+
+    async def publish(self, deployment_id, camera_id, image, w, h, capture_ns, video_time_s, index) -> None:
+        env = events.envelope(self.name, deployment_id, camera_id, capture_ns)
+        frame = pb.FrameEvent(envelope=env, image=image, width=w, height=h, frame_index=index,
+                              video_time_s=video_time_s)
+        if await self.rt.bus.publish(subjects.frames(deployment_id, camera_id), frame):
+            metrics.PROCESSED.labels(self.name, "frames").inc()
+
+    def emitter(self, src: SourceState):
+        """Called from the source's thread: checks the deployment is still live, then publishes."""
+
+        async def emit_async(jpeg, w, h, capture_ns, t, index):
+            try:
+                d = await self.deployments.get(src.deployment_id)
+            except grpc.aio.AioRpcError:
+                d = None
+            if is_live(d, src.camera_id):
+                metrics.DROPPED.labels(self.name, "frames", "not_live").inc()
+                return
+            await self.publish(src.deployment_id, src.camera_id, jpeg, w, h, capture_ns, t, index)
+
+        def emit(*args) -> None:
+            asyncio.run_coroutine_threadsafe(emit_async(*args), self.loop)
+
+        return emit
+
+    async def stop_intake(self) -> None:
+        for src in self.sources.values():
+            src.stop.set()

@@ -1,0 +1,73 @@
+"""Pulled sources: a file path or rtsp:// URL decoded with PyAV in a thread, sampled to a target fps."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import av
+from lfr.ingest.core import Sampler
+
+
+@dataclass
+class SourceState:
+    source_id: str
+    deployment_id: str
+    camera_id: str
+    url: str
+    target_fps: float
+    realtime: bool
+    state: str = "RUNNING"
+    frames_published: int = 0
+    error: str = ""
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def open_container(url: str):
+    options = {"rtsp_transport": "tcp", "stimeout": "5000000"} if url.startswith("rtsp://") else {}
+    return av.open(url, options=options, timeout=10)
+
+
+def run_source(src: SourceState, jpeg_quality: int,
+               emit: Callable[[bytes, int, int, int, float, int], None]) -> None:
+    """Decode, sample and hand frames to `emit(jpeg, w, h, capture_ns, video_time_s, index)` until the end
+    of the source or `src.stop`. Files are paced at their own frame rate when `realtime` is set."""
+    try:
+        with open_container(src.url) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            sampler = Sampler(src.target_fps)
+            t_start = time.monotonic()
+            index = 0
+            for frame in container.decode(stream):
+                if src.stop.is_set():
+                    src.state = "STOPPED"
+                    return
+                t = float(frame.time or 0.0)
+                index += 1
+                if not sampler.keep(t):
+                    continue
+                if src.realtime:
+                    delay = t_start + t - time.monotonic()
+                    if delay > 0:
+                        src.stop.wait(delay)
+                capture_ns = time.time_ns()
+                buf = io.BytesIO()
+                frame.to_image().save(buf, format="JPEG", quality=jpeg_quality)
+                emit(buf.getvalue(), frame.width, frame.height, capture_ns, t, index - 1)
+                src.frames_published += 1
+        src.state = "FINISHED"
+    except Exception as exc:  # a source failure is reported on the source, never crashes the service
+        src.state = "FAILED"
+        src.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def start_thread(loop: asyncio.AbstractEventLoop, src: SourceState, jpeg_quality: int, emit) -> threading.Thread:
+    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit), name=f"source-{src.source_id}",
+                              daemon=True)
+    thread.start()
+    return thread
