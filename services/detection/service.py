@@ -11,7 +11,7 @@ from lfr.pb import detection_pb2_grpc, ingest_pb2
 from lfr.runtime import events, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
-from lfr.runtime.stage import Stage
+from lfr.runtime.stage import BUDGET_SHARE, Stage
 
 DETECTOR_ID = "yunet-2023mar-int8bq"
 
@@ -42,7 +42,7 @@ class DetectionService(Service):
         cfg = self.config
         self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
-                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms)
+                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
         rt.add_servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(self),
                         pb.DESCRIPTOR.services_by_name["DetectionService"])
 

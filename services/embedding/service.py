@@ -10,7 +10,7 @@ from lfr.pb import embedding_pb2 as pb
 from lfr.runtime import events, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
-from lfr.runtime.stage import Stage
+from lfr.runtime.stage import BUDGET_SHARE, Stage
 
 
 def describe(engine) -> pb.ModelDescription:
@@ -56,7 +56,7 @@ class EmbeddingService(Service):
         self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
         self.description = describe(self.engine)
         self.stage = Stage(self.name, "embed", cfg.queue_size, 1, self._process,
-                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms)
+                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["embed"])
         rt.add_servicer(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(self),
                         pb.DESCRIPTOR.services_by_name["EmbeddingService"])
 

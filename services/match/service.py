@@ -11,7 +11,7 @@ from lfr.runtime import events, metrics, subjects
 from lfr.runtime.deployments import DeploymentCache
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
-from lfr.runtime.stage import Stage
+from lfr.runtime.stage import BUDGET_SHARE, Stage
 
 
 class MatchServicer(match_pb2_grpc.MatchServiceServicer):
@@ -43,7 +43,8 @@ class MatchService(Service):
         self.counters: dict[str, Counters] = {}
         self.deployments = DeploymentCache(self.watchlist)
         self.stage = Stage(self.name, "match", cfg.queue_size * 4, 1, self._process,
-                           lambda e: events.age_ms(e.envelope), cfg.freshness_ms, on_drop=self._dropped)
+                           lambda e: events.age_ms(e.envelope), cfg.freshness_ms * BUDGET_SHARE["match"],
+                           on_drop=self._dropped)
         rt.add_servicer(match_pb2_grpc.add_MatchServiceServicer_to_server, MatchServicer(self),
                         pb.DESCRIPTOR.services_by_name["MatchService"])
 

@@ -198,7 +198,7 @@ class Bus:
                             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=1000),
                         )
                     msgs = await psub.fetch(batch, timeout=1)
-                except NatsTimeout:
+                except (NatsTimeout, asyncio.TimeoutError):
                     continue
                 except asyncio.CancelledError:
                     raise
@@ -211,6 +211,9 @@ class Bus:
                     await handler(m.data, m.subject, m.metadata.sequence.stream)
                     with contextlib.suppress(Exception):
                         await m.ack()
+            if psub is not None:  # unacked messages are redelivered to the next run of this consumer
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
 
         return self.spawn(loop(), f"consume-{durable}")
 
@@ -231,7 +234,7 @@ class Bus:
                 while not self._closing:
                     try:
                         msgs = await psub.fetch(32, timeout=1)
-                    except NatsTimeout:
+                    except (NatsTimeout, asyncio.TimeoutError):
                         continue
                     for m in msgs:
                         next_seq = m.metadata.sequence.stream + 1
@@ -256,7 +259,9 @@ class Bus:
             await self.flush_outbox(outbox_timeout_s)
         if self._outbox:
             self.log.error("nats.outbox_not_flushed", pending=len(self._outbox))
-        self._closing = True
+        self._closing = True  # consumer loops finish their current fetch (<= 1 s) and return
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.5)
         for task in list(self._tasks) + ([self._outbox_task] if self._outbox_task else []):
             task.cancel()
         for task in list(self._tasks):

@@ -12,24 +12,31 @@ from lfr.runtime.bus import Bus
 
 
 class DeploymentCache:
-    def __init__(self, stub: watchlist_pb2_grpc.WatchlistServiceStub, ttl_s: float = 5.0):
+    def __init__(self, stub: watchlist_pb2_grpc.WatchlistServiceStub, ttl_s: float = 5.0, recheck_s: float = 0.25):
         self.stub = stub
         self.ttl_s = ttl_s
+        self.recheck_s = recheck_s
         self._items: dict[str, tuple[float, watchlist_pb2.Deployment | None]] = {}
 
     async def follow(self, bus: Bus) -> None:
-        """Apply lifecycle events as they happen, so a start or end takes effect at once."""
+        """Follow lifecycle events, so a start or end takes effect at once."""
         self.sub = await bus.subscribe(subjects.lifecycle(), watchlist_pb2.DeploymentEvent, self._on_event,
                                        stage="lifecycle")
 
     def _on_event(self, ev: watchlist_pb2.DeploymentEvent, _subject: str) -> None:
-        self._items[ev.deployment.id] = (time.monotonic(), ev.deployment)
+        # Events only invalidate: they may arrive after a newer state was read, so the watchlist stays the
+        # authority and the next use re-reads it.
+        self._items.pop(ev.deployment.id, None)
 
     async def get(self, deployment_id: str) -> watchlist_pb2.Deployment | None:
         """The deployment, or None if it does not exist. Raises AioRpcError if the watchlist is unreachable."""
         cached = self._items.get(deployment_id)
-        if cached and time.monotonic() - cached[0] < self.ttl_s:
-            return cached[1]
+        if cached:
+            # An ACTIVE deployment is trusted for the TTL (its end arrives as an event at once); anything else
+            # is re-read soon, so a start takes effect even before its event has arrived.
+            active = cached[1] is not None and cached[1].status == watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE
+            if time.monotonic() - cached[0] < (self.ttl_s if active else self.recheck_s):
+                return cached[1]
         try:
             d = await self.stub.GetDeployment(watchlist_pb2.GetDeploymentRequest(deployment_id=deployment_id),
                                               timeout=2)

@@ -77,16 +77,16 @@ class EmbeddedSystem:
         deadline = time.monotonic() + timeout_s
         pending = list(services)
         while pending:
-            s = pending[0]
-            proc = self.procs[s]
-            if proc.poll() is not None:
-                tail = (self.state_dir / "logs" / f"{s}.log").read_text()[-2000:]
-                raise RuntimeError(f"service {s} exited with {proc.returncode}:\n{tail}")
-            if check_health(self.endpoint(s)) == "SERVING":
+            for s in pending:  # a service that died fails the start at once, with its log
+                proc = self.procs[s]
+                if proc.poll() is not None:
+                    tail = (self.state_dir / "logs" / f"{s}.log").read_text()[-2000:]
+                    raise RuntimeError(f"service {s} exited with {proc.returncode}:\n{tail}")
+            if check_health(self.endpoint(pending[0])) == "SERVING":
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
-                raise TimeoutError(f"service {s} not SERVING after {timeout_s:.0f} s")
+                raise TimeoutError(f"service {pending[0]} not SERVING after {timeout_s:.0f} s")
             time.sleep(0.2)
 
     def stop_service(self, service: str, timeout_s: float = 20.0) -> None:

@@ -14,6 +14,10 @@ from lfr.runtime.logs import get_logger
 
 T = TypeVar("T")
 
+# Share of the freshness budget (LFR_FRESHNESS_MS) a message may have used when each stage starts on it, so
+# that whatever is still unmatched when the budget runs out has been disposed of within it.
+BUDGET_SHARE = {"detect": 0.45, "embed": 0.65, "match": 0.85}
+
 
 class Stage(Generic[T]):
     def __init__(self, service: str, name: str, maxsize: int, batch: int,

@@ -1,0 +1,111 @@
+"""Every service answers health and reflection; bad input gets a precise status and the service keeps serving."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lfr.pb import (
+    common_pb2,
+    detection_pb2,
+    embedding_pb2,
+    ingest_pb2,
+    match_pb2,
+    watchlist_pb2,
+)
+from lfr.runtime.embedded import SERVICES, check_health
+
+EXPECTED = {
+    "ingest": "lfr.ingest.v1.IngestService", "detection": "lfr.detection.v1.DetectionService",
+    "embedding": "lfr.embedding.v1.EmbeddingService", "watchlist": "lfr.watchlist.v1.WatchlistService",
+    "match": "lfr.match.v1.MatchService", "audit": "lfr.audit.v1.AuditService",
+}
+
+
+def list_services(target: str) -> set[str]:
+    with grpc.insecure_channel(target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        return {s.name for r in responses for s in r.list_services_response.service}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_health_and_reflection(system, service):
+    target = system.endpoint(service)
+    assert check_health(target) == "SERVING"
+    assert check_health(target, EXPECTED[service]) == "SERVING"
+    names = list_services(target)
+    assert {EXPECTED[service], "grpc.health.v1.Health"} <= names
+
+
+def code_of(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, timeout=30, **kw)
+    return info.value.code(), info.value.details()
+
+
+def test_bad_input_gets_precise_status(system, clients, data):
+    C = grpc.StatusCode
+    jpeg = (data / "faces/misc/obama.jpg").read_bytes()
+    push = clients.ingest.PushFrames
+    # unknown deployment
+    code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id="nope", camera_id="c", image=jpeg)]))
+    assert code == C.FAILED_PRECONDITION and "unknown deployment" in msg
+    # missing fields
+    code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(image=jpeg)]))
+    assert code == C.INVALID_ARGUMENT and "required" in msg
+    # a deployment that is not active, then a corrupt frame for an active one
+    d = clients.watchlist.CreateDeployment(watchlist_pb2.CreateDeploymentRequest(name="bad", cameras=["c1"]))
+    code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="c1", image=jpeg)]))
+    assert code == C.FAILED_PRECONDITION and "DRAFT" in msg
+    clients.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="op"))
+    code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="c1",
+                                                                image=jpeg[: len(jpeg) // 2])]))
+    assert code == C.INVALID_ARGUMENT and "truncated" in msg
+    code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="c1", image=b"xx")]))
+    assert code == C.INVALID_ARGUMENT
+    code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="other", image=jpeg)]))
+    assert code == C.FAILED_PRECONDITION and "camera" in msg
+    # a good frame is accepted
+    ok = push(iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="c1", image=jpeg)]), timeout=30)
+    assert ok.frames_accepted == 1
+    # oversized message (limit 8 MiB by default)
+    code, _ = code_of(clients.detection.Detect, detection_pb2.DetectRequest(image=b"\0" * (9 << 20)))
+    assert code == C.RESOURCE_EXHAUSTED
+    # corrupt image, wrong chip, unknown ids, invalid transitions, bad arguments
+    code, msg = code_of(clients.detection.Detect, detection_pb2.DetectRequest(image=b"not an image"))
+    assert code == C.INVALID_ARGUMENT and "image refused" in msg
+    code, msg = code_of(clients.embedding.Embed, embedding_pb2.EmbedRequest(
+        chips=[common_pb2.Chip(model_id="sface-2021dec", size=3, rgb=b"\0" * 27)]))
+    assert code == C.INVALID_ARGUMENT
+    code, _ = code_of(clients.embedding.Embed, embedding_pb2.EmbedRequest())
+    assert code == C.INVALID_ARGUMENT
+    code, _ = code_of(clients.watchlist.GetDeployment, watchlist_pb2.GetDeploymentRequest(deployment_id="nope"))
+    assert code == C.NOT_FOUND
+    code, msg = code_of(clients.watchlist.StartDeployment, watchlist_pb2.TransitionRequest(deployment_id=d.id))
+    assert code == C.FAILED_PRECONDITION and "ACTIVE" in msg
+    code, _ = code_of(clients.watchlist.CreateDeployment, watchlist_pb2.CreateDeploymentRequest(name="x"))
+    assert code == C.INVALID_ARGUMENT
+    code, _ = code_of(clients.watchlist.EnrollEntry, watchlist_pb2.EnrollEntryRequest(deployment_id=d.id))
+    assert code == C.INVALID_ARGUMENT
+    code, _ = code_of(clients.watchlist.Search, watchlist_pb2.SearchRequest(deployment_id=d.id, probes=[
+        watchlist_pb2.Probe(vectors=[common_pb2.Vector(model_id="x", values=[1.0])])]))
+    assert code == C.INVALID_ARGUMENT
+    code, _ = code_of(clients.ingest.StartSource, ingest_pb2.StartSourceRequest(
+        deployment_id=d.id, camera_id="c1", url="/no/such/file.mp4"))
+    assert code == C.INVALID_ARGUMENT
+    code, _ = code_of(clients.ingest.StopSource, ingest_pb2.StopSourceRequest(source_id="nope"))
+    assert code == C.NOT_FOUND
+    code, _ = code_of(lambda **kw: next(clients.match.StreamAlerts(match_pb2.StreamAlertsRequest(), **kw)))
+    assert code == C.INVALID_ARGUMENT
+    # enrollment: an image with no face is refused per image, with a reason; others still accepted
+    r = clients.watchlist.EnrollEntry(watchlist_pb2.EnrollEntryRequest(
+        deployment_id=d.id, subject_ref="S1", category=watchlist_pb2.CATEGORY_WANTED_BY_POLICE,
+        images=[jpeg, (data / "crowd/multiface.jpg").read_bytes(), b"junk"]), timeout=60)
+    assert [x.accepted for x in r.results] == [True, False, False]
+    assert "faces found" in r.results[1].reason and r.entry_id
+    # every service is still serving
+    for s in SERVICES:
+        assert system.procs[s].poll() is None
+        assert check_health(system.endpoint(s)) == "SERVING"
