@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from google.protobuf.json_format import MessageToDict
+
 from lfr.pb import match_pb2, watchlist_pb2
 
 

@@ -6,10 +6,11 @@ import io
 from dataclasses import replace
 
 import numpy as np
+from PIL import Image
+
 from lfr.models.quality import face_quality
 from lfr.models.types import Face
 from lfr.pb import common_pb2, detection_pb2
-from PIL import Image
 
 
 def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:

@@ -7,6 +7,7 @@ import os
 import time
 
 import grpc
+
 from lfr.ingest.core import check_frame
 from lfr.ingest.sources import SourceState, start_thread
 from lfr.pb import ingest_pb2 as pb

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import av
+
 from lfr.ingest.core import Sampler
 
 

@@ -8,6 +8,7 @@ import time
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from lfr.pb import (
     detection_pb2,
     detection_pb2_grpc,

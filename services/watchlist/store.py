@@ -13,8 +13,9 @@ import threading
 import uuid
 from pathlib import Path
 
-from lfr.watchlist.core import DeploymentRecord
 from qdrant_client import QdrantClient, models
+
+from lfr.watchlist.core import DeploymentRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (id TEXT PRIMARY KEY, record TEXT NOT NULL);

@@ -198,7 +198,7 @@ class Bus:
                             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=1000),
                         )
                     msgs = await psub.fetch(batch, timeout=1)
-                except (NatsTimeout, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeout):
                     continue
                 except asyncio.CancelledError:
                     raise
@@ -234,7 +234,7 @@ class Bus:
                 while not self._closing:
                     try:
                         msgs = await psub.fetch(32, timeout=1)
-                    except (NatsTimeout, asyncio.TimeoutError):
+                    except (TimeoutError, NatsTimeout):
                         continue
                     for m in msgs:
                         next_seq = m.metadata.sequence.stream + 1
