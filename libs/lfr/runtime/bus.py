@@ -44,30 +44,24 @@ class Bus:
 
     # Connection -------------------------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        delay = 0.2
-        while True:
-            try:
-                self.nc = await nats.connect(
-                    servers=self.servers,
-                    name=self.name,
-                    connect_timeout=2,
-                    reconnect_time_wait=0.5,
-                    max_reconnect_attempts=-1,
-                    allow_reconnect=True,
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                )
-                break
-            except Exception as exc:  # server not up yet: retry until the deadline
-                if time.monotonic() + delay > deadline:
-                    raise ConnectionError(f"cannot connect to NATS at {self.servers}: {exc}") from None
-                self.log.warning("nats.connect_retry", error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """Connect, retrying until `timeout_s`; afterwards the client reconnects by itself, forever."""
+        try:
+            self.nc = await asyncio.wait_for(nats.connect(
+                servers=self.servers,
+                name=self.name,
+                connect_timeout=2,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,  # also retries the first connection, bounded by wait_for
+                allow_reconnect=True,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+            ), timeout_s)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot connect to NATS at {self.servers} within {timeout_s:.0f} s"
+                                  f" ({type(exc).__name__})") from None
         self.js = self.nc.jetstream(timeout=5)
         self._outbox_task = asyncio.create_task(self._run_outbox(), name="bus-outbox")
         self.log.info("nats.connected", servers=self.servers)

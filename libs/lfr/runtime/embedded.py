@@ -44,6 +44,8 @@ class EmbeddedSystem:
         })
         env.update({key: self.endpoint(s) for s, key in TARGET_KEYS.items()})
         env.setdefault("LFR_THREADS", "1" if (os.cpu_count() or 1) <= 2 else "")
+        # torch threads spin between layers by default; several model processes on few cores then stall.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.extra_env)
         return env
 

@@ -1,0 +1,114 @@
+"""Live pipeline benchmark: the embedded system end to end on a real video (`lfr bench pipeline`)."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from lfr.cli.client import Clients, subject_images
+from lfr.cli.live import AlertCollector, create_deployment, enroll, stream_video
+from lfr.pb import ingest_pb2, match_pb2, watchlist_pb2
+from lfr.runtime.embedded import EmbeddedSystem
+from lfr.runtime.paths import data_dir
+
+CAMERA = "bench-camera"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--video", default="", help="video file (default: the shared 1080p pedestrians video)")
+    p.add_argument("--enroll", default="", help="folder of <subject>/<image> files, one entry per subject "
+                   "(default: the shared faces/knn_examples/train)")
+    p.add_argument("--fps", type=float, default=10.0, help="sampling rate (default 10)")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds of video (0 = all)")
+    p.add_argument("--loops", type=int, default=1, help="play the video this many times (a longer run)")
+    p.add_argument("--state-dir", default="", help="state folder (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="one-line JSON")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric_sum(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 1) if values else 0.0
+
+
+def run(args) -> dict:
+    data = data_dir(required=not (args.video and args.enroll))
+    video = args.video or str(data / "video/pedestrians-1080p25.mp4")
+    subjects = subject_images(args.enroll or data / "faces/knn_examples/train")
+    state = args.state_dir or tempfile.mkdtemp(prefix="lfr-bench-")
+    with EmbeddedSystem(state) as system:
+        c = Clients.connect(system.endpoints())
+        d = create_deployment(c, "bench", [CAMERA])
+        enrolled = enroll(c, d.id, subjects)
+        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="bench"))
+        collector = AlertCollector(c, d.id)
+        t0 = time.monotonic()
+        frames_in = 0
+        for _ in range(max(1, args.loops)):
+            if args.seconds:
+                timer = threading.Timer(args.seconds, lambda: [
+                    c.ingest.StopSource(ingest_pb2.StopSourceRequest(source_id=s.source_id))
+                    for s in c.ingest.ListSources(ingest_pb2.ListSourcesRequest()).sources
+                    if s.state == ingest_pb2.SOURCE_STATE_RUNNING])
+                timer.start()
+            src = stream_video(c, d.id, CAMERA, video, args.fps, realtime=True)
+            if args.seconds:
+                timer.cancel()
+            frames_in += src.frames_published
+        wall = time.monotonic() - t0
+        time.sleep(1.5)  # let the last frames through
+        stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
+        deadline = time.monotonic() + 10
+        while len(collector.alerts) < stats.alerts and time.monotonic() < deadline:
+            time.sleep(0.1)
+        collector.close()
+        det = scrape(system.endpoints()["metrics"]["detection"])
+        emb = scrape(system.endpoints()["metrics"]["embedding"])
+        match = scrape(system.endpoints()["metrics"]["match"])
+        c.close()
+    latencies = [(recv - a.envelope.capture_time.ToNanoseconds()) / 1e6 for a, recv in collector.alerts]
+    disposal_p50 = stats.disposal_ms_p50
+    processed = metric_sum(det, "lfr_items_processed_total", stage="detect")
+    dropped = {
+        "detection": metric_sum(det, "lfr_items_dropped_total", stage="detect"),
+        "embedding": metric_sum(emb, "lfr_items_dropped_total", stage="embed"),
+        "match": metric_sum(match, "lfr_items_dropped_total", stage="match"),
+    }
+    return {
+        "video": video,
+        "enrolled": {k: sum(r.accepted for r in v.results) for k, v in enrolled.items()},
+        "threshold": round(d.threshold, 4),
+        "model": f"{d.model_id} {d.model_version}",
+        "frames_in": frames_in,
+        "frames_processed": int(processed),
+        "frames_dropped": int(dropped["detection"]),
+        "drops_by_stage": {k: int(v) for k, v in dropped.items()},
+        "faces": stats.faces_seen,
+        "alerts": stats.alerts,
+        "alert_latency_ms": {"p50": pct(latencies, 50), "p95": pct(latencies, 95),
+                             "max": round(max(latencies), 1) if latencies else 0.0},
+        "nonmatch_disposal_ms": {"p50": round(disposal_p50, 1), "max": round(stats.disposal_ms_max, 1)},
+        "fps": round(processed / wall, 2) if wall else 0.0,
+        "seconds": round(wall, 2),
+        "alert_list": [{"subject": a.subject_ref, "video_time_s": round(a.video_time_s, 2),
+                        "score": round(a.score, 4)} for a, _ in collector.alerts],
+        "state_dir": str(Path(state)),
+    }

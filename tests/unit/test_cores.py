@@ -1,0 +1,99 @@
+"""Pure cores of the services (no I/O)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from lfr.audit.core import record_from_event
+from lfr.ingest.core import Sampler, check_frame
+from lfr.match.core import Counters, decide
+from lfr.pb import common_pb2, match_pb2, watchlist_pb2
+from lfr.runtime import events
+from lfr.watchlist.core import DeploymentRecord, Refused, enrollment_verdict, validate_new_deployment
+
+
+def jpeg(w=64, h=48) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 30, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_check_frame_accepts_images_and_refuses_bad_ones():
+    assert check_frame(jpeg(), 1 << 20, 10_000) == (64, 48)
+    good = jpeg()
+    for data, why in [(b"", "empty"), (b"hello", "not a JPEG"), (good[:-40], "truncated"),
+                      (jpeg(200, 200), "exceeds the limit"), (b"\0" * (2 << 20), "exceeds")]:
+        with pytest.raises(ValueError, match=why):
+            check_frame(data, 1 << 20, 10_000)
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(ValueError, match="GIF"):
+        check_frame(gif.getvalue(), 1 << 20, 10_000)
+
+
+def test_sampler_keeps_target_rate():
+    s = Sampler(10.0)
+    kept = [i for i in range(250) if s.keep(i / 25.0)]  # 10 s of 25 fps
+    assert len(kept) == 100
+    s = Sampler(10.0)
+    assert sum(s.keep(i / 5.0) for i in range(50)) == 50  # source slower than target: keep all
+
+
+def test_deployment_transitions():
+    d = DeploymentRecord("d1", "n", "", "", 0, 0, ("c",), 0.5, "m", "v")
+    d = d.transition("start")
+    assert d.active
+    with pytest.raises(Refused) as info:
+        d.transition("start")
+    assert info.value.code == "FAILED_PRECONDITION" and "ACTIVE" in info.value.message
+    d = d.transition("end")
+    with pytest.raises(Refused):
+        d.transition("end")
+
+
+def test_new_deployment_validation():
+    req = watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["c1"])
+    assert validate_new_deployment(req, 0.5) == ("", 0.5)
+    for bad in [watchlist_pb2.CreateDeploymentRequest(cameras=["c"]),
+                watchlist_pb2.CreateDeploymentRequest(name="x"),
+                watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["a.b"]),
+                watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["c", "c"]),
+                watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["c"], threshold=3)]:
+        assert validate_new_deployment(bad, 0.5)[0]
+
+
+def test_enrollment_verdict():
+    assert enrollment_verdict(1, 60, 20) == ""
+    assert "no face" in enrollment_verdict(0, 0, 20)
+    assert "exactly one" in enrollment_verdict(3, 60, 20)
+    assert "too small" in enrollment_verdict(1, 10, 20)
+
+
+def test_decide_uses_threshold_on_top_candidate():
+    lists = [watchlist_pb2.CandidateList(candidates=[watchlist_pb2.Candidate(entry_id="e", score=0.7)]),
+             watchlist_pb2.CandidateList(candidates=[watchlist_pb2.Candidate(entry_id="e", score=0.3)]),
+             watchlist_pb2.CandidateList()]
+    d = decide(lists, 0.5)
+    assert [x.matched for x in d] == [True, False, False] and d[0].entry_id == "e"
+
+
+def test_counters_keep_numbers_only():
+    c = Counters()
+    for ms in (100, 300, 200):
+        c.disposed(ms)
+    assert (c.nonmatches_disposed, c.disposal_ms_max, c.disposal_ms_p50) == (3, 300, 200)
+
+
+def test_audit_record_holds_no_image():
+    alert = match_pb2.Alert(envelope=events.envelope("match", "d1", "c1"), alert_id="a1", entry_id="e1",
+                            score=0.8, probe_jpeg=b"\xff\xd8\xff" + b"x" * 100,
+                            box=common_pb2.Box(x1=1, y1=2, x2=3, y2=4))
+    data = alert.SerializeToString()
+    r = record_from_event("lfr.v1.alerts.d1.c1", data)
+    assert r.type == "alert.raised" and r.subject == "a1" and r.deployment_id == "d1"
+    assert "probe_jpeg" not in json.loads(r.summary_json) and len(r.payload_digest) == 64
+    assert record_from_event("lfr.v1.frames.d1.c1", b"") is None

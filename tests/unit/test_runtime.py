@@ -1,0 +1,87 @@
+"""Pure pieces of the shared runtime: config, log stripping, subjects, the bounded stage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import structlog
+
+from lfr.runtime import metrics, subjects
+from lfr.runtime.config import Config, ConfigError, describe
+from lfr.runtime.logs import setup_logging, strip_biometrics
+from lfr.runtime.stage import Stage
+
+
+def test_config_parses_types_and_secret_files(tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("s3cret\n")
+    cfg = Config.from_env({"LFR_GRPC_PORT": "5000", "LFR_FRESHNESS_MS": "800", "LFR_INGEST_FPS": "12.5",
+                           "LFR_QDRANT_API_KEY_FILE": str(secret)})
+    assert (cfg.grpc_port, cfg.freshness_ms, cfg.ingest_fps, cfg.qdrant_api_key) == (5000, 800, 12.5, "s3cret")
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"LFR_GRPC_PORT": "abc"}, "LFR_GRPC_PORT"),
+    ({"LFR_GRPC_PORT": "70000"}, "LFR_GRPC_PORT"),
+    ({"LFR_QUEUE_SIZE": "0"}, "LFR_QUEUE_SIZE"),
+    ({"LFR_LOG_LEVEL": "loud"}, "LFR_LOG_LEVEL"),
+    ({"LFR_DEVICE": "tpu"}, "LFR_DEVICE"),
+    ({"LFR_QDRANT_API_KEY_FILE": "/nonexistent/secret"}, "LFR_QDRANT_API_KEY_FILE"),
+])
+def test_config_error_names_the_key_and_not_the_value(env, key):
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(env)
+    assert str(info.value).startswith(key)
+    assert "nonexistent" not in str(info.value)
+
+
+def test_every_config_key_is_documented():
+    for key, _default, doc in describe():
+        assert key.startswith("LFR_") and doc
+
+
+def test_log_processor_strips_images_vectors_and_names(capsys):
+    event = strip_biometrics(None, "info", {"event": "x", "image": b"\xff\xd8", "vector": [0.1] * 128,
+                                            "blob": b"abc", "arr": np.zeros(3), "name": "Jane", "ok": 3})
+    assert event["image"] == event["vector"] == event["name"] == "[stripped]"
+    assert "bytes stripped" in event["blob"] and event["arr"] == "[array stripped]" and event["ok"] == 3
+    setup_logging("test")
+    structlog.get_logger().info("hello", chip=b"\x01\x02", deployment_id="d1")
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["chip"] == "[stripped]" and line["deployment_id"] == "d1" and line["service"] == "test"
+
+
+def test_subjects_are_versioned_and_tokens_validated():
+    assert subjects.frames("d1", "c1") == "lfr.v1.frames.d1.c1"
+    assert subjects.alerts("d1") == "lfr.v1.alerts.d1.*"
+    assert all(s.startswith("lfr.v1.") for st in subjects.STREAMS for s in st.subjects)
+    # the biometric flow is never captured by a file-backed stream
+    for st in subjects.STREAMS:
+        for s in st.subjects:
+            assert not any(d in s for d in ("frames", "faces", "embeddings"))
+    for bad in ("a.b", "a b", "*", ">", "", "x" * 65):
+        with pytest.raises(ValueError):
+            subjects.token(bad, "camera id")
+
+
+async def test_stage_drops_oldest_when_full_and_stale_items():
+    seen: list[int] = []
+
+    async def process(batch):
+        seen.extend(i for i, _ in batch)
+
+    dropped = []
+    stage = Stage("t", "unit", maxsize=3, batch=2, process=process, age_ms=lambda it: it[1], budget_ms=100,
+                  on_drop=lambda it, why: dropped.append((it[0], why)))
+    for i in range(5):
+        stage.offer((i, 0.0))
+    stage.offer((5, 500.0))  # stale on arrival at the worker
+    task = asyncio.create_task(stage.run())
+    await stage.drain(2.0)
+    await task
+    assert seen == [3, 4]
+    assert dropped == [(0, "queue_full"), (1, "queue_full"), (2, "queue_full"), (5, "stale")]
+    assert metrics.DROPPED.labels("t", "unit", "queue_full")._value.get() == 3
