@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from nats.js.errors import BadRequestError
+from nats.js.errors import ServerError
 
 from lfr.pb import common_pb2, match_pb2
 from lfr.runtime import events, metrics, subjects
@@ -44,7 +44,7 @@ async def test_streams_are_declared_idempotently_and_deny_delete(nats):
     info = await bus.js.stream_info(subjects.ALERTS.name)
     assert info.config.deny_delete and info.config.deny_purge
     assert info.config.storage == "file"
-    with pytest.raises(BadRequestError):  # the server refuses: purge is denied
+    with pytest.raises(ServerError, match="purge not permitted"):  # the server refuses: purge is denied
         await bus.js.purge_stream(subjects.ALERTS.name)
     await bus.drain()
 
