@@ -71,6 +71,7 @@ class DetectionService(Service):
     async def _process(self, frames: list[ingest_pb2.FrameEvent]) -> None:
         kept, results = await self.rt.run_cpu(self._decode_batch, frames)
         for frame, faces in zip(kept, results, strict=True):
+            faces = [f for f in faces if f.quality.inter_eye_px >= self.config.min_face_px]
             if not faces:
                 continue
             env = frame.envelope

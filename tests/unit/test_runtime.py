@@ -85,3 +85,11 @@ async def test_stage_drops_oldest_when_full_and_stale_items():
     assert seen == [3, 4]
     assert dropped == [(0, "queue_full"), (1, "queue_full"), (2, "queue_full"), (5, "stale")]
     assert metrics.DROPPED.labels("t", "unit", "queue_full")._value.get() == 3
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [key for key, _d, _doc in describe() if f"`{key}`" not in readme]
+    assert not missing, f"README configuration table lacks {missing}"
