@@ -1,0 +1,80 @@
+"""`lfr up` starts everything and SIGTERM stops everything (no orphan); `lfr serve` runs one service."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lfr.runtime.embedded import SERVICES, check_health
+from lfr.runtime.natsserver import NatsServer, free_port
+
+LFR = [sys.executable, "-m", "lfr.cli.main"]
+
+
+def children_of(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            out |= {child} | children_of(child)
+    return out
+
+
+def test_lfr_up_starts_all_services_and_sigterm_leaves_no_orphan(tmp_path):
+    proc = subprocess.Popen([*LFR, "up", "--state-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        endpoints = tmp_path / "endpoints.json"
+        deadline = time.monotonic() + 180
+        while not endpoints.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert endpoints.exists(), proc.stdout.read() if proc.poll() is not None else "timed out"
+        eps = json.loads(endpoints.read_text())
+        for s in SERVICES:
+            assert check_health(eps[s]) == "SERVING", s
+        kids = children_of(proc.pid)
+        assert len(kids) >= len(SERVICES) + 1  # six services and nats-server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    alive = [k for k in kids if Path(f"/proc/{k}").exists()
+             and Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"orphans left running: {alive}"
+
+
+def test_lfr_serve_runs_one_service_against_an_existing_nats(tmp_path):
+    with NatsServer(tmp_path / "nats") as nats:
+        port = free_port()
+        env = dict(os.environ, LFR_NATS_URL=nats.url, LFR_GRPC_PORT=str(port), LFR_STATE_DIR=str(tmp_path),
+                   LFR_METRICS_PORT="-1")
+        proc = subprocess.Popen([*LFR, "serve", "audit"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while check_health(f"127.0.0.1:{port}") != "SERVING" and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+            assert check_health(f"127.0.0.1:{port}", "lfr.audit.v1.AuditService") == "SERVING"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert [x["event"] for x in lines if x["event"].startswith("service.")][-1] == "service.stopped"
+
+
+def test_a_bad_config_value_stops_the_service_naming_the_key(tmp_path):
+    env = dict(os.environ, LFR_GRPC_PORT="not-a-port", LFR_STATE_DIR=str(tmp_path))
+    r = subprocess.run([*LFR, "serve", "match"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "LFR_GRPC_PORT" in r.stderr
