@@ -7,7 +7,7 @@ import asyncio
 from lfr.embedding.core import ChipError, embed_chips
 from lfr.pb import detection_pb2, embedding_pb2_grpc
 from lfr.pb import embedding_pb2 as pb
-from lfr.runtime import events, subjects
+from lfr.runtime import events, metrics, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -56,7 +56,8 @@ class EmbeddingService(Service):
         self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
         self.description = describe(self.engine)
         self.stage = Stage(self.name, "embed", cfg.queue_size, 1, self._process,
-                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["embed"])
+                           lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["embed"],
+                           on_drop=self._dropped)
         rt.add_servicer(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(self),
                         pb.DESCRIPTOR.services_by_name["EmbeddingService"])
 
@@ -66,6 +67,12 @@ class EmbeddingService(Service):
         self.worker = asyncio.create_task(self.stage.run(), name="embed-stage")
         self.sub = await self.rt.bus.subscribe(subjects.faces(), detection_pb2.FacesEvent, self._on_faces,
                                                queue=subjects.QUEUE["embedding"], stage="embed")
+
+    def _dropped(self, msg: detection_pb2.FacesEvent, _reason: str) -> None:
+        """Faces dropped here are never matched: disposed of now, and timed like match's non-matches."""
+        ms = events.age_ms(msg.envelope)
+        for _ in msg.faces:
+            metrics.DISPOSAL.labels(self.name).observe(ms / 1000)
 
     def _on_faces(self, msg: detection_pb2.FacesEvent, _subject: str) -> None:
         self.stage.offer(msg)

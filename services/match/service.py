@@ -30,7 +30,9 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
     async def GetStats(self, request, context):
         c = self.svc.counters.get(request.deployment_id)
         if c is None:
-            await abort(context, "NOT_FOUND", f"no statistics for deployment {request.deployment_id!r}")
+            if not request.deployment_id or await self.svc.deployments.get(request.deployment_id) is None:
+                await abort(context, "NOT_FOUND", f"no deployment {request.deployment_id!r}")
+            c = Counters()  # nothing seen yet
         return self.svc.stats_pb(request.deployment_id, c)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lfr.runtime.natsserver import NatsServer, free_port
+from lfr.runtime.natsserver import NatsServer, free_ports
 
 SERVICES = ("watchlist", "embedding", "detection", "match", "ingest", "audit")
 # Stop the producers first, the record keepers last, so in-flight facts reach the audit.
@@ -28,9 +28,10 @@ class EmbeddedSystem:
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.extra_env = dict(env or {})
-        self.nats = NatsServer(self.state_dir / "nats")
-        self.ports = {s: free_port(host) for s in SERVICES}
-        self.metrics_ports = {s: free_port(host) for s in SERVICES}
+        ports = free_ports(2 * len(SERVICES) + 1, host)
+        self.nats = NatsServer(self.state_dir / "nats", port=ports.pop())
+        self.ports = {s: ports.pop() for s in SERVICES}
+        self.metrics_ports = {s: ports.pop() for s in SERVICES}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def endpoint(self, service: str) -> str:

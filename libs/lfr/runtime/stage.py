@@ -16,7 +16,8 @@ T = TypeVar("T")
 
 # Share of the freshness budget (LFR_FRESHNESS_MS) a message may have used when each stage starts on it, so
 # that whatever is still unmatched when the budget runs out has been disposed of within it.
-BUDGET_SHARE = {"detect": 0.45, "embed": 0.65, "match": 0.85}
+BUDGET_SHARE = {"detect": 0.4, "embed": 0.6, "match": 0.75}
+REAP_INTERVAL_S = 0.05
 
 
 class Stage(Generic[T]):
@@ -57,7 +58,26 @@ class Stage(Generic[T]):
     def idle(self) -> bool:
         return not self.queue and not self.busy
 
+    def reap(self) -> None:
+        """Drop queued items that have outlived the budget (the queue is in arrival order)."""
+        while self.queue and self.age_ms(self.queue[0]) > self.budget_ms:
+            self._drop(self.queue.popleft(), "stale")
+        self._depth.set(len(self.queue))
+
+    async def _reaper(self) -> None:
+        # Runs beside the worker, so a slow batch never keeps stale items alive past their budget.
+        while not self._stopped:
+            self.reap()
+            await asyncio.sleep(REAP_INTERVAL_S)
+
     async def run(self) -> None:
+        reaper = asyncio.create_task(self._reaper(), name=f"{self.name}-reaper")
+        try:
+            await self._work()
+        finally:
+            reaper.cancel()
+
+    async def _work(self) -> None:
         while True:
             if not self.queue:
                 if self._stopped:
