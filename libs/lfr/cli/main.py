@@ -18,6 +18,7 @@ BENCHES = {
     "identify": "lfr.bench.identify",
     "speed": "lfr.bench.speed",
     "pipeline": "lfr.bench.live",
+    "capacity": "lfr.bench.capacity",
 }
 
 

@@ -81,7 +81,7 @@ class Bus:
         self.log.info("nats.reconnected")
         self._outbox_event.set()
 
-    async def ensure_streams(self, streams=subjects.STREAMS) -> None:
+    async def ensure_streams(self, streams=subjects.STREAMS, replicas: int = 1) -> None:
         """Declare the platform's JetStream streams; safe to call from every service at every start."""
         for s in streams:
             cfg = api.StreamConfig(
@@ -93,6 +93,7 @@ class Bus:
                 deny_delete=s.deny_delete,
                 deny_purge=s.deny_delete,
                 duplicate_window=120.0,
+                num_replicas=replicas,
             )
             try:
                 await self.js.add_stream(cfg)

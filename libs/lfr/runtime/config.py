@@ -51,6 +51,7 @@ class Config:
     qdrant_url: str = _opt("", "Qdrant server URL (empty = local mode under the state dir)")
     qdrant_api_key: str = _opt("", "Qdrant API key (use LFR_QDRANT_API_KEY_FILE for a secret file)")
     audit_db: str = _opt("", "audit index SQLite path (empty = <state dir>/audit.sqlite)")
+    stream_replicas: int = _opt(1, "JetStream replicas of the platform's durable streams (3 on a 3-node cluster)")
     stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
     grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
 
@@ -86,6 +87,8 @@ class Config:
                      "detection_batch", "embedding_batch", "queue_size", "jpeg_quality"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if not 1 <= self.stream_replicas <= 5:
+            raise ConfigError("LFR_STREAM_REPLICAS: must be between 1 and 5")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -182,7 +182,7 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
             bus = Bus(config.nats_url, name=f"lfr-{config.service}", service=config.service)
             await bus.connect()
             stack.push_async_callback(bus.drain)
-            await bus.ensure_streams()
+            await bus.ensure_streams(replicas=config.stream_replicas)
         rt = Runtime(config, bus, server, health)
         service.rt = rt
         stack.callback(rt.executor.shutdown, wait=True)

@@ -1,0 +1,214 @@
+"""``lfr bench capacity``: size a cluster for N cameras (replicas, GPUs, NATS traffic, JetStream and Qdrant).
+
+A calculation, not a measurement: it turns a camera load (cameras x fps x faces per frame) into the number
+of detection and embedding replicas (CPU or GPU), match replicas, NATS traffic, JetStream storage for the
+durable streams, and Qdrant memory for a watchlist and for galleries. Every throughput and size it uses is a
+parameter; each default says where it comes from in ``sources`` (measured here, or an assumption to
+replace with your own ``lfr bench speed`` / ``lfr bench pipeline`` figures on your hardware).
+
+Replicas = ceil(load / (per-replica throughput x target utilisation)): the autoscalers aim at 70 % CPU,
+so the same headroom is kept here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from lfr.runtime import subjects
+from lfr.runtime.config import Config
+
+GB = 1e9
+MB = 1e6
+DAY_S = 86400.0
+NATS_NODES = 3  # deploy/k8s: the NATS StatefulSet
+
+# Where each default comes from (printed with the result, so nobody mistakes an assumption for a measurement).
+SOURCES = {
+    "detect_fps_per_core": "measured: YuNet (torch, CPU) on 1080p frames, lfr bench speed on a 2-core machine",
+    "embed_faces_per_s": "measured: SFace (torch, CPU) batch 32 on 2 cores, lfr bench speed",
+    "detect_fps_per_gpu": "ASSUMED (no GPU measured): replace with lfr bench speed --device cuda",
+    "embed_faces_per_s_per_gpu": "ASSUMED (no GPU measured): replace with lfr bench speed --device cuda",
+    "match_events_per_s": "ASSUMED: one watchlist Search RPC per frame with faces; measure with lfr bench pipeline",
+    "watchlist_searches_per_s": "ASSUMED: Qdrant k=1 search of a small watchlist through one watchlist pod",
+    "ingest_fps_per_replica": "ASSUMED: RTSP decode + 1080p JPEG encode on 2 cores (pushed frames cost less)",
+    "frame_bytes": "measured: 1080p pedestrian video frame as JPEG quality 90 (LFR_JPEG_QUALITY)",
+    "face_bytes": "measured: one DetectedFace (112x112 RGB chip + review crop) from that video",
+    "embedded_face_bytes": "measured: one FaceEmbedding (128-d vector + review crop)",
+    "alert_bytes": "estimate: review crop (measured ~2.8 KB) + alert fields",
+    "matchstats_bytes": "estimate: MatchStats message + JetStream per-message overhead",
+    "qdrant_overhead": "Qdrant's sizing rule: vectors x dim x 4 bytes x 1.5 (index and bookkeeping)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    load = parser.add_argument_group("load")
+    load.add_argument("--cameras", type=int, default=50, help="cameras streaming at once (default 50)")
+    load.add_argument("--fps", type=float, default=10.0, help="frames per second per camera (default 10)")
+    load.add_argument("--faces-per-frame", type=float, default=4.0, help="mean faces per frame (default 4)")
+    load.add_argument("--deployments", type=int, default=1, help="deployments running at once (default 1)")
+    load.add_argument("--alerts-per-camera-hour", type=float, default=2.0,
+                      help="alerts (matches) per camera per hour (default 2)")
+    load.add_argument("--target-utilization", type=float, default=0.7,
+                      help="fraction of a replica's throughput to plan on (default 0.7, as the autoscalers)")
+
+    rate = parser.add_argument_group("per-replica throughput")
+    rate.add_argument("--detect-fps-per-core", type=float, default=10.0, help="detection, 1080p frames/s per CPU core")
+    rate.add_argument("--detect-cores", type=int, default=2, help="CPU cores per CPU detection replica (default 2)")
+    rate.add_argument("--embed-faces-per-s", type=float, default=60.0,
+                      help="embedding, faces/s per CPU replica of --embed-cores cores")
+    rate.add_argument("--embed-cores", type=int, default=2, help="CPU cores per CPU embedding replica (default 2)")
+    rate.add_argument("--detect-fps-per-gpu", type=float, default=100.0, help="detection frames/s per GPU replica")
+    rate.add_argument("--embed-faces-per-s-per-gpu", type=float, default=1000.0,
+                      help="embedding faces/s per GPU replica")
+    rate.add_argument("--match-events-per-s", type=float, default=200.0, help="match: frames with faces/s per replica")
+    rate.add_argument("--watchlist-searches-per-s", type=float, default=300.0,
+                      help="watchlist Search RPCs/s the (single) watchlist pod serves")
+    rate.add_argument("--ingest-fps-per-replica", type=float, default=60.0, help="ingest frames/s per replica")
+
+    size = parser.add_argument_group("message sizes (bytes)")
+    size.add_argument("--frame-bytes", type=int, default=300_000)
+    size.add_argument("--face-bytes", type=int, default=40_600, help="per face in a FacesEvent")
+    size.add_argument("--embedded-face-bytes", type=int, default=3_500, help="per face in an EmbeddingsEvent")
+    size.add_argument("--alert-bytes", type=int, default=3_500)
+    size.add_argument("--matchstats-bytes", type=int, default=300)
+    size.add_argument("--stream-replicas", type=int, default=3, help="JetStream replicas per stream (default 3)")
+    size.add_argument("--events-retention-days", type=float, default=365.0,
+                      help="LFR_EVENTS keeps everything: storage is shown for this many days (default 365)")
+
+    q = parser.add_argument_group("Qdrant")
+    q.add_argument("--model", default="sface-2021dec", help="live model id (its vector size is used)")
+    q.add_argument("--watchlist-size", type=int, default=10_000, help="entries in the live watchlists (default 10000)")
+    q.add_argument("--gallery", type=int, nargs="+", default=[1_000_000, 10_000_000],
+                   help="gallery sizes for retrospective search (default 1M and 10M)")
+    q.add_argument("--qdrant-nodes", type=int, default=3)
+    q.add_argument("--qdrant-replication", type=int, default=3, help="replicas of each shard (default 3)")
+    q.add_argument("--qdrant-overhead", type=float, default=1.5)
+
+
+def _replicas(load: float, per_replica: float, utilization: float) -> int:
+    if load <= 0:
+        return 0
+    return max(1, math.ceil(load / (per_replica * utilization) - 1e-9))
+
+
+def _qdrant(vectors: int, dim: int, overhead: float, replication: int, nodes: int) -> dict:
+    """RAM for `vectors` vectors: float32 in RAM, or int8 scalar quantisation in RAM with originals on disk."""
+    copy = vectors * dim * 4 * overhead
+    copy_int8 = vectors * dim * 1 * overhead
+    per_node = copy * replication / nodes
+    per_node_int8 = copy_int8 * replication / nodes
+    return {
+        "vectors": vectors,
+        "ram_gb_one_copy": round(copy / GB, 3),
+        "ram_gb_cluster": round(copy * replication / GB, 3),
+        "ram_gb_per_node": round(per_node / GB, 3),
+        "ram_gb_per_node_int8_quantized": round(per_node_int8 / GB, 3),
+        "disk_gb_per_node_vectors": round(vectors * dim * 4 * replication / nodes / GB, 3),
+    }
+
+
+def capacity(args: argparse.Namespace) -> dict:
+    from lfr.models.engines import model_info  # light: no torch
+
+    util = args.target_utilization
+    if not 0 < util <= 1:
+        raise ValueError("--target-utilization must be in (0, 1]")
+    frames = args.cameras * args.fps
+    faces = frames * args.faces_per_frame
+    # match calls watchlist Search once per frame that has faces; with >= 1 face per frame on average,
+    # nearly every frame does (upper bound: all of them).
+    searches = frames * min(1.0, args.faces_per_frame)
+    cpu_det_per_replica = args.detect_fps_per_core * args.detect_cores
+    det_cpu = _replicas(frames, cpu_det_per_replica, util)
+    emb_cpu = _replicas(faces, args.embed_faces_per_s, util)
+    det_gpu = _replicas(frames, args.detect_fps_per_gpu, util)
+    emb_gpu = _replicas(faces, args.embed_faces_per_s_per_gpu, util)
+
+    stats_interval = Config().stats_interval_s
+    msg = {
+        "frames": (frames, frames * args.frame_bytes),
+        "faces": (frames, faces * args.face_bytes),
+        "embeddings": (frames, faces * args.embedded_face_bytes),
+    }
+    published = sum(b for _, b in msg.values())
+    alerts_per_s = args.cameras * args.alerts_per_camera_hour / 3600
+    alerts_age_days = subjects.ALERTS.max_age_s / DAY_S
+    alerts_retained = alerts_per_s * DAY_S * alerts_age_days * args.alert_bytes
+    stats_per_s = args.deployments / stats_interval
+    events_retained = stats_per_s * DAY_S * args.events_retention_days * args.matchstats_bytes
+    js_total = (alerts_retained + events_retained) * args.stream_replicas
+
+    dim = model_info(args.model).dim
+    warnings = []
+    if searches > args.watchlist_searches_per_s * util:
+        warnings.append(
+            f"watchlist is a single pod (SQLite metadata) and would serve {searches:.0f} Search RPCs/s, above"
+            f" {args.watchlist_searches_per_s * util:.0f}/s planned for one pod: measure it, and batch searches"
+            " or move the watchlist metadata to a shared store before adding cameras")
+    if published / MB > 100:
+        warnings.append(
+            f"NATS carries {published / MB:.0f} MB/s of biometric flow (in) and as much out: give the NATS nodes"
+            " 10 Gbit/s networking, or lower LFR_INGEST_FPS / LFR_JPEG_QUALITY")
+    for what, gpus in (("detection", det_gpu), ("embedding", emb_gpu)):
+        key = "detect_fps_per_gpu" if what == "detection" else "embed_faces_per_s_per_gpu"
+        if gpus:
+            warnings.append(f"{what} GPU count rests on an assumed throughput ({key}): measure it on your GPUs")
+
+    return {
+        "benchmark": "capacity",
+        "inputs": {k: v for k, v in vars(args).items() if not callable(v) and k not in ("json", "bench", "command")},
+        "sources": SOURCES,
+        "load": {"frames_per_s": frames, "faces_per_s": faces, "watchlist_searches_per_s": searches,
+                 "alerts_per_s": round(alerts_per_s, 4)},
+        "cpu_only": {
+            "detection": {"replicas": det_cpu, "cores": det_cpu * args.detect_cores},
+            "embedding": {"replicas": emb_cpu, "cores": emb_cpu * args.embed_cores},
+        },
+        "gpu": {
+            "detection": {"replicas": det_gpu, "gpus": det_gpu},
+            "embedding": {"replicas": emb_gpu, "gpus": emb_gpu},
+            "gpus": det_gpu + emb_gpu,
+        },
+        "match": {"replicas": _replicas(searches, args.match_events_per_s, util)},
+        "ingest": {"replicas": _replicas(frames, args.ingest_fps_per_replica, util)},
+        "watchlist": {"replicas": 1, "searches_per_s": searches},
+        "nats": {
+            "core_msgs_per_s": sum(n for n, _ in msg.values()),
+            "core_mb_per_s": {k: round(b / MB, 2) for k, (_, b) in msg.items()},
+            "core_mb_per_s_in": round(published / MB, 1),
+            "core_mb_per_s_in_plus_out": round(2 * published / MB, 1),
+            "note": "each message goes in once and out once (one queue-group member); a route hop between"
+                    " NATS nodes adds up to one more copy",
+        },
+        "jetstream": {
+            "stream_replicas": args.stream_replicas,
+            subjects.ALERTS.name: {
+                "msgs_per_day": round(alerts_per_s * DAY_S),
+                "retention_days": alerts_age_days,
+                "gb_retained_one_copy": round(alerts_retained / GB, 3),
+            },
+            subjects.EVENTS.name: {
+                "matchstats_msgs_per_day": round(stats_per_s * DAY_S),
+                "retention_days_shown": args.events_retention_days,
+                "gb_retained_one_copy": round(events_retained / GB, 3),
+            },
+            "gb_total_all_replicas": round(js_total / GB, 3),
+            "gb_per_node": round(js_total / NATS_NODES / GB, 3),
+        },
+        "qdrant": {
+            "model": args.model,
+            "dim": dim,
+            "nodes": args.qdrant_nodes,
+            "replication": args.qdrant_replication,
+            "watchlist": _qdrant(args.watchlist_size, dim, args.qdrant_overhead, args.qdrant_replication,
+                                 args.qdrant_nodes),
+            "galleries": [_qdrant(n, dim, args.qdrant_overhead, args.qdrant_replication, args.qdrant_nodes)
+                          for n in args.gallery],
+        },
+        "warnings": warnings,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    return capacity(args)

