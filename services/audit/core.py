@@ -38,7 +38,10 @@ def record_from_event(subject: str, data: bytes) -> RecordData | None:
         typ, actor, subj = f"deployment.{msg.action}", msg.actor, msg.deployment.id
     elif domain == "watchlist":
         msg = watchlist_pb2.WatchlistEvent.FromString(data)
-        typ, actor, subj = f"watchlist.{msg.action}", msg.actor, msg.entry_id
+        # reference_added -> reference.added (the reference collection); entry_added -> watchlist.entry_added
+        typ = ("reference." + msg.action.removeprefix("reference_") if msg.action.startswith("reference_")
+               else f"watchlist.{msg.action}")
+        actor, subj = msg.actor, msg.entry_id or msg.subject_ref or msg.envelope.deployment_id
     elif domain == "matchstats":
         msg = match_pb2.MatchStats.FromString(data)
         typ, actor, subj = "match.stats", msg.envelope.producer, msg.envelope.deployment_id

@@ -1,19 +1,40 @@
-"""Pure core of the watchlist service: deployment records, transitions, enrollment decisions. No I/O."""
+"""Pure core of the watchlist service: deployment records and their lifecycle, watchlist entries, the
+composition digest, authorisation, and what the sweeper must do. No I/O: the caller passes the time.
+
+    DRAFT --authorise--> AUTHORISED --start--> ACTIVE --end--> ENDED --purge--> PURGED
+      ^                      |                                   (also automatic past the planned end)
+      +---- any change ------+         DRAFT | AUTHORISED --cancel--> CANCELLED (purged, status kept)
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field, replace
 
 from lfr.pb import watchlist_pb2 as pb
+from lfr.watchlist.policy import Policy, enrollment_verdict  # noqa: F401 - part of the core's API
 
 S = pb.DeploymentStatus
+DRAFT, AUTHORISED, ACTIVE = S.DEPLOYMENT_STATUS_DRAFT, S.DEPLOYMENT_STATUS_AUTHORISED, S.DEPLOYMENT_STATUS_ACTIVE
+ENDED, PURGED, CANCELLED = S.DEPLOYMENT_STATUS_ENDED, S.DEPLOYMENT_STATUS_PURGED, S.DEPLOYMENT_STATUS_CANCELLED
 
-# Allowed transitions (governance of who may do what comes with the deployments issue).
+# Explicit transitions: action -> (statuses it is allowed from, status it leads to).
 TRANSITIONS: dict[str, tuple[set[int], int]] = {
-    "start": ({S.DEPLOYMENT_STATUS_DRAFT, S.DEPLOYMENT_STATUS_AUTHORISED}, S.DEPLOYMENT_STATUS_ACTIVE),
-    "end": ({S.DEPLOYMENT_STATUS_ACTIVE}, S.DEPLOYMENT_STATUS_ENDED),
+    "authorise": ({DRAFT}, AUTHORISED),
+    "start": ({AUTHORISED}, ACTIVE),
+    "end": ({ACTIVE}, ENDED),
+    "cancel": ({DRAFT, AUTHORISED}, CANCELLED),
+    "purge": ({ENDED, CANCELLED}, PURGED),
 }
+CHANGEABLE = {DRAFT, AUTHORISED}  # the watchlist may change only before the deployment starts
+
+SWEEPER = "system:sweeper"
+
+
+def status_name(status: int) -> str:
+    return S.Name(status).removeprefix("DEPLOYMENT_STATUS_")
 
 
 class Refused(Exception):
@@ -23,6 +44,13 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True)
+class Approval:
+    actor: str
+    at_ns: int
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -37,26 +65,176 @@ class DeploymentRecord:
     threshold: float
     model_id: str
     model_version: str
-    status: int = S.DEPLOYMENT_STATUS_DRAFT
+    status: int = DRAFT
     created_by: str = ""
     created_at_ns: int = field(default_factory=time.time_ns)
+    legal_basis: str = ""
+    site_lat: float = 0.0
+    site_lon: float = 0.0
+    site_approved: bool = False
+    threshold_from_model: bool = False  # the threshold is the model's default (follows a re-embedding)
+    policy_version: str = ""
+    policy_digest: str = ""
+    builders: tuple[str, ...] = ()
+    approvals: tuple[Approval, ...] = ()
+    authorisers_required: int = 1
+    second_reasons: tuple[str, ...] = ()
+    authorised_digest: str = ""
+    started_at_ns: int = 0
+    ended_at_ns: int = 0
+    end_reason: str = ""
+    purged_at_ns: int = 0
 
-    def transition(self, action: str) -> DeploymentRecord:
-        allowed, target = TRANSITIONS[action]
+    # Lifecycle -------------------------------------------------------------------------------------
+    def check(self, action: str) -> None:
+        allowed, _ = TRANSITIONS[action]
         if self.status not in allowed:
-            raise Refused(
-                "FAILED_PRECONDITION",
-                f"cannot {action} deployment {self.id}: it is {S.Name(self.status).removeprefix('DEPLOYMENT_STATUS_')}",
-            )
-        return replace(self, status=target)
+            allowed_names = " or ".join(sorted(status_name(s) for s in allowed))
+            raise Refused("FAILED_PRECONDITION",
+                          f"cannot {action} deployment {self.id}: it is {status_name(self.status)}"
+                          f" (it must be {allowed_names})")
 
-    @property
-    def active(self) -> bool:
-        return self.status == S.DEPLOYMENT_STATUS_ACTIVE
+    def transition(self, action: str, **changes) -> DeploymentRecord:
+        self.check(action)
+        return replace(self, status=TRANSITIONS[action][1], **changes)
+
+    def start(self, now_ns: int, current_digest: str) -> DeploymentRecord:
+        self.check("start")
+        if current_digest != self.authorised_digest:
+            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: the watchlist differs from the one "
+                          "authorised; it needs authorisation again")
+        if now_ns < self.planned_start_ns:
+            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: its window opens at "
+                          f"{iso(self.planned_start_ns)}; it cannot start before")
+        if now_ns >= self.planned_end_ns:
+            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: its window closed at "
+                          f"{iso(self.planned_end_ns)}; it cannot start")
+        return self.transition("start", started_at_ns=now_ns)
+
+    def end(self, now_ns: int, reason: str) -> DeploymentRecord:
+        return self.transition("end", ended_at_ns=now_ns, end_reason=reason)
+
+    def cancel(self, now_ns: int, reason: str) -> DeploymentRecord:
+        return self.transition("cancel", ended_at_ns=now_ns, end_reason=reason)
+
+    def purged(self, now_ns: int) -> DeploymentRecord:
+        """ENDED -> PURGED; a CANCELLED deployment keeps its status and records the purge."""
+        self.check("purge")
+        status = PURGED if self.status == ENDED else self.status
+        return replace(self, status=status, purged_at_ns=now_ns)
+
+    def purge_due_ns(self, purge_after_ns: int) -> int:
+        """When the watchlist must be purged (0 = not due: not ended, or already purged)."""
+        if self.status in (ENDED, CANCELLED) and not self.purged_at_ns:
+            return self.ended_at_ns + purge_after_ns
+        return 0
+
+    def due_action(self, now_ns: int, purge_after_ns: int) -> str:
+        """What the sweeper must do now: 'end' (past the planned end), 'purge', or ''."""
+        if self.status == ACTIVE and now_ns >= self.planned_end_ns:
+            return "end"
+        due = self.purge_due_ns(purge_after_ns)
+        if due and now_ns >= due:
+            return "purge"
+        return ""
+
+    # Watchlist changes and authorisation -----------------------------------------------------------
+    def changed_by(self, actor: str) -> DeploymentRecord:
+        """The record after a change of its watchlist by `actor`: back to DRAFT, approvals void."""
+        if self.status not in CHANGEABLE:
+            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} cannot change: it is "
+                          f"{status_name(self.status)} (only DRAFT or AUTHORISED)")
+        if not actor:
+            raise Refused("INVALID_ARGUMENT", "actor is required")
+        builders = self.builders if actor in self.builders else (*self.builders, actor)
+        return replace(self, status=DRAFT, approvals=(), authorised_digest="", builders=builders)
+
+    def approve(self, actor: str, digest: str, reviewed_digest: str, required: int, reasons: list[str],
+                now_ns: int) -> DeploymentRecord:
+        """Record `actor`'s approval of the composition `digest`; AUTHORISED once `required` are in."""
+        self.check("authorise")
+        if not actor:
+            raise Refused("INVALID_ARGUMENT", "actor (the authorising officer) is required")
+        if actor in self.builders:
+            raise Refused("PERMISSION_DENIED", f"{actor} built the watchlist of deployment {self.id} and "
+                          "cannot authorise it: another officer must")
+        if reviewed_digest and reviewed_digest != digest:
+            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} changed since it was "
+                          "reviewed: review it again")
+        approvals = tuple(a for a in self.approvals if a.digest == digest)
+        if any(a.actor == actor for a in approvals):
+            raise Refused("FAILED_PRECONDITION", f"{actor} has already approved this watchlist; "
+                          f"a second authoriser is required ({'; '.join(reasons)})")
+        approvals = (*approvals, Approval(actor, now_ns, digest))
+        d = replace(self, approvals=approvals, authorisers_required=required, second_reasons=tuple(reasons))
+        if len(approvals) >= required:
+            d = d.transition("authorise", authorised_digest=digest)
+        return d
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    sha256: str
+    captured_ns: int
+    quality: dict  # FaceQuality fields
+    file: str = ""  # name in the deployment's image folder ('' once purged)
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    entry_id: str
+    deployment_id: str
+    subject_ref: str
+    category: int
+    source_system: str
+    legal_basis: str
+    under_18: bool
+    added_by: str
+    added_at_ns: int
+    images: tuple[ImageRecord, ...]
+    vectors: int
+    from_reference: bool = False
+    image_count: int = 0  # kept after the purge
+
+    def purged(self) -> EntryRecord:
+        """What the record keeps after the purge: the nominal id, the category and counts."""
+        return EntryRecord(self.entry_id, self.deployment_id, self.subject_ref, self.category, "", "",
+                           self.under_18, "", 0, (), 0, self.from_reference, self.image_count)
+
+
+def composition_digest(d: DeploymentRecord, entries: list[EntryRecord]) -> str:
+    """Digest of exactly what an authorising officer approves: every entry with its provenance and images,
+    the model the list is embedded with, and the threshold."""
+    body = {
+        "model": [d.model_id, d.model_version], "threshold": round(float(d.threshold), 6),
+        "entries": sorted([e.entry_id, e.subject_ref, e.category, e.source_system, e.legal_basis, e.under_18,
+                           sorted([i.sha256, i.captured_ns] for i in e.images)] for e in entries),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def watchlist_violations(policy: Policy, entries: list[EntryRecord], now_ns: int) -> list[str]:
+    """Every reason the watchlist breaks the policy now (checked again at authorisation)."""
+    out = []
+    if not entries:
+        out.append("the watchlist is empty")
+    if len(entries) > policy.max_watchlist_size:
+        out.append(f"{len(entries)} entries: policy {policy.version} allows at most {policy.max_watchlist_size}")
+    for e in entries:
+        reason = policy.entry_refusal(e.category, 0)
+        if reason:
+            out.append(f"entry {e.subject_ref}: {reason}")
+        for n, img in enumerate(e.images):
+            q = img.quality
+            reason = policy.image_refusal(1, q.get("inter_eye_px", 0.0), q.get("sharpness", 0.0),
+                                          q.get("yaw_deg", 0.0), q.get("pitch_deg", 0.0), img.captured_ns, now_ns)
+            if reason:
+                out.append(f"entry {e.subject_ref} image {n}: {reason}")
+    return out
 
 
 def validate_new_deployment(req: pb.CreateDeploymentRequest, default_threshold: float) -> tuple[str, float]:
-    """Returns (error, threshold): error is '' when the request is acceptable."""
+    """Returns (error, threshold): error is '' when the request's fields are acceptable."""
     from lfr.runtime.subjects import token
 
     if not req.name.strip():
@@ -78,12 +256,24 @@ def validate_new_deployment(req: pb.CreateDeploymentRequest, default_threshold: 
     return "", threshold
 
 
-def enrollment_verdict(n_faces: int, inter_eye_px: float, min_inter_eye_px: float) -> str:
-    """'' if an enrollment image is acceptable, else the reason it is refused."""
-    if n_faces == 0:
-        return "no face found"
-    if n_faces > 1:
-        return f"{n_faces} faces found; an enrollment image must show exactly one"
-    if inter_eye_px < min_inter_eye_px:
-        return f"face too small: {inter_eye_px:.0f} px between the eyes (minimum {min_inter_eye_px:.0f})"
+def validate_governance(req: pb.CreateDeploymentRequest, now_ns: int) -> str:
+    """What a deployment needs beyond its technical fields: an actor, a place, a purpose and a window."""
+    if not req.actor.strip():
+        return "actor is required"
+    if not req.site.strip():
+        return "site is required"
+    if not req.purpose.strip():
+        return "purpose is required"
+    if not req.planned_start.seconds or not req.planned_end.seconds:
+        return "planned_start and planned_end are required: a deployment is time-limited"
+    if req.planned_end.ToNanoseconds() <= now_ns:
+        return "planned_end is in the past"
+    if req.HasField("site_location"):
+        loc = req.site_location
+        if not (-90 <= loc.latitude <= 90 and -180 <= loc.longitude <= 180):
+            return "site_location: latitude must be in [-90, 90] and longitude in [-180, 180]"
     return ""
+
+
+def iso(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))

@@ -1,15 +1,27 @@
-"""Watchlist service: deployments, bespoke watchlists, enrollment through detection/embedding, search."""
+"""Watchlist service: deployments and their lifecycle, the reference collection, bespoke watchlists with the
+policy and quality gate, authorisation, the sweeper (automatic end, purge), and search.
+
+The gRPC servicer only checks request fields and maps refusals to statuses; the decisions are in the pure
+core (`core.py`, `policy.py`). Every decision is published as a durable event (lifecycle or watchlist).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import math
+import re
 import time
+from collections import defaultdict
+from functools import wraps
+from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lfr.pb import (
+    common_pb2,
     detection_pb2,
     detection_pb2_grpc,
     embedding_pb2,
@@ -20,128 +32,273 @@ from lfr.pb import (
     watchlist_pb2 as pb,
 )
 from lfr.runtime import events, subjects
+from lfr.runtime.config import ConfigError
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
-from lfr.watchlist.core import DeploymentRecord, Refused, enrollment_verdict, validate_new_deployment
-from lfr.watchlist.store import MetadataStore, VectorIndex, collection_name
+from lfr.watchlist.core import (
+    AUTHORISED,
+    SWEEPER,
+    DeploymentRecord,
+    EntryRecord,
+    ImageRecord,
+    Refused,
+    composition_digest,
+    validate_governance,
+    validate_new_deployment,
+    watchlist_violations,
+)
+from lfr.watchlist.policy import Policy, PolicyError, parse_policy
+from lfr.watchlist.store import ImageStore, MetadataStore, VectorIndex, collection_name
 
-MIN_ENROLL_INTER_EYE_PX = 20.0
+REFERENCE = "reference"  # the watchlist-event subject token of the reference collection
+_SUBJECT_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,63}$")
+QUALITY_FIELDS = ("inter_eye_px", "sharpness", "yaw_deg", "pitch_deg", "roll_deg", "detector_score")
+
+
+def load_policy(path: str) -> Policy:
+    """The policy file named by LFR_POLICY_FILE, or the example shipped with the package."""
+    try:
+        if path:
+            text = Path(path).read_text()
+        else:
+            from importlib.resources import files
+
+            text = (files("lfr.watchlist") / "default_policy.json").read_text()
+        return parse_policy(text)
+    except OSError as exc:
+        raise ConfigError(f"LFR_POLICY_FILE: cannot read the file ({exc.strerror})") from None
+    except PolicyError as exc:
+        raise ConfigError(f"LFR_POLICY_FILE: invalid policy: {exc}") from None
 
 
 def _ts(ns: int) -> Timestamp:
     return events.ts_from_ns(ns) if ns else Timestamp()
 
 
-def deployment_pb(d: DeploymentRecord, size: int) -> pb.Deployment:
-    return pb.Deployment(
-        id=d.id, name=d.name, purpose=d.purpose, site=d.site, planned_start=_ts(d.planned_start_ns),
-        planned_end=_ts(d.planned_end_ns), cameras=list(d.cameras), threshold=d.threshold, model_id=d.model_id,
-        model_version=d.model_version, status=d.status, watchlist_size=size, created_by=d.created_by,
-        created_at=_ts(d.created_at_ns),
-    )
+def _ns(ts: Timestamp) -> int:
+    return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
+
+
+def _captured(stamps, n: int) -> list[int] | None:
+    """Capture dates for n images: none, one for all, or one per image (None = a count mismatch)."""
+    if not stamps:
+        return [0] * n
+    if len(stamps) == 1:
+        return [_ns(stamps[0])] * n
+    if len(stamps) == n:
+        return [_ns(t) for t in stamps]
+    return None
+
+
+def quality_pb(q: dict) -> common_pb2.FaceQuality:
+    return common_pb2.FaceQuality(**{k: q.get(k, 0.0) for k in QUALITY_FIELDS})
+
+
+def entry_pb(e: EntryRecord) -> pb.Entry:
+    return pb.Entry(
+        entry_id=e.entry_id, subject_ref=e.subject_ref, category=e.category, source_system=e.source_system,
+        legal_basis=e.legal_basis, vectors=e.vectors, added_by=e.added_by, added_at=_ts(e.added_at_ns),
+        under_18=e.under_18, image_count=e.image_count, from_reference=e.from_reference,
+        images=[pb.EntryImage(captured_at=_ts(i.captured_ns), quality=quality_pb(i.quality), sha256=i.sha256)
+                for i in e.images])
+
+
+def refusals(method):
+    """gRPC adapter: a Refused from the core becomes its status and message."""
+
+    @wraps(method)
+    async def inner(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Refused as exc:
+            await abort(context, exc.code, exc.message)
+
+    return inner
 
 
 class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     def __init__(self, svc: WatchlistService):
         self.svc = svc
 
-    async def _deployment(self, deployment_id: str, context) -> DeploymentRecord:
-        if not deployment_id:
-            await abort(context, "INVALID_ARGUMENT", "deployment_id is required")
-        d = self.svc.meta.get_deployment(deployment_id)
-        if d is None:
-            await abort(context, "NOT_FOUND", f"no deployment {deployment_id!r}")
-        return d
-
+    # Deployments -----------------------------------------------------------------------------------
+    @refusals
     async def CreateDeployment(self, request, context):
         model = await self.svc.model()
         error, threshold = validate_new_deployment(request, model.default_threshold)
+        error = error or validate_governance(request, self.svc.now_ns())
         if error:
-            await abort(context, "INVALID_ARGUMENT", error)
-        d = DeploymentRecord(
-            id=events.new_id()[:16], name=request.name, purpose=request.purpose, site=request.site,
-            planned_start_ns=request.planned_start.ToNanoseconds() if request.planned_start.seconds else 0,
-            planned_end_ns=request.planned_end.ToNanoseconds() if request.planned_end.seconds else 0,
-            cameras=tuple(request.cameras), threshold=threshold, model_id=model.model_id,
-            model_version=model.model_version, created_by=request.actor,
-        )
-        self.svc.meta.put_deployment(d)
-        return self.svc.lifecycle(d, "created", request.actor)
+            raise Refused("INVALID_ARGUMENT", error)
+        return await self.svc.create(request, threshold, model)
 
+    @refusals
     async def GetDeployment(self, request, context):
-        d = await self._deployment(request.deployment_id, context)
-        return deployment_pb(d, self.svc.meta.entry_count(d.id))
+        return self.svc.deployment_pb(await self.svc.current(request.deployment_id))
 
     async def ListDeployments(self, request, context):
-        return pb.ListDeploymentsResponse(deployments=[
-            deployment_pb(d, self.svc.meta.entry_count(d.id)) for d in self.svc.meta.list_deployments()])
+        out = []
+        for d in self.svc.meta.list_deployments():
+            out.append(self.svc.deployment_pb(await self.svc.current(d.id)))
+        return pb.ListDeploymentsResponse(deployments=out)
 
-    async def _transition(self, request, context, action: str, done: str):
-        d = await self._deployment(request.deployment_id, context)
-        try:
-            d = d.transition(action)
-        except Refused as exc:
-            await abort(context, exc.code, exc.message)
-        self.svc.meta.put_deployment(d)
-        return self.svc.lifecycle(d, done, request.actor)
+    @refusals
+    async def AuthoriseDeployment(self, request, context):
+        return await self.svc.authorise(request.deployment_id, request.actor, request.watchlist_digest)
 
+    @refusals
     async def StartDeployment(self, request, context):
-        return await self._transition(request, context, "start", "started")
+        return await self.svc.start_deployment(request.deployment_id, request.actor)
 
+    @refusals
     async def EndDeployment(self, request, context):
-        return await self._transition(request, context, "end", "ended")
+        return await self.svc.end(request.deployment_id, request.actor, request.reason or "ended by an officer")
 
+    @refusals
+    async def CancelDeployment(self, request, context):
+        return await self.svc.cancel(request.deployment_id, request.actor, request.reason or "cancelled")
+
+    @refusals
+    async def ReembedWatchlist(self, request, context):
+        return await self.svc.reembed(request.deployment_id, request.actor)
+
+    # Watchlists ------------------------------------------------------------------------------------
+    @staticmethod
+    def _subject_ref(subject_ref: str) -> None:
+        if not _SUBJECT_REF.match(subject_ref or ""):
+            raise Refused("INVALID_ARGUMENT", "subject_ref is required: a nominal id of 1-64 letters, digits "
+                          "or . _ / : -")
+
+    def _entry_fields(self, subject_ref: str, category: int) -> None:
+        self._subject_ref(subject_ref)
+        if category == pb.CATEGORY_UNSPECIFIED:
+            raise Refused("INVALID_ARGUMENT", "category is required")
+        if category not in pb.Category.values():
+            raise Refused("INVALID_ARGUMENT", f"unknown category {category}")
+
+    @refusals
     async def EnrollEntry(self, request, context):
-        d = await self._deployment(request.deployment_id, context)
-        if not request.subject_ref:
-            await abort(context, "INVALID_ARGUMENT", "subject_ref is required")
+        d = await self.svc.current(request.deployment_id)
+        self._entry_fields(request.subject_ref, request.category)
         if not request.images:
-            await abort(context, "INVALID_ARGUMENT", "at least one image is required")
-        if request.category == pb.CATEGORY_UNSPECIFIED:
-            await abort(context, "INVALID_ARGUMENT", "category is required")
-        return await self.svc.enroll(d, request)
+            raise Refused("INVALID_ARGUMENT", "at least one image is required")
+        captured = _captured(request.captured_at, len(request.images))
+        if captured is None:
+            raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+        return await self.svc.enroll(
+            d.id, subject_ref=request.subject_ref, category=request.category, source_system=request.source_system,
+            legal_basis=request.legal_basis, images=list(request.images), captured=captured,
+            under_18=request.under_18, actor=request.actor)
 
+    @refusals
+    async def AddFromReference(self, request, context):
+        d = await self.svc.current(request.deployment_id)
+        if not request.subject_refs:
+            raise Refused("INVALID_ARGUMENT", "at least one subject_ref is required")
+        self._entry_fields(request.subject_refs[0], request.category)
+        out = []
+        for ref in request.subject_refs:
+            out.append(await self.svc.add_from_reference(d.id, ref, request.category, request.legal_basis,
+                                                         request.actor))
+        return pb.AddFromReferenceResponse(entries=out)
+
+    @refusals
+    async def RemoveEntry(self, request, context):
+        return await self.svc.remove_entry(request.deployment_id, request.entry_id, request.actor, request.reason)
+
+    @refusals
     async def ListEntries(self, request, context):
-        d = await self._deployment(request.deployment_id, context)
-        return pb.ListEntriesResponse(entries=[
-            pb.Entry(entry_id=e["entry_id"], subject_ref=e["subject_ref"], category=e["category"],
-                     source_system=e["source_system"] or "", legal_basis=e["legal_basis"] or "",
-                     vectors=e["vectors"], added_by=e["added_by"] or "", added_at=_ts(e["added_at_ns"]))
-            for e in self.svc.meta.entries(d.id)])
+        d = await self.svc.current(request.deployment_id)
+        entries = self.svc.meta.entries(d.id)
+        return pb.ListEntriesResponse(entries=[entry_pb(e) for e in entries], purged=bool(d.purged_at_ns),
+                                      purged_at=_ts(d.purged_at_ns),
+                                      watchlist_digest=composition_digest(d, entries))
 
+    # Reference collection --------------------------------------------------------------------------
+    @refusals
+    async def AddReference(self, request, context):
+        self._subject_ref(request.subject_ref)
+        for name in ("source_system", "legal_basis", "actor"):
+            if not getattr(request, name).strip():
+                raise Refused("INVALID_ARGUMENT", f"{name} is required")
+        if not request.images:
+            raise Refused("INVALID_ARGUMENT", "at least one image is required")
+        captured = _captured(request.captured_at, len(request.images))
+        if captured is None:
+            raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+        return await self.svc.add_reference(request, captured)
+
+    async def ListReferences(self, request, context):
+        out = []
+        for r in self.svc.meta.references():
+            last = r["images"][-1] if r["images"] else {}
+            out.append(pb.ReferenceSubject(
+                subject_ref=r["subject_ref"], source_system=last.get("source_system", ""),
+                legal_basis=last.get("legal_basis", ""), under_18=r["under_18"],
+                captured_at=[_ts(i["captured_ns"]) for i in r["images"]], added_by=last.get("added_by", ""),
+                added_at=_ts(last.get("added_at_ns", 0))))
+        return pb.ListReferencesResponse(subjects=out)
+
+    async def GetPolicy(self, request, context):
+        p = self.svc.policy
+        return pb.Policy(version=p.version, digest=p.digest, json=p.canonical_json)
+
+    # Search ----------------------------------------------------------------------------------------
+    @refusals
     async def Search(self, request, context):
-        d = await self._deployment(request.deployment_id, context)
+        d = await self.svc.current(request.deployment_id)
         if not request.probes:
-            await abort(context, "INVALID_ARGUMENT", "at least one probe is required")
+            raise Refused("INVALID_ARGUMENT", "at least one probe is required")
         k = request.k or 1
         if not 1 <= k <= 100:
-            await abort(context, "INVALID_ARGUMENT", "k must be between 1 and 100")
-        try:
-            results = await self.svc.search(d, list(request.probes), k)
-        except Refused as exc:
-            await abort(context, exc.code, exc.message)
+            raise Refused("INVALID_ARGUMENT", "k must be between 1 and 100")
+        results = await self.svc.search(d, list(request.probes), k)
         return pb.SearchResponse(results=results, model_id=d.model_id, model_version=d.model_version)
 
 
 class WatchlistService(Service):
     name = "watchlist"
 
+    def now_ns(self) -> int:
+        """The one clock of the service (tests replace it to move time)."""
+        return time.time_ns()
+
     async def start(self, rt: Runtime) -> None:
         cfg = self.config
+        self.policy = load_policy(cfg.policy_file)
+        self.purge_after_ns = int(cfg.purge_after_s * 1e9)
         self.meta = MetadataStore(cfg.state_path("watchlist.sqlite"))
+        self.images = ImageStore(cfg.state_path("watchlist-images"))
         self.index = await rt.run_cpu(lambda: VectorIndex(cfg.state_path("qdrant") if not cfg.qdrant_url else None,
                                                            cfg.qdrant_url, cfg.qdrant_api_key))
         self.detection = detection_pb2_grpc.DetectionServiceStub(channel(cfg.detection_target, cfg))
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel(cfg.embedding_target, cfg))
         self._model: embedding_pb2.ModelDescription | None = None
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.sweeper: asyncio.Task | None = None
+        self.log.info("watchlist.policy", version=self.policy.version, digest=self.policy.digest)
         rt.add_servicer(watchlist_pb2_grpc.add_WatchlistServiceServicer_to_server, WatchlistServicer(self),
                         pb.DESCRIPTOR.services_by_name["WatchlistService"])
 
     async def warmup(self) -> None:
+        await self.sweep()  # what came due while the service was down (automatic end, purge) is done first
+        self.sweeper = asyncio.create_task(self._sweep_forever(), name="watchlist-sweeper")
         await self.model()
 
-    async def model(self) -> embedding_pb2.ModelDescription:
-        """The live model, described by the embedding service (the watchlist needs no torch)."""
+    async def stop_intake(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            try:
+                await self.sweeper
+            except asyncio.CancelledError:
+                pass
+
+    async def model(self, fresh: bool = False) -> embedding_pb2.ModelDescription:
+        """The live model, described by the embedding service (the watchlist needs no torch). `fresh` asks
+        again: the embedding service may have been restarted with another model."""
+        if fresh:
+            try:
+                self._model = await self.embedding.GetModel(embedding_pb2.GetModelRequest(), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                raise Refused("UNAVAILABLE", f"cannot reach the embedding service ({exc.code().name})") from None
         while self._model is None:
             try:
                 self._model = await self.embedding.GetModel(embedding_pb2.GetModelRequest(), timeout=5)
@@ -150,22 +307,227 @@ class WatchlistService(Service):
                 await asyncio.sleep(0.5)
         return self._model
 
-    def lifecycle(self, d: DeploymentRecord, action: str, actor: str) -> pb.Deployment:
-        msg = deployment_pb(d, self.meta.entry_count(d.id))
+    async def _same_model(self, d: DeploymentRecord, what: str) -> embedding_pb2.ModelDescription:
+        model = await self.model(fresh=True)
+        if (d.model_id, d.model_version) != (model.model_id, model.model_version):
+            raise Refused("FAILED_PRECONDITION", f"cannot {what}: deployment {d.id}'s watchlist is embedded with "
+                          f"{d.model_id} {d.model_version} but the embedding service runs {model.model_id} "
+                          f"{model.model_version}; re-embed the watchlist (ReembedWatchlist) first")
+        return model
+
+    # Records and events ----------------------------------------------------------------------------
+    def get(self, deployment_id: str) -> DeploymentRecord:
+        if not deployment_id:
+            raise Refused("INVALID_ARGUMENT", "deployment_id is required")
+        d = self.meta.get_deployment(deployment_id)
+        if d is None:
+            raise Refused("NOT_FOUND", f"no deployment {deployment_id!r}")
+        return d
+
+    async def current(self, deployment_id: str) -> DeploymentRecord:
+        """The deployment as it stands now: one past its planned end is ended before anyone reads it."""
+        d = self.get(deployment_id)
+        if d.due_action(self.now_ns(), self.purge_after_ns) == "end":
+            await self.auto_end(d.id)
+            d = self.get(deployment_id)
+        return d
+
+    def deployment_pb(self, d: DeploymentRecord, entries: list[EntryRecord] | None = None) -> pb.Deployment:
+        entries = self.meta.entries(d.id) if entries is None else entries
+        return pb.Deployment(
+            id=d.id, name=d.name, purpose=d.purpose, site=d.site, planned_start=_ts(d.planned_start_ns),
+            planned_end=_ts(d.planned_end_ns), cameras=list(d.cameras), threshold=d.threshold,
+            model_id=d.model_id, model_version=d.model_version, status=d.status, watchlist_size=len(entries),
+            created_by=d.created_by, created_at=_ts(d.created_at_ns), legal_basis=d.legal_basis,
+            site_location=pb.GeoPoint(latitude=d.site_lat, longitude=d.site_lon), site_approved=d.site_approved,
+            policy_version=d.policy_version, policy_digest=d.policy_digest,
+            watchlist_digest=composition_digest(d, entries), authorised_digest=d.authorised_digest,
+            approvals=[pb.Approval(actor=a.actor, at=_ts(a.at_ns), watchlist_digest=a.digest) for a in d.approvals],
+            authorisers_required=d.authorisers_required, second_authoriser_reasons=list(d.second_reasons),
+            builders=list(d.builders), started_at=_ts(d.started_at_ns), ended_at=_ts(d.ended_at_ns),
+            purged_at=_ts(d.purged_at_ns), purge_due=_ts(d.purge_due_ns(self.purge_after_ns)),
+            end_reason=d.end_reason)
+
+    def lifecycle(self, d: DeploymentRecord, action: str, actor: str, reason: str = "") -> pb.Deployment:
+        msg = self.deployment_pb(d)
         env = events.envelope(self.name, deployment_id=d.id, model_id=d.model_id, model_version=d.model_version)
-        self.rt.bus.publish_durable(subjects.lifecycle(d.id),
-                                    pb.DeploymentEvent(envelope=env, deployment=msg, action=action, actor=actor),
-                                    msg_id=env.event_id)
-        self.log.info("deployment." + action, deployment_id=d.id, actor=actor)
+        self.rt.bus.publish_durable(subjects.lifecycle(d.id), pb.DeploymentEvent(
+            envelope=env, deployment=msg, action=action, actor=actor, reason=reason), msg_id=env.event_id)
+        self.log.info("deployment." + action, deployment_id=d.id, actor=actor, status=d.status)
         return msg
 
-    async def enroll(self, d: DeploymentRecord, req: pb.EnrollEntryRequest) -> pb.EnrollEntryResponse:
-        model = await self.model()
-        if (d.model_id, d.model_version) != (model.model_id, model.model_version):
-            raise Refused("FAILED_PRECONDITION", f"deployment uses {d.model_id} {d.model_version}; "
-                          f"the embedding service runs {model.model_id} {model.model_version}")
-        results, chips = [], []
-        for i, image in enumerate(req.images):
+    def watchlist_event(self, deployment_id: str, action: str, actor: str, **fields) -> None:
+        env = events.envelope(self.name, deployment_id=deployment_id if deployment_id != REFERENCE else "")
+        self.rt.bus.publish_durable(subjects.watchlist(deployment_id), pb.WatchlistEvent(
+            envelope=env, action=action, actor=actor, policy_version=self.policy.version, **fields),
+            msg_id=env.event_id)
+        self.log.info("watchlist." + action, deployment_id=deployment_id, actor=actor)
+
+    def refused(self, d: DeploymentRecord, action: str, actor: str, exc: Refused) -> Refused:
+        """A refused lifecycle decision is recorded too."""
+        self.lifecycle(d, f"{action}_refused", actor, exc.message)
+        return exc
+
+    def save_change(self, before: DeploymentRecord, after: DeploymentRecord, actor: str, what: str) -> None:
+        self.meta.put_deployment(after)
+        if before.status == AUTHORISED:
+            self.lifecycle(after, "returned_to_draft", actor, f"the watchlist changed ({what}): it needs "
+                           "authorisation again")
+
+    # Lifecycle -------------------------------------------------------------------------------------
+    async def create(self, req: pb.CreateDeploymentRequest, threshold: float, model) -> pb.Deployment:
+        site = self.policy.approved_site(req.site)
+        lat, lon = (req.site_location.latitude, req.site_location.longitude) if req.HasField("site_location") \
+            else ((site.latitude, site.longitude) if site else (0.0, 0.0))
+        d = DeploymentRecord(
+            id=events.new_id()[:16], name=req.name, purpose=req.purpose, site=site.name if site else req.site.strip(),
+            planned_start_ns=_ns(req.planned_start), planned_end_ns=_ns(req.planned_end),
+            cameras=tuple(req.cameras), threshold=threshold, model_id=model.model_id,
+            model_version=model.model_version, created_by=req.actor, created_at_ns=self.now_ns(),
+            legal_basis=req.legal_basis, site_lat=lat, site_lon=lon, site_approved=site is not None,
+            threshold_from_model=not req.threshold, policy_version=self.policy.version,
+            policy_digest=self.policy.digest, builders=(req.actor,),
+            authorisers_required=1 + bool(self.policy.second_authoriser_reasons(req.site, False)),
+            second_reasons=tuple(self.policy.second_authoriser_reasons(req.site, False)))
+        self.meta.put_deployment(d)
+        return self.lifecycle(d, "created", req.actor)
+
+    async def authorise(self, deployment_id: str, actor: str, reviewed_digest: str) -> pb.Deployment:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            entries = self.meta.entries(d.id)
+            try:
+                d.check("authorise")
+                await self._same_model(d, "authorise")
+                violations = watchlist_violations(self.policy, entries, self.now_ns())
+                if violations:
+                    raise Refused("FAILED_PRECONDITION", f"policy {self.policy.version} refuses the watchlist: "
+                                  + "; ".join(violations[:5]) + (" ..." if len(violations) > 5 else ""))
+                reasons = self.policy.second_authoriser_reasons(d.site, any(e.under_18 for e in entries))
+                after = d.approve(actor, composition_digest(d, entries), reviewed_digest, 1 + bool(reasons),
+                                  reasons, self.now_ns())
+            except Refused as exc:
+                raise self.refused(d, "authorisation", actor, exc) from None
+            after = self._replace(after, policy_version=self.policy.version, policy_digest=self.policy.digest)
+            self.meta.put_deployment(after)
+            msg = self.lifecycle(after, "approved", actor,
+                                 f"approval {len(after.approvals)} of {after.authorisers_required}")
+            if after.status == AUTHORISED:
+                msg = self.lifecycle(after, "authorised", actor)
+            return msg
+
+    @staticmethod
+    def _replace(d: DeploymentRecord, **changes) -> DeploymentRecord:
+        from dataclasses import replace
+
+        return replace(d, **changes)
+
+    async def start_deployment(self, deployment_id: str, actor: str) -> pb.Deployment:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            try:
+                d.check("start")
+                if not actor:
+                    raise Refused("INVALID_ARGUMENT", "actor is required")
+                await self._same_model(d, "start")
+                after = d.start(self.now_ns(), composition_digest(d, self.meta.entries(d.id)))
+            except Refused as exc:
+                raise self.refused(d, "start", actor, exc) from None
+            self.meta.put_deployment(after)
+            return self.lifecycle(after, "started", actor)
+
+    async def end(self, deployment_id: str, actor: str, reason: str) -> pb.Deployment:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            try:
+                d.check("end")
+                if not actor:
+                    raise Refused("INVALID_ARGUMENT", "actor is required")
+            except Refused as exc:
+                raise self.refused(d, "end", actor, exc) from None
+            after = d.end(self.now_ns(), reason)
+            self.meta.put_deployment(after)
+            msg = self.lifecycle(after, "ended", actor, reason)
+        return await self._purge_if_due(after) or msg
+
+    async def cancel(self, deployment_id: str, actor: str, reason: str) -> pb.Deployment:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            try:
+                d.check("cancel")
+                if not actor:
+                    raise Refused("INVALID_ARGUMENT", "actor is required")
+            except Refused as exc:
+                raise self.refused(d, "cancel", actor, exc) from None
+            after = d.cancel(self.now_ns(), reason)
+            self.meta.put_deployment(after)
+            msg = self.lifecycle(after, "cancelled", actor, reason)
+        return await self._purge_if_due(after) or msg
+
+    async def auto_end(self, deployment_id: str) -> None:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            if d.due_action(self.now_ns(), self.purge_after_ns) != "end":
+                return  # someone else ended it meanwhile
+            after = d.end(self.now_ns(), "planned end passed")
+            self.meta.put_deployment(after)
+            self.lifecycle(after, "ended", SWEEPER, "planned end passed")
+        await self._purge_if_due(after)
+
+    async def _purge_if_due(self, d: DeploymentRecord) -> pb.Deployment | None:
+        if d.due_action(self.now_ns(), self.purge_after_ns) == "purge":
+            return await self.purge(d.id)
+        return None
+
+    async def purge(self, deployment_id: str) -> pb.Deployment | None:
+        """Delete the watchlist's vectors (Qdrant) and images (file store); keep nominal ids, categories and
+        counts. Idempotent: a purge interrupted by a crash is completed by the next sweep."""
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            if d.purged_at_ns:
+                return None
+            d.check("purge")
+            vectors = await self.rt.run_cpu(self.index.delete_points, d.id)
+            images = await self.rt.run_cpu(self.images.delete_deployment, d.id)
+            entries = [e.purged() for e in self.meta.entries(d.id)]
+            for e in entries:
+                self.meta.put_entry(e)
+            left = await self.rt.run_cpu(self.index.count_deployment, d.id)
+            if left or self.images.count(d.id):
+                raise RuntimeError(f"purge of deployment {d.id} incomplete: {left} vectors left")
+            after = d.purged(self.now_ns())
+            self.meta.put_deployment(after)
+            self.watchlist_event(d.id, "watchlist_purged", SWEEPER, vectors_deleted=vectors, images_deleted=images,
+                                 kept_subject_refs=[e.subject_ref for e in entries],
+                                 watchlist_digest=composition_digest(after, entries))
+            return self.lifecycle(after, "purged", SWEEPER,
+                                  f"{vectors} vectors and {images} images deleted; {len(entries)} nominal ids kept")
+
+    async def sweep(self) -> None:
+        """End deployments past their planned end; purge ended ones whose purge is due."""
+        for d in self.meta.list_deployments():
+            action = d.due_action(self.now_ns(), self.purge_after_ns)
+            try:
+                if action == "end":
+                    await self.auto_end(d.id)
+                elif action == "purge":
+                    await self.purge(d.id)
+            except Exception as exc:  # one failing deployment must not stop the others; retried next sweep
+                self.log.error("watchlist.sweep_failed", deployment_id=d.id, action=action,
+                               error=type(exc).__name__, detail=str(exc))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            await self.sweep()
+
+    # Watchlist changes -----------------------------------------------------------------------------
+    async def _detect(self, images: list[bytes], captured: list[int]
+                      ) -> tuple[list[pb.ImageResult], list[tuple[int, list, dict]]]:
+        """Quality gate: per image a result; the accepted ones as (index, chips, quality)."""
+        results, accepted = [], []
+        now = self.now_ns()
+        for i, image in enumerate(images):
             try:
                 det = await self.detection.Detect(detection_pb2.DetectRequest(image=image, include_chips=True),
                                                   timeout=30)
@@ -174,39 +536,181 @@ class WatchlistService(Service):
                     raise
                 results.append(pb.ImageResult(index=i, accepted=False, reason=exc.details()))
                 continue
-            iod = det.faces[0].quality.inter_eye_px if len(det.faces) == 1 else 0.0
-            reason = enrollment_verdict(len(det.faces), iod, MIN_ENROLL_INTER_EYE_PX)
+            q = det.faces[0].quality if len(det.faces) == 1 else common_pb2.FaceQuality()
+            reason = self.policy.image_refusal(len(det.faces), q.inter_eye_px, q.sharpness, q.yaw_deg,
+                                               q.pitch_deg, captured[i], now)
             results.append(pb.ImageResult(index=i, accepted=not reason, reason=reason,
                                           quality=det.faces[0].quality if det.faces else None))
             if not reason:
-                chips.append(list(det.faces[0].chips))
-        entry_id = ""
-        if chips:
-            emb = await self.embedding.Embed(embedding_pb2.EmbedRequest(chips=[c for cs in chips for c in cs]),
-                                             timeout=30)
-            entry_id = events.new_id()[:16]
-            payload = {"deployment_id": d.id, "entry_id": entry_id, "subject_ref": req.subject_ref,
-                       "category": int(req.category)}
-            by_component: dict[str, list[list[float]]] = {}
-            for v in emb.vectors:
-                by_component.setdefault((v.model_id, v.model_version), []).append(list(v.values))
-            components = {(c.model_id, c.model_version): c for c in model.components}
-            for key, vectors in by_component.items():
-                comp = components[key]
-                name = collection_name(*key)
-                await self.rt.run_cpu(self.index.ensure_collection, name, comp.dim, comp.metric)
-                await self.rt.run_cpu(self.index.upsert, name, vectors, payload)
-            self.meta.add_entry({
-                "entry_id": entry_id, "deployment_id": d.id, "subject_ref": req.subject_ref,
-                "category": int(req.category), "source_system": req.source_system, "legal_basis": req.legal_basis,
-                "vectors": len(chips), "added_by": req.actor, "added_at_ns": time.time_ns()})
-            env = events.envelope(self.name, deployment_id=d.id)
-            self.rt.bus.publish_durable(subjects.watchlist(d.id), pb.WatchlistEvent(
-                envelope=env, action="entry_added", entry_id=entry_id, subject_ref=req.subject_ref,
-                category=req.category, actor=req.actor, images_accepted=len(chips),
-                images_refused=len(results) - len(chips)), msg_id=env.event_id)
-        return pb.EnrollEntryResponse(entry_id=entry_id, results=results)
+                accepted.append((i, list(det.faces[0].chips), {k: getattr(q, k) for k in QUALITY_FIELDS}))
+        return results, accepted
 
+    async def _embed(self, chips_per_image: list[list], model) -> dict[tuple[str, str], list[list[float]]]:
+        emb = await self.embedding.Embed(embedding_pb2.EmbedRequest(
+            chips=[c for cs in chips_per_image for c in cs]), timeout=60)
+        by_component: dict[tuple[str, str], list[list[float]]] = {}
+        for v in emb.vectors:
+            by_component.setdefault((v.model_id, v.model_version), []).append(list(v.values))
+        return by_component
+
+    async def _upsert(self, by_component: dict, model, payload: dict) -> None:
+        components = {(c.model_id, c.model_version): c for c in model.components}
+        for key, vectors in by_component.items():
+            comp = components[key]
+            name = collection_name(*key)
+            await self.rt.run_cpu(self.index.ensure_collection, name, comp.dim, comp.metric)
+            await self.rt.run_cpu(self.index.upsert, name, vectors, payload)
+
+    def _refuse_entry(self, d: DeploymentRecord, subject_ref: str, category: int, actor: str, reason: str,
+                      results: list[pb.ImageResult], n_images: int) -> pb.EnrollEntryResponse:
+        if not results:
+            results = [pb.ImageResult(index=i, accepted=False, reason=reason) for i in range(n_images)]
+        self.watchlist_event(d.id, "entry_refused", actor, subject_ref=subject_ref, category=category,
+                             reason=reason, images_accepted=0, images_refused=n_images)
+        return pb.EnrollEntryResponse(subject_ref=subject_ref, results=results, reason=reason)
+
+    async def enroll(self, deployment_id: str, *, subject_ref: str, category: int, source_system: str,
+                     legal_basis: str, images: list[bytes], captured: list[int], under_18: bool, actor: str,
+                     from_reference: bool = False) -> pb.EnrollEntryResponse:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            after = d.changed_by(actor)  # refuses a started or finished deployment, and a missing actor
+            for name, value in (("source_system", source_system), ("legal_basis", legal_basis)):
+                if not value.strip():
+                    raise Refused("INVALID_ARGUMENT", f"{name} is required: every entry states its provenance")
+            model = await self._same_model(d, "change the watchlist")
+            size = self.meta.entry_count(d.id)
+            reason = self.policy.entry_refusal(category, size)
+            if reason:
+                return self._refuse_entry(d, subject_ref, category, actor, reason, [], len(images))
+            results, accepted = await self._detect(images, captured)
+            if not accepted:
+                return self._refuse_entry(d, subject_ref, category, actor, "no image passed the quality gate",
+                                          results, len(images))
+            by_component = await self._embed([chips for _, chips, _ in accepted], model)
+            entry_id = events.new_id()[:16]
+            await self._upsert(by_component, model, {"deployment_id": d.id, "entry_id": entry_id,
+                                                     "subject_ref": subject_ref, "category": int(category)})
+            kept = []
+            for i, _chips, quality in accepted:
+                name = await self.rt.run_cpu(self.images.put, d.id, images[i])
+                kept.append(ImageRecord(hashlib.sha256(images[i]).hexdigest(), captured[i], quality, name))
+            entry = EntryRecord(entry_id, d.id, subject_ref, int(category), source_system, legal_basis, under_18,
+                                actor, self.now_ns(), tuple(kept), len(accepted), from_reference, len(kept))
+            self.meta.put_entry(entry)
+            self.save_change(d, after, actor, f"entry {subject_ref} added")
+            self.watchlist_event(
+                d.id, "entry_added", actor, entry_id=entry_id, subject_ref=subject_ref, category=category,
+                images_accepted=len(accepted), images_refused=len(results) - len(accepted),
+                source_system=source_system, legal_basis=legal_basis, under_18=under_18,
+                watchlist_digest=composition_digest(after, self.meta.entries(d.id)))
+            return pb.EnrollEntryResponse(entry_id=entry_id, results=results, subject_ref=subject_ref)
+
+    async def add_from_reference(self, deployment_id: str, subject_ref: str, category: int, legal_basis: str,
+                                 actor: str) -> pb.EnrollEntryResponse:
+        ref = self.meta.get_reference(subject_ref)
+        if ref is None or not ref["images"]:
+            d = self.get(deployment_id)
+            return self._refuse_entry(d, subject_ref, category, actor,
+                                      f"{subject_ref!r} is not in the reference collection", [], 0)
+        images = [self.images.read(None, i["file"]) for i in ref["images"]]
+        sources = sorted({i["source_system"] for i in ref["images"]})
+        bases = sorted({i["legal_basis"] for i in ref["images"]})
+        return await self.enroll(
+            deployment_id, subject_ref=subject_ref, category=category, source_system="; ".join(sources),
+            legal_basis=legal_basis or "; ".join(bases), images=images,
+            captured=[i["captured_ns"] for i in ref["images"]], under_18=ref["under_18"], actor=actor,
+            from_reference=True)
+
+    async def remove_entry(self, deployment_id: str, entry_id: str, actor: str, reason: str) -> pb.Deployment:
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            after = d.changed_by(actor)
+            entry = next((e for e in self.meta.entries(d.id) if e.entry_id == entry_id), None)
+            if entry is None:
+                raise Refused("NOT_FOUND", f"no entry {entry_id!r} in deployment {d.id}")
+            await self.rt.run_cpu(self.index.delete_points, d.id, entry_id)
+            for img in entry.images:
+                self.images.delete(d.id, img.file)
+            self.meta.delete_entry(entry_id)
+            self.save_change(d, after, actor, f"entry {entry.subject_ref} removed")
+            self.watchlist_event(d.id, "entry_removed", actor, entry_id=entry_id, subject_ref=entry.subject_ref,
+                                 category=entry.category, reason=reason,
+                                 watchlist_digest=composition_digest(after, self.meta.entries(d.id)))
+            return self.deployment_pb(after)
+
+    async def reembed(self, deployment_id: str, actor: str) -> pb.ReembedResponse:
+        """Re-embed every entry from its stored images with the embedding service's current model."""
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            after = d.changed_by(actor)
+            model = await self.model(fresh=True)
+            threshold = model.default_threshold if d.threshold_from_model else d.threshold
+            after = self._replace(after, model_id=model.model_id, model_version=model.model_version,
+                                  threshold=threshold)
+            await self.rt.run_cpu(self.index.delete_points, d.id)
+            responses = []
+            for e in self.meta.entries(d.id):
+                images = [self.images.read(d.id, i.file) for i in e.images]
+                results, accepted = await self._detect(images, [i.captured_ns for i in e.images])
+                responses.append(pb.EnrollEntryResponse(entry_id=e.entry_id if accepted else "", results=results,
+                                                        subject_ref=e.subject_ref,
+                                                        reason="" if accepted else "no image passed the quality gate"))
+                if not accepted:  # the entry cannot be embedded with the new model: it leaves the watchlist
+                    for img in e.images:
+                        self.images.delete(d.id, img.file)
+                    self.meta.delete_entry(e.entry_id)
+                    self.watchlist_event(d.id, "entry_removed", actor, entry_id=e.entry_id,
+                                         subject_ref=e.subject_ref, category=e.category,
+                                         reason="re-embedding: no image passed the quality gate")
+                    continue
+                by_component = await self._embed([chips for _, chips, _ in accepted], model)
+                await self._upsert(by_component, model, {"deployment_id": d.id, "entry_id": e.entry_id,
+                                                         "subject_ref": e.subject_ref, "category": e.category})
+                keep = {i for i, _, _ in accepted}
+                quality = {i: q for i, _, q in accepted}
+                for n, img in enumerate(e.images):
+                    if n not in keep:
+                        self.images.delete(d.id, img.file)
+                imgs = tuple(self._replace(img, quality=quality[n]) for n, img in enumerate(e.images) if n in keep)
+                self.meta.put_entry(self._replace(e, images=imgs, vectors=len(accepted), image_count=len(imgs)))
+            self.meta.put_deployment(after)
+            msg = self.lifecycle(after, "reembedded", actor, f"re-embedded with {model.model_id} "
+                                 f"{model.model_version}; it needs authorisation again")
+            return pb.ReembedResponse(deployment=msg, entries=responses)
+
+    # Reference collection --------------------------------------------------------------------------
+    async def add_reference(self, req: pb.AddReferenceRequest, captured: list[int]) -> pb.AddReferenceResponse:
+        from PIL import Image
+
+        record = self.meta.get_reference(req.subject_ref) or {"subject_ref": req.subject_ref, "under_18": False,
+                                                              "images": []}
+        record["under_18"] = record["under_18"] or req.under_18
+        results = []
+        for i, data in enumerate(req.images):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    if im.format not in ("JPEG", "PNG"):
+                        raise ValueError(f"{im.format} images are not accepted (JPEG or PNG)")
+                    im.verify()
+            except Exception as exc:
+                results.append(pb.ImageResult(index=i, accepted=False, reason=f"image refused: {exc}"))
+                continue
+            name = await self.rt.run_cpu(self.images.put, None, data)
+            record["images"].append({"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                                     "captured_ns": captured[i], "source_system": req.source_system,
+                                     "legal_basis": req.legal_basis, "added_by": req.actor,
+                                     "added_at_ns": self.now_ns()})
+            results.append(pb.ImageResult(index=i, accepted=True))
+        stored = sum(r.accepted for r in results)
+        if stored:
+            self.meta.put_reference(req.subject_ref, record)
+        self.watchlist_event(REFERENCE, "reference_added", req.actor, subject_ref=req.subject_ref,
+                             images_accepted=stored, images_refused=len(results) - stored,
+                             source_system=req.source_system, legal_basis=req.legal_basis, under_18=req.under_18)
+        return pb.AddReferenceResponse(subject_ref=req.subject_ref, images_stored=stored, results=results)
+
+    # Search ----------------------------------------------------------------------------------------
     async def search(self, d: DeploymentRecord, probes: list[pb.Probe], k: int) -> list[pb.CandidateList]:
         model = await self.model()
         components = {(c.model_id, c.model_version): c for c in model.components}

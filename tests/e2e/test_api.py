@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from lfr.cli.live import create_deployment, enroll
 from lfr.pb import (
     common_pb2,
     detection_pb2,
@@ -14,6 +17,7 @@ from lfr.pb import (
     match_pb2,
     watchlist_pb2,
 )
+from lfr.runtime import events
 from lfr.runtime.embedded import SERVICES, check_health
 
 EXPECTED = {
@@ -56,9 +60,10 @@ def test_bad_input_gets_precise_status(system, clients, data):
     code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(image=jpeg)]))
     assert code == C.INVALID_ARGUMENT and "required" in msg
     # a deployment that is not active, then a corrupt frame for an active one
-    d = clients.watchlist.CreateDeployment(watchlist_pb2.CreateDeploymentRequest(name="bad", cameras=["c1"]))
+    d = create_deployment(clients, "bad", ["c1"])
     code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="c1", image=jpeg)]))
     assert code == C.FAILED_PRECONDITION and "DRAFT" in msg
+    enroll(clients, d.id, {"S0": [data / "faces/misc/obama2.jpg"]})  # enrolled, then authorised by another officer
     clients.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="op"))
     code, msg = code_of(push, iter([ingest_pb2.PushFrameRequest(deployment_id=d.id, camera_id="c1",
                                                                 image=jpeg[: len(jpeg) // 2])]))
@@ -99,10 +104,14 @@ def test_bad_input_gets_precise_status(system, clients, data):
     assert code == C.NOT_FOUND
     code, _ = code_of(lambda **kw: next(clients.match.StreamAlerts(match_pb2.StreamAlertsRequest(), **kw)))
     assert code == C.INVALID_ARGUMENT
-    # enrollment: an image with no face is refused per image, with a reason; others still accepted
+    # enrollment (into a DRAFT deployment: an active one's watchlist cannot change): an image with no face is
+    # refused per image, with a reason; others still accepted
+    d2 = create_deployment(clients, "enroll", ["c1"])
     r = clients.watchlist.EnrollEntry(watchlist_pb2.EnrollEntryRequest(
-        deployment_id=d.id, subject_ref="S1", category=watchlist_pb2.CATEGORY_WANTED_BY_POLICE,
-        images=[jpeg, (data / "crowd/multiface.jpg").read_bytes(), b"junk"]), timeout=60)
+        deployment_id=d2.id, subject_ref="S1", category=watchlist_pb2.CATEGORY_WANTED_BY_POLICE,
+        images=[jpeg, (data / "crowd/multiface.jpg").read_bytes(), b"junk"], source_system="test",
+        legal_basis="test", captured_at=[events.ts_from_ns(time.time_ns() - 86_400 * 10**9)], actor="builder"),
+        timeout=60)
     assert [x.accepted for x in r.results] == [True, False, False]
     assert "faces found" in r.results[1].reason and r.entry_id
     # every service is still serving

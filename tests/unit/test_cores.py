@@ -44,15 +44,19 @@ def test_sampler_keeps_target_rate():
 
 
 def test_deployment_transitions():
-    d = DeploymentRecord("d1", "n", "", "", 0, 0, ("c",), 0.5, "m", "v")
-    d = d.transition("start")
-    assert d.active
+    d = DeploymentRecord("d1", "n", "", "", 0, 10, ("c",), 0.5, "m", "v", builders=("builder",))
     with pytest.raises(Refused) as info:
-        d.transition("start")
+        d.start(1, "digest")  # DRAFT: not authorised
+    assert info.value.code == "FAILED_PRECONDITION" and "DRAFT" in info.value.message
+    d = d.approve("officer", "digest", "", 1, [], 0)
+    d = d.start(1, "digest")
+    assert d.status == watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE
+    with pytest.raises(Refused) as info:
+        d.start(2, "digest")
     assert info.value.code == "FAILED_PRECONDITION" and "ACTIVE" in info.value.message
-    d = d.transition("end")
+    d = d.end(3, "operator")
     with pytest.raises(Refused):
-        d.transition("end")
+        d.end(4, "again")
 
 
 def test_new_deployment_validation():

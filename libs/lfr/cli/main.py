@@ -1,4 +1,5 @@
-"""The `lfr` command line: run services, the embedded system, the demo and the benchmarks."""
+"""The `lfr` command line: run services, the embedded system, the demo and the benchmarks, and operate
+deployments (`lfr deployment|watchlist|reference|policy ...`, see lfr/cli/ops.py)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--watchlist", default="", help="folder of <subject>/<image> files or of images named by subject")
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
+
+    from lfr.cli import ops
+
+    ops.add_parsers(sub)
 
     b = sub.add_parser("bench", help="benchmarks (print JSON); never part of the test run: "
                        + ", ".join(BENCHES))

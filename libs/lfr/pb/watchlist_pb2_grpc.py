@@ -27,7 +27,14 @@ if _version_not_supported:
 
 
 class WatchlistServiceStub:
-    """Owns deployments, bespoke watchlists and their entries, and the vector store (Qdrant).
+    """Owns deployments, the reference collection, bespoke watchlists and their entries, the vector store (Qdrant)
+    and the watchlist images. Who may be on a watchlist and where it may be used is decided by the policy file
+    (GetPolicy); every decision is published as a durable event.
+
+    Deployment lifecycle: DRAFT -> AUTHORISED -> ACTIVE -> ENDED -> PURGED, and DRAFT|AUTHORISED -> CANCELLED.
+    Any change to the watchlist of an AUTHORISED deployment returns it to DRAFT. A deployment past its planned
+    end is ended automatically; an ENDED or CANCELLED deployment's vectors and images are purged within the
+    configured limit (LFR_PURGE_AFTER_S, at most 24 h), also after a restart.
     """
 
     def __init__(self, channel):
@@ -51,6 +58,11 @@ class WatchlistServiceStub:
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListDeploymentsRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListDeploymentsResponse.FromString,
                 _registered_method=True)
+        self.AuthoriseDeployment = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/AuthoriseDeployment',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AuthoriseRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
+                _registered_method=True)
         self.StartDeployment = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/StartDeployment',
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.SerializeToString,
@@ -61,15 +73,50 @@ class WatchlistServiceStub:
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.CancelDeployment = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/CancelDeployment',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.ReembedWatchlist = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/ReembedWatchlist',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ReembedResponse.FromString,
+                _registered_method=True)
         self.EnrollEntry = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/EnrollEntry',
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.EnrollEntryRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.EnrollEntryResponse.FromString,
                 _registered_method=True)
+        self.AddFromReference = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/AddFromReference',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddFromReferenceRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddFromReferenceResponse.FromString,
+                _registered_method=True)
+        self.RemoveEntry = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/RemoveEntry',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.RemoveEntryRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
+                _registered_method=True)
         self.ListEntries = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/ListEntries',
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesResponse.FromString,
+                _registered_method=True)
+        self.AddReference = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/AddReference',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceResponse.FromString,
+                _registered_method=True)
+        self.ListReferences = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/ListReferences',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListReferencesRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListReferencesResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/GetPolicy',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Policy.FromString,
                 _registered_method=True)
         self.Search = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/Search',
@@ -79,7 +126,14 @@ class WatchlistServiceStub:
 
 
 class WatchlistServiceServicer:
-    """Owns deployments, bespoke watchlists and their entries, and the vector store (Qdrant).
+    """Owns deployments, the reference collection, bespoke watchlists and their entries, the vector store (Qdrant)
+    and the watchlist images. Who may be on a watchlist and where it may be used is decided by the policy file
+    (GetPolicy); every decision is published as a durable event.
+
+    Deployment lifecycle: DRAFT -> AUTHORISED -> ACTIVE -> ENDED -> PURGED, and DRAFT|AUTHORISED -> CANCELLED.
+    Any change to the watchlist of an AUTHORISED deployment returns it to DRAFT. A deployment past its planned
+    end is ended automatically; an ENDED or CANCELLED deployment's vectors and images are purged within the
+    configured limit (LFR_PURGE_AFTER_S, at most 24 h), also after a restart.
     """
 
     def CreateDeployment(self, request, context):
@@ -100,25 +154,84 @@ class WatchlistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthoriseDeployment(self, request, context):
+        """Records the actor's approval of the exact watchlist composition (its digest); the deployment becomes
+        AUTHORISED once the approvals the policy requires (one, or two distinct officers) are in. The actor must
+        not be a builder of the list (its creator or anyone who changed its entries).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartDeployment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """AUTHORISED -> ACTIVE, inside the window
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EndDeployment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """ACTIVE -> ENDED (-> PURGED at once by default)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelDeployment(self, request, context):
+        """DRAFT|AUTHORISED -> CANCELLED (and purged)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReembedWatchlist(self, request, context):
+        """Re-embeds the watchlist from its stored images with the embedding service's current model (DRAFT or
+        AUTHORISED only; returns it to DRAFT).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EnrollEntry(self, request, context):
+        """Enrols new images of one subject as one entry of a deployment's watchlist (policy and quality gate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddFromReference(self, request, context):
+        """Adds subjects of the reference collection to a deployment's watchlist (one entry per subject).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveEntry(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddReference(self, request, context):
+        """The reference collection: the force's lawfully held images (e.g. custody images), by nominal id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReferences(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +262,11 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListDeploymentsRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListDeploymentsResponse.SerializeToString,
             ),
+            'AuthoriseDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthoriseDeployment,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AuthoriseRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.SerializeToString,
+            ),
             'StartDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.StartDeployment,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.FromString,
@@ -159,15 +277,50 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.SerializeToString,
             ),
+            'CancelDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelDeployment,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.SerializeToString,
+            ),
+            'ReembedWatchlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReembedWatchlist,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ReembedResponse.SerializeToString,
+            ),
             'EnrollEntry': grpc.unary_unary_rpc_method_handler(
                     servicer.EnrollEntry,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.EnrollEntryRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.EnrollEntryResponse.SerializeToString,
             ),
+            'AddFromReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddFromReference,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddFromReferenceRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddFromReferenceResponse.SerializeToString,
+            ),
+            'RemoveEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveEntry,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.RemoveEntryRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.SerializeToString,
+            ),
             'ListEntries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEntries,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'AddReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReference,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceResponse.SerializeToString,
+            ),
+            'ListReferences': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReferences,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListReferencesRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListReferencesResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetPolicyRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Policy.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
@@ -183,7 +336,14 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WatchlistService:
-    """Owns deployments, bespoke watchlists and their entries, and the vector store (Qdrant).
+    """Owns deployments, the reference collection, bespoke watchlists and their entries, the vector store (Qdrant)
+    and the watchlist images. Who may be on a watchlist and where it may be used is decided by the policy file
+    (GetPolicy); every decision is published as a durable event.
+
+    Deployment lifecycle: DRAFT -> AUTHORISED -> ACTIVE -> ENDED -> PURGED, and DRAFT|AUTHORISED -> CANCELLED.
+    Any change to the watchlist of an AUTHORISED deployment returns it to DRAFT. A deployment past its planned
+    end is ended automatically; an ENDED or CANCELLED deployment's vectors and images are purged within the
+    configured limit (LFR_PURGE_AFTER_S, at most 24 h), also after a restart.
     """
 
     @staticmethod
@@ -268,6 +428,33 @@ class WatchlistService:
             _registered_method=True)
 
     @staticmethod
+    def AuthoriseDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/AuthoriseDeployment',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AuthoriseRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def StartDeployment(request,
             target,
             options=(),
@@ -322,6 +509,60 @@ class WatchlistService:
             _registered_method=True)
 
     @staticmethod
+    def CancelDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/CancelDeployment',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReembedWatchlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/ReembedWatchlist',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.TransitionRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ReembedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def EnrollEntry(request,
             target,
             options=(),
@@ -349,6 +590,60 @@ class WatchlistService:
             _registered_method=True)
 
     @staticmethod
+    def AddFromReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/AddFromReference',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddFromReferenceRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddFromReferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/RemoveEntry',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.RemoveEntryRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListEntries(request,
             target,
             options=(),
@@ -365,6 +660,87 @@ class WatchlistService:
             '/lfr.watchlist.v1.WatchlistService/ListEntries',
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesRequest.SerializeToString,
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/AddReference',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReferences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/ListReferences',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListReferencesRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListReferencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/GetPolicy',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetPolicyRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Policy.FromString,
             options,
             channel_credentials,
             insecure,

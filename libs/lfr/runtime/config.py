@@ -52,6 +52,10 @@ class Config:
     qdrant_api_key: str = _opt("", "Qdrant API key (use LFR_QDRANT_API_KEY_FILE for a secret file)")
     audit_db: str = _opt("", "audit index SQLite path (empty = <state dir>/audit.sqlite)")
     stream_replicas: int = _opt(1, "JetStream replicas of the platform's durable streams (3 on a 3-node cluster)")
+    policy_file: str = _opt("", "deployment policy file (JSON; empty = the example policy shipped with LFR)")
+    purge_after_s: float = _opt(0.0, "an ended deployment's watchlist vectors and images are purged this long "
+                                "after its end (0 = at once; at most 86400)")
+    sweep_interval_s: float = _opt(1.0, "how often the watchlist sweeper ends expired deployments and purges")
     stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
     grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
 
@@ -89,6 +93,11 @@ class Config:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if not 1 <= self.stream_replicas <= 5:
             raise ConfigError("LFR_STREAM_REPLICAS: must be between 1 and 5")
+        if not 0 <= self.purge_after_s <= 86400:
+            raise ConfigError("LFR_PURGE_AFTER_S: must be between 0 and 86400 (a watchlist is never kept "
+                              "beyond 24 h after its deployment)")
+        if self.sweep_interval_s <= 0:
+            raise ConfigError("LFR_SWEEP_INTERVAL_S: must be positive")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):

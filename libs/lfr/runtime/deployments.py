@@ -12,8 +12,10 @@ from lfr.runtime.bus import Bus
 
 
 class DeploymentCache:
-    def __init__(self, stub: watchlist_pb2_grpc.WatchlistServiceStub, ttl_s: float = 5.0, recheck_s: float = 0.25):
+    def __init__(self, stub: watchlist_pb2_grpc.WatchlistServiceStub, ttl_s: float = 5.0, recheck_s: float = 0.25,
+                 now_ns=time.time_ns):
         self.stub = stub
+        self.now_ns = now_ns
         self.ttl_s = ttl_s
         self.recheck_s = recheck_s
         self._items: dict[str, tuple[float, watchlist_pb2.Deployment | None]] = {}
@@ -32,10 +34,10 @@ class DeploymentCache:
         """The deployment, or None if it does not exist. Raises AioRpcError if the watchlist is unreachable."""
         cached = self._items.get(deployment_id)
         if cached:
-            # An ACTIVE deployment is trusted for the TTL (its end arrives as an event at once); anything else
-            # is re-read soon, so a start takes effect even before its event has arrived.
-            active = cached[1] is not None and cached[1].status == watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE
-            if time.monotonic() - cached[0] < (self.ttl_s if active else self.recheck_s):
+            # A live deployment is trusted for the TTL (its end arrives as an event at once) but never past its
+            # planned end; anything else is re-read soon, so a start takes effect even before its event arrives.
+            live = not is_live(cached[1], "", self.now_ns(), check_camera=False)
+            if time.monotonic() - cached[0] < (self.ttl_s if live else self.recheck_s):
                 return cached[1]
         try:
             d = await self.stub.GetDeployment(watchlist_pb2.GetDeploymentRequest(deployment_id=deployment_id),
@@ -48,13 +50,28 @@ class DeploymentCache:
         return d
 
 
-def is_live(d: watchlist_pb2.Deployment | None, camera_id: str) -> str:
-    """'' if frames from this camera may be processed for this deployment, else the reason they may not."""
+def _iso(ts) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts.seconds))
+
+
+def is_live(d: watchlist_pb2.Deployment | None, camera_id: str, now_ns: int | None = None,
+            check_camera: bool = True) -> str:
+    """'' if frames from this camera may be processed for this deployment now, else the reason they may not.
+
+    The one rule for every stage: the deployment is ACTIVE, inside its planned window, and the camera is one
+    of its cameras. (The watchlist ends a deployment past its planned end by itself; this check does not wait
+    for that.)"""
     if d is None:
         return "unknown deployment"
     if d.status != watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE:
         status = watchlist_pb2.DeploymentStatus.Name(d.status).removeprefix("DEPLOYMENT_STATUS_")
-        return f"deployment {d.id} is {status}, not ACTIVE"
-    if camera_id not in d.cameras:
+        why = f" ({d.end_reason})" if d.end_reason else ""
+        return f"deployment {d.id} is {status}{why}, not ACTIVE"
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if d.HasField("planned_end") and now_ns >= d.planned_end.ToNanoseconds():
+        return f"deployment {d.id} is past its planned end ({_iso(d.planned_end)}): it has expired"
+    if d.HasField("planned_start") and now_ns < d.planned_start.ToNanoseconds():
+        return f"deployment {d.id} has not reached its planned start ({_iso(d.planned_start)})"
+    if check_camera and camera_id not in d.cameras:
         return f"camera {camera_id!r} is not part of deployment {d.id}"
     return ""
