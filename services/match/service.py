@@ -1,17 +1,37 @@
-"""Match service: embeddings -> watchlist search -> alert (durable) or disposal (counted, timed)."""
+"""Match service: embeddings -> watchlist search -> one alert per person per pass (durable) or disposal
+(counted, timed); officers' adjudications; the adjudication-due and retention rules on the alert book."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
 
-from lfr.match.core import Counters, decide
-from lfr.pb import embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
+from lfr.match.alerts import AlertBook
+from lfr.match.core import Counters, adjudication_refusal, decide
+from lfr.match.tracker import Action, Sighting, Tracker
+from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
 from lfr.pb import match_pb2 as pb
-from lfr.runtime import events, metrics, subjects
+from lfr.runtime import clock, events, metrics, subjects
+from lfr.runtime.config import ConfigError
 from lfr.runtime.deployments import DeploymentCache
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
+
+TICK_S = 0.25
+
+
+@dataclass
+class Probe:
+    """What an alert revision needs from the frame its best face came from."""
+
+    envelope: common_pb2.Envelope
+    box: common_pb2.Box
+    crop_jpeg: bytes
+    frame_index: int
+    video_time_s: float
+    threshold: float
 
 
 class MatchServicer(match_pb2_grpc.MatchServiceServicer):
@@ -25,7 +45,14 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
             await abort(context, "NOT_FOUND", f"no deployment {request.deployment_id!r}")
         subject = subjects.alerts(request.deployment_id, "*")
         async for _seq, data in self.svc.rt.bus.replay(subjects.ALERTS.name, subject, request.from_start):
-            yield pb.Alert.FromString(data)
+            alert = pb.Alert.FromString(data)
+            current = self.svc.book.current(alert.alert_id)
+            if current is not None:
+                revision, probe, deleted = current
+                if alert.revision < revision:
+                    continue  # superseded: the newer revision follows in the stream
+                alert.probe_jpeg, alert.probe_deleted = probe, deleted
+            yield alert
 
     async def GetStats(self, request, context):
         c = self.svc.counters.get(request.deployment_id)
@@ -35,15 +62,58 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
             c = Counters()  # nothing seen yet
         return self.svc.stats_pb(request.deployment_id, c)
 
+    async def GetAlert(self, request, context):
+        if not request.alert_id or not request.actor.strip():
+            await abort(context, "INVALID_ARGUMENT", "alert_id and actor (who views the crops) are required")
+        review = self.svc.book.get(request.alert_id)
+        if review is None:
+            await abort(context, "NOT_FOUND", f"no alert {request.alert_id!r}")
+        self.svc.accessed(context, "GetAlert", request.actor, request.alert_id, review.alert.envelope.deployment_id)
+        return review
+
+    async def ListAlerts(self, request, context):
+        if not request.deployment_id:
+            await abort(context, "INVALID_ARGUMENT", "deployment_id is required")
+        self.svc.accessed(context, "ListAlerts", request.actor, request.deployment_id, request.deployment_id)
+        return pb.ListAlertsResponse(alerts=self.svc.book.list(request.deployment_id, request.unadjudicated_only,
+                                                                request.overdue_only))
+
+    async def Adjudicate(self, request, context):
+        if not request.alert_id:
+            await abort(context, "INVALID_ARGUMENT", "alert_id is required")
+        book = self.svc.book
+        if book.current(request.alert_id) is None:
+            await abort(context, "NOT_FOUND", f"no alert {request.alert_id!r}")
+        code, reason = adjudication_refusal(request.outcome, request.engagement, request.note, request.actor,
+                                            book.adjudication(request.alert_id) is not None, request.amend)
+        if code:
+            await abort(context, code, reason)
+        engagement = request.engagement or pb.ENGAGEMENT_NO_ACTION
+        ev = book.adjudicate(request.alert_id, pb.Adjudication(
+            outcome=request.outcome, engagement=engagement, note=request.note, actor=request.actor.strip()))
+        self.svc.pending.set()
+        self.svc.log.info("alert.adjudicated", deployment_id=ev.envelope.deployment_id, alert_id=ev.alert_id,
+                          outcome=pb.Outcome.Name(request.outcome), engagement=pb.Engagement.Name(engagement))
+        return book.get(request.alert_id, with_images=False)
+
 
 class MatchService(Service):
     name = "match"
 
     async def start(self, rt: Runtime) -> None:
         cfg = self.config
+        self.instance_id = events.new_id()
         self.watchlist = watchlist_pb2_grpc.WatchlistServiceStub(channel(cfg.watchlist_target, cfg))
         self.counters: dict[str, Counters] = {}
         self.deployments = DeploymentCache(self.watchlist)
+        self.tracker = Tracker(track_gap_s=cfg.track_gap_s, realert_window_s=cfg.realert_window_s,
+                               update_interval_s=cfg.alert_update_interval_s)
+        if not cfg.alert_db and not cfg.state_dir:
+            raise ConfigError("LFR_ALERT_DB (or LFR_STATE_DIR): match keeps its alert book (alerts, their crops while "
+                              "retained, adjudications) in a file; name one on a persistent volume")
+        self.book = AlertBook(cfg.alert_db or cfg.state_path("match-alerts.sqlite"), clock.from_config(cfg),
+                              cfg.adjudication_due_s, cfg.alert_retention_s)
+        self.pending = asyncio.Event()
         self.stage = Stage(self.name, "match", cfg.queue_size * 4, 1, self._process,
                            lambda e: events.age_ms(e.envelope), cfg.freshness_ms * BUDGET_SHARE["match"],
                            on_drop=self._dropped)
@@ -52,7 +122,9 @@ class MatchService(Service):
 
     async def warmup(self) -> None:
         self.worker = asyncio.create_task(self.stage.run(), name="match-stage")
-        self.stats_task = asyncio.create_task(self._publish_stats(), name="match-stats")
+        self.tasks = [asyncio.create_task(coro, name=name) for coro, name in (
+            (self._publish_stats(), "match-stats"), (self._tick(), "match-tracker"),
+            (self._apply_rules(), "match-rules"), (self._publish_pending(), "match-pending"))]
         await self.deployments.follow(self.rt.bus)
         self.sub = await self.rt.bus.subscribe(subjects.embeddings(), embedding_pb2.EmbeddingsEvent,
                                                lambda m, _s: self.stage.offer(m), queue=subjects.QUEUE["match"],
@@ -76,7 +148,8 @@ class MatchService(Service):
             await self._match(msg)
 
     async def _match(self, msg: embedding_pb2.EmbeddingsEvent) -> None:
-        env = msg.envelope
+        env = common_pb2.Envelope()
+        env.CopyFrom(msg.envelope)  # a copy: a kept sub-message would keep the whole event (every face) alive
         d = await self.deployments.get(env.deployment_id)
         c = self._counters(env.deployment_id)
         if not msg.faces:
@@ -89,19 +162,16 @@ class MatchService(Service):
             decisions = decide(resp.results, d.threshold)
         matched = {dec.face_index: dec for dec in decisions if dec.matched}
         c.faces_seen += len(msg.faces)
+        sightings = []
         for i, face in enumerate(msg.faces):
             dec = matched.get(i)
             if dec is None:
                 continue
-            alert = pb.Alert(envelope=events.derive(env, self.name), alert_id=events.new_id(),
-                             entry_id=dec.entry_id, subject_ref=dec.subject_ref, score=dec.score,
-                             threshold=d.threshold, box=face.box, probe_jpeg=face.crop_jpeg,
-                             frame_index=msg.frame_index, video_time_s=msg.video_time_s, raised_at=events.now_ts())
-            self.rt.bus.publish_durable(subjects.alerts(env.deployment_id, env.camera_id), alert, alert.alert_id)
-            c.alerts += 1
-            metrics.ALERT_LATENCY.labels(self.name).observe(events.age_ms(env) / 1000)
-            self.log.info("alert.raised", deployment_id=d.id, camera_id=env.camera_id, alert_id=alert.alert_id,
-                          entry_id=dec.entry_id, score=round(dec.score, 4))
+            b = common_pb2.Box()
+            b.CopyFrom(face.box)
+            probe = Probe(env, b, face.crop_jpeg, msg.frame_index, msg.video_time_s, d.threshold)
+            sightings.append(Sighting((b.x1, b.y1, b.x2, b.y2), list(face.vectors[0].values) if face.vectors else None,
+                                      dec.entry_id, dec.subject_ref, dec.score, probe))
         # Everything that matched nobody is disposed of now: the message is dropped and only counted.
         n_nonmatch = len(msg.faces) - len(matched)
         del msg
@@ -109,12 +179,92 @@ class MatchService(Service):
         for _ in range(n_nonmatch):
             c.disposed(ms)
             metrics.DISPOSAL.labels(self.name).observe(ms / 1000)
+        if sightings:
+            for action in self.tracker.observe(d.id, env.camera_id, env.capture_time.ToNanoseconds(), sightings):
+                self._publish_alert(action)
+
+    def _publish_alert(self, action: Action) -> None:
+        """Raise or update an alert: the alert book first (with the crop), then the durable stream (without)."""
+        a = action.alert
+        p: Probe = a.best_probe
+        if action.kind == "raise":
+            a.raised_wall_ns = time.time_ns()
+        alert = pb.Alert(envelope=events.derive(p.envelope, self.name), alert_id=a.alert_id, entry_id=a.entry_id,
+                         subject_ref=a.subject_ref, score=a.best_score, threshold=p.threshold, box=p.box,
+                         frame_index=p.frame_index, video_time_s=p.video_time_s,
+                         raised_at=events.ts_from_ns(a.raised_wall_ns), revision=a.revision,
+                         updated_at=events.now_ts(), last_seen=events.ts_from_ns(a.last_seen_ns),
+                         sightings=a.sightings)
+        self.book.record(alert, p.crop_jpeg)
+        env = alert.envelope
+        self.rt.bus.publish_durable(subjects.alerts(env.deployment_id, env.camera_id), alert,
+                                    f"{alert.alert_id}.{alert.revision}")
+        c = self._counters(env.deployment_id)
+        if action.kind == "raise":
+            c.alerts += 1
+            metrics.ALERT_LATENCY.labels(self.name).observe(events.age_ms(env) / 1000)
+        else:
+            c.alert_updates += 1
+        self.log.info(f"alert.{'raised' if action.kind == 'raise' else 'updated'}", deployment_id=env.deployment_id,
+                      camera_id=env.camera_id, alert_id=alert.alert_id, entry_id=alert.entry_id,
+                      revision=alert.revision, score=round(alert.score, 4))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            for action in self.tracker.tick(time.time_ns()):
+                self._publish_alert(action)
+
+    async def _apply_rules(self) -> None:
+        while True:
+            flagged, deleted = self.book.sweep()
+            for ev in flagged:
+                self.log.warning("alert.overdue", deployment_id=ev.envelope.deployment_id, alert_id=ev.alert_id)
+            for ev in deleted:
+                self.log.info("alert.crops_deleted", deployment_id=ev.envelope.deployment_id,
+                              alerts=len(ev.alert_ids), probe_crops=ev.probe_crops_deleted,
+                              reference_copies=ev.reference_copies_deleted)
+            if flagged or deleted:
+                self.pending.set()
+            await asyncio.sleep(self.config.alert_sweep_interval_s)
+
+    async def _publish_pending(self) -> None:
+        """Publish the alert book's facts (adjudications, flags, deletions); each leaves the book once acked."""
+        while True:
+            self.pending.clear()
+            if not await self._flush_pending():
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await asyncio.wait_for(self.pending.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def _flush_pending(self) -> bool:
+        for p in self.book.pending():
+            try:
+                await self.rt.bus.js.publish(p.subject, p.data, timeout=2, headers={"Nats-Msg-Id": p.msg_id})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("nats.durable_publish_retry", subject=p.subject, error=type(exc).__name__)
+                return False
+            self.book.published(p.n)
+        return True
+
+    def accessed(self, context, method: str, actor: str, subject: str, deployment_id: str = "") -> None:
+        """An API access, as a durable fact for the audit."""
+        ev = audit_pb2.AccessEvent(envelope=events.envelope(self.name, deployment_id=deployment_id),
+                                   service=self.name, method=method, actor=actor.strip() or "anonymous",
+                                   subject=subject, peer=context.peer() or "")
+        self.rt.bus.publish_durable(subjects.access(self.name), ev, ev.envelope.event_id)
 
     def stats_pb(self, deployment_id: str, c: Counters) -> pb.MatchStats:
         return pb.MatchStats(envelope=events.envelope(self.name, deployment_id=deployment_id),
                              faces_seen=c.faces_seen, alerts=c.alerts, nonmatches_disposed=c.nonmatches_disposed,
                              stale_dropped=c.stale_dropped, disposal_ms_max=c.disposal_ms_max,
-                             disposal_ms_p50=c.disposal_ms_p50)
+                             disposal_ms_p50=c.disposal_ms_p50, instance_id=self.instance_id,
+                             alert_updates=c.alert_updates)
 
     async def _publish_stats(self) -> None:
         published: dict[str, int] = {}
@@ -124,15 +274,27 @@ class MatchService(Service):
 
     def flush_stats(self, published: dict[str, int]) -> None:
         for dep, c in self.counters.items():
-            if published.get(dep) != c.changed_ns + c.alerts + c.faces_seen:
+            mark = c.changed_ns + c.alerts + c.alert_updates + c.faces_seen
+            if published.get(dep) != mark:
                 msg = self.stats_pb(dep, c)
                 self.rt.bus.publish_durable(subjects.matchstats(dep), msg, msg.envelope.event_id)
-                published[dep] = c.changed_ns + c.alerts + c.faces_seen
+                published[dep] = mark
 
     async def stop_intake(self) -> None:
         if hasattr(self, "sub"):
             await self.sub.unsubscribe()
             await self.stage.drain(self.config.grace_s)
             self.worker.cancel()
-            self.stats_task.cancel()
+            for task in self.tasks:
+                task.cancel()
+            for action in self.tracker.close(time.time_ns()):  # every pass's best probe is published
+                self._publish_alert(action)
             self.flush_stats({})
+            try:
+                await asyncio.wait_for(self._flush_pending(), 3)
+            except TimeoutError:
+                self.log.error("match.pending_not_flushed")
+
+    async def close(self) -> None:
+        if hasattr(self, "book"):
+            self.book.close()

@@ -79,9 +79,10 @@ def test_enrolled_people_alert_and_strangers_do_not(system, clients, ground_trut
 
 
 def test_no_biometric_of_a_nonmatch_on_disk(system):
-    """Only the alert stream may hold face crops (alerts are durable by design); nothing else on disk may."""
+    """Only match's alert book may hold face crops (alerts, kept for review within retention); nothing else on
+    disk may: not the streams, not the logs, not the other stores."""
     for path in system.state_dir.rglob("*"):
-        if not path.is_file() or "LFR_ALERTS" in path.parts:
+        if not path.is_file() or path.name.startswith("match-alerts.sqlite"):
             continue
         assert b"\xff\xd8\xff" not in path.read_bytes(), f"JPEG data found in {path}"
 

@@ -88,9 +88,10 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import ops
+    from lfr.cli import ops, report
 
     ops.add_parsers(sub)
+    report.add_parsers(sub)  # lfr report | audit | alerts
 
     b = sub.add_parser("bench", help="benchmarks (print JSON); never part of the test run: "
                        + ", ".join(BENCHES))

@@ -24,21 +24,38 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from lfr.pb import common_pb2 as lfr_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lfr/audit/v1/audit.proto\x12\x0clfr.audit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x06Record\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x15\n\rdeployment_id\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x16\n\x0epayload_digest\x18\x07 \x01(\t\x12\x14\n\x0csummary_json\x18\x08 \x01(\t\"a\n\x0cQueryRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x13\n\x0btype_prefix\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\"6\n\rQueryResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.lfr.audit.v1.Record2P\n\x0c\x41uditService\x12@\n\x05Query\x12\x1a.lfr.audit.v1.QueryRequest\x1a\x1b.lfr.audit.v1.QueryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lfr/audit/v1/audit.proto\x12\x0clfr.audit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1alfr/common/v1/common.proto\"\xe8\x01\n\x06Record\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x15\n\rdeployment_id\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x16\n\x0epayload_digest\x18\x07 \x01(\t\x12\x14\n\x0csummary_json\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12\x11\n\tprev_hash\x18\n \x01(\t\x12\x0c\n\x04hash\x18\x0b \x01(\t\"a\n\x0cQueryRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x13\n\x0btype_prefix\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\"6\n\rQueryResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.lfr.audit.v1.Record\"#\n\rVerifyRequest\x12\x12\n\nindex_only\x18\x01 \x01(\x08\"\x98\x01\n\x0eVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07records\x18\x02 \x01(\x03\x12\x16\n\x0estream_records\x18\x03 \x01(\x03\x12\x1a\n\x12\x66irst_bad_sequence\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\thead_hash\x18\x06 \x01(\t\x12\x12\n\nunrecorded\x18\x07 \x01(\x03\"0\n\x17\x44\x65ploymentReportRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"3\n\rPeriodRequest\x12\x11\n\tfrom_date\x18\x01 \x01(\t\x12\x0f\n\x07to_date\x18\x02 \x01(\t\"\xcd\x03\n\x0fPublishedRecord\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x18\n\x10purpose_category\x18\x06 \x01(\t\x12\x16\n\x0ewatchlist_size\x18\x07 \x01(\x05\x12\x12\n\nfaces_seen\x18\x08 \x01(\x03\x12\x0e\n\x06\x61lerts\x18\t \x01(\x03\x12\x18\n\x10\x63onfirmed_alerts\x18\n \x01(\x03\x12\x14\n\x0c\x66\x61lse_alerts\x18\x0b \x01(\x03\x12\x13\n\x0bnot_engaged\x18\x0c \x01(\x03\x12\x15\n\runadjudicated\x18\r \x01(\x03\x12\x0f\n\x07\x61rrests\x18\x0e \x01(\x03\x12\x11\n\tthreshold\x18\x0f \x01(\x02\x12\r\n\x05model\x18\x10 \x01(\t\x12\x18\n\x10\x66\x61lse_alert_rate\x18\x11 \x01(\x01\x12\x1a\n\x12\x66\x61lse_alert_one_in\x18\x12 \x01(\x03\x12\x0e\n\x06status\x18\x13 \x01(\t\"\x8e\x02\n\x0cPeriodTotals\x12\x11\n\tfrom_date\x18\x01 \x01(\t\x12\x0f\n\x07to_date\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x03 \x01(\x03\x12\x12\n\nfaces_seen\x18\x04 \x01(\x03\x12\x0e\n\x06\x61lerts\x18\x05 \x01(\x03\x12\x18\n\x10\x63onfirmed_alerts\x18\x06 \x01(\x03\x12\x14\n\x0c\x66\x61lse_alerts\x18\x07 \x01(\x03\x12\x13\n\x0bnot_engaged\x18\x08 \x01(\x03\x12\x15\n\runadjudicated\x18\t \x01(\x03\x12\x0f\n\x07\x61rrests\x18\n \x01(\x03\x12\x18\n\x10\x66\x61lse_alert_rate\x18\x0b \x01(\x01\x12\x1a\n\x12\x66\x61lse_alert_one_in\x18\x0c \x01(\x03\"s\n\x15PublicRecordsResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.lfr.audit.v1.PublishedRecord\x12*\n\x06totals\x18\x02 \x01(\x0b\x32\x1a.lfr.audit.v1.PeriodTotals\"\x87\x01\n\x0b\x41\x63\x63\x65ssEvent\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t2\x85\x03\n\x0c\x41uditService\x12@\n\x05Query\x12\x1a.lfr.audit.v1.QueryRequest\x1a\x1b.lfr.audit.v1.QueryResponse\x12\x43\n\x06Verify\x12\x1b.lfr.audit.v1.VerifyRequest\x1a\x1c.lfr.audit.v1.VerifyResponse\x12X\n\x10\x44\x65ploymentReport\x12%.lfr.audit.v1.DeploymentReportRequest\x1a\x1d.lfr.audit.v1.PublishedRecord\x12Q\n\rPublicRecords\x12\x1b.lfr.audit.v1.PeriodRequest\x1a#.lfr.audit.v1.PublicRecordsResponse\x12\x41\n\x06Totals\x12\x1b.lfr.audit.v1.PeriodRequest\x1a\x1a.lfr.audit.v1.PeriodTotalsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lfr.audit.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORD']._serialized_start=76
-  _globals['_RECORD']._serialized_end=259
-  _globals['_QUERYREQUEST']._serialized_start=261
-  _globals['_QUERYREQUEST']._serialized_end=358
-  _globals['_QUERYRESPONSE']._serialized_start=360
-  _globals['_QUERYRESPONSE']._serialized_end=414
-  _globals['_AUDITSERVICE']._serialized_start=416
-  _globals['_AUDITSERVICE']._serialized_end=496
+  _globals['_RECORD']._serialized_start=104
+  _globals['_RECORD']._serialized_end=336
+  _globals['_QUERYREQUEST']._serialized_start=338
+  _globals['_QUERYREQUEST']._serialized_end=435
+  _globals['_QUERYRESPONSE']._serialized_start=437
+  _globals['_QUERYRESPONSE']._serialized_end=491
+  _globals['_VERIFYREQUEST']._serialized_start=493
+  _globals['_VERIFYREQUEST']._serialized_end=528
+  _globals['_VERIFYRESPONSE']._serialized_start=531
+  _globals['_VERIFYRESPONSE']._serialized_end=683
+  _globals['_DEPLOYMENTREPORTREQUEST']._serialized_start=685
+  _globals['_DEPLOYMENTREPORTREQUEST']._serialized_end=733
+  _globals['_PERIODREQUEST']._serialized_start=735
+  _globals['_PERIODREQUEST']._serialized_end=786
+  _globals['_PUBLISHEDRECORD']._serialized_start=789
+  _globals['_PUBLISHEDRECORD']._serialized_end=1250
+  _globals['_PERIODTOTALS']._serialized_start=1253
+  _globals['_PERIODTOTALS']._serialized_end=1523
+  _globals['_PUBLICRECORDSRESPONSE']._serialized_start=1525
+  _globals['_PUBLICRECORDSRESPONSE']._serialized_end=1640
+  _globals['_ACCESSEVENT']._serialized_start=1643
+  _globals['_ACCESSEVENT']._serialized_end=1778
+  _globals['_AUDITSERVICE']._serialized_start=1781
+  _globals['_AUDITSERVICE']._serialized_end=2170
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,11 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """The only writer of the audit record. Consumes lifecycle, watchlist and alert events.
+    """The only writer of the audit record: a hash chain of records, one per durable fact (lifecycle and watchlist
+    changes, alerts, adjudications, flags, crop deletions, API access). Each record is appended to the JetStream
+    stream LFR_AUDIT (file storage, delete and purge denied: the source of truth) and to a queryable index
+    (SQLite by default, rebuilt from the stream when behind). Records hold no images and no embeddings.
+    Also computes the published deployment records from its own records.
     """
 
     def __init__(self, channel):
@@ -41,13 +45,64 @@ class AuditServiceStub:
                 request_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
                 response_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/lfr.audit.v1.AuditService/Verify',
+                request_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.DeploymentReport = channel.unary_unary(
+                '/lfr.audit.v1.AuditService/DeploymentReport',
+                request_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.DeploymentReportRequest.SerializeToString,
+                response_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PublishedRecord.FromString,
+                _registered_method=True)
+        self.PublicRecords = channel.unary_unary(
+                '/lfr.audit.v1.AuditService/PublicRecords',
+                request_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodRequest.SerializeToString,
+                response_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PublicRecordsResponse.FromString,
+                _registered_method=True)
+        self.Totals = channel.unary_unary(
+                '/lfr.audit.v1.AuditService/Totals',
+                request_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodRequest.SerializeToString,
+                response_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodTotals.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
-    """The only writer of the audit record. Consumes lifecycle, watchlist and alert events.
+    """The only writer of the audit record: a hash chain of records, one per durable fact (lifecycle and watchlist
+    changes, alerts, adjudications, flags, crop deletions, API access). Each record is appended to the JetStream
+    stream LFR_AUDIT (file storage, delete and purge denied: the source of truth) and to a queryable index
+    (SQLite by default, rebuilt from the stream when behind). Records hold no images and no embeddings.
+    Also computes the published deployment records from its own records.
     """
 
     def Query(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Recomputes the chain of the index and compares it with the durable stream; names the first broken link.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeploymentReport(self, request, context):
+        """The published record of one deployment that has started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublicRecords(self, request, context):
+        """The published records of the deployments that started in a period, and their totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Totals(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +116,26 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     request_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.QueryRequest.FromString,
                     response_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.QueryResponse.SerializeToString,
             ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.VerifyRequest.FromString,
+                    response_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.VerifyResponse.SerializeToString,
+            ),
+            'DeploymentReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeploymentReport,
+                    request_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.DeploymentReportRequest.FromString,
+                    response_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PublishedRecord.SerializeToString,
+            ),
+            'PublicRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublicRecords,
+                    request_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodRequest.FromString,
+                    response_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PublicRecordsResponse.SerializeToString,
+            ),
+            'Totals': grpc.unary_unary_rpc_method_handler(
+                    servicer.Totals,
+                    request_deserializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodRequest.FromString,
+                    response_serializer=lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodTotals.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lfr.audit.v1.AuditService', rpc_method_handlers)
@@ -70,7 +145,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """The only writer of the audit record. Consumes lifecycle, watchlist and alert events.
+    """The only writer of the audit record: a hash chain of records, one per durable fact (lifecycle and watchlist
+    changes, alerts, adjudications, flags, crop deletions, API access). Each record is appended to the JetStream
+    stream LFR_AUDIT (file storage, delete and purge denied: the source of truth) and to a queryable index
+    (SQLite by default, rebuilt from the stream when behind). Records hold no images and no embeddings.
+    Also computes the published deployment records from its own records.
     """
 
     @staticmethod
@@ -90,6 +169,114 @@ class AuditService:
             '/lfr.audit.v1.AuditService/Query',
             lfr_dot_audit_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
             lfr_dot_audit_dot_v1_dot_audit__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.audit.v1.AuditService/Verify',
+            lfr_dot_audit_dot_v1_dot_audit__pb2.VerifyRequest.SerializeToString,
+            lfr_dot_audit_dot_v1_dot_audit__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeploymentReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.audit.v1.AuditService/DeploymentReport',
+            lfr_dot_audit_dot_v1_dot_audit__pb2.DeploymentReportRequest.SerializeToString,
+            lfr_dot_audit_dot_v1_dot_audit__pb2.PublishedRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublicRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.audit.v1.AuditService/PublicRecords',
+            lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodRequest.SerializeToString,
+            lfr_dot_audit_dot_v1_dot_audit__pb2.PublicRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Totals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.audit.v1.AuditService/Totals',
+            lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodRequest.SerializeToString,
+            lfr_dot_audit_dot_v1_dot_audit__pb2.PeriodTotals.FromString,
             options,
             channel_credentials,
             insecure,

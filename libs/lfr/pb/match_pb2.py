@@ -27,21 +27,43 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from lfr.pb import common_pb2 as lfr_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lfr/match/v1/match.proto\x12\x0clfr.match.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1alfr/common/v1/common.proto\"@\n\x13StreamAlertsRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nfrom_start\x18\x02 \x01(\x08\"\x9c\x02\n\x05\x41lert\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x10\n\x08\x61lert_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x13\n\x0bsubject_ref\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x1f\n\x03\x62ox\x18\x07 \x01(\x0b\x32\x12.lfr.common.v1.Box\x12\x12\n\nprobe_jpeg\x18\x08 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\t \x01(\x03\x12\x14\n\x0cvideo_time_s\x18\n \x01(\x01\x12-\n\traised_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x0fGetStatsRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\xc1\x01\n\nMatchStats\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x12\n\nfaces_seen\x18\x02 \x01(\x03\x12\x0e\n\x06\x61lerts\x18\x03 \x01(\x03\x12\x1b\n\x13nonmatches_disposed\x18\x04 \x01(\x03\x12\x15\n\rstale_dropped\x18\x05 \x01(\x03\x12\x17\n\x0f\x64isposal_ms_max\x18\x06 \x01(\x01\x12\x17\n\x0f\x64isposal_ms_p50\x18\x07 \x01(\x01\x32\x9d\x01\n\x0cMatchService\x12H\n\x0cStreamAlerts\x12!.lfr.match.v1.StreamAlertsRequest\x1a\x13.lfr.match.v1.Alert0\x01\x12\x43\n\x08GetStats\x12\x1d.lfr.match.v1.GetStatsRequest\x1a\x18.lfr.match.v1.MatchStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lfr/match/v1/match.proto\x12\x0clfr.match.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1alfr/common/v1/common.proto\"@\n\x13StreamAlertsRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nfrom_start\x18\x02 \x01(\x08\"\xb7\x03\n\x05\x41lert\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x10\n\x08\x61lert_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x13\n\x0bsubject_ref\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x1f\n\x03\x62ox\x18\x07 \x01(\x0b\x32\x12.lfr.common.v1.Box\x12\x12\n\nprobe_jpeg\x18\x08 \x01(\x0c\x12\x13\n\x0b\x66rame_index\x18\t \x01(\x03\x12\x14\n\x0cvideo_time_s\x18\n \x01(\x01\x12-\n\traised_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x0c \x01(\x05\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsightings\x18\x0f \x01(\x05\x12\x15\n\rprobe_deleted\x18\x10 \x01(\x08\"(\n\x0fGetStatsRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\xed\x01\n\nMatchStats\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x12\n\nfaces_seen\x18\x02 \x01(\x03\x12\x0e\n\x06\x61lerts\x18\x03 \x01(\x03\x12\x1b\n\x13nonmatches_disposed\x18\x04 \x01(\x03\x12\x15\n\rstale_dropped\x18\x05 \x01(\x03\x12\x17\n\x0f\x64isposal_ms_max\x18\x06 \x01(\x01\x12\x17\n\x0f\x64isposal_ms_p50\x18\x07 \x01(\x01\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x15\n\ralert_updates\x18\t \x01(\x03\"\xbd\x01\n\x0c\x41\x64judication\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.lfr.match.v1.Outcome\x12,\n\nengagement\x18\x02 \x01(\x0e\x32\x18.lfr.match.v1.Engagement\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\namendments\x18\x06 \x01(\x05\"\xcf\x02\n\x0b\x41lertReview\x12\"\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x13.lfr.match.v1.Alert\x12\x16\n\x0ereference_jpeg\x18\x02 \x01(\x0c\x12\x18\n\x10reference_status\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x64judicated\x18\x04 \x01(\x08\x12\x30\n\x0c\x61\x64judication\x18\x05 \x01(\x0b\x32\x1a.lfr.match.v1.Adjudication\x12*\n\x06\x64ue_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07overdue\x18\x07 \x01(\x08\x12\x30\n\x0cretain_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x63rops_deleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x0fGetAlertRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"k\n\x11ListAlertsRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x1a\n\x12unadjudicated_only\x18\x02 \x01(\x08\x12\x14\n\x0coverdue_only\x18\x03 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"?\n\x12ListAlertsResponse\x12)\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x19.lfr.match.v1.AlertReview\"\xa7\x01\n\x11\x41\x64judicateRequest\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12&\n\x07outcome\x18\x02 \x01(\x0e\x32\x15.lfr.match.v1.Outcome\x12,\n\nengagement\x18\x03 \x01(\x0e\x32\x18.lfr.match.v1.Engagement\x12\x0c\n\x04note\x18\x04 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\r\n\x05\x61mend\x18\x06 \x01(\x08\"\xf3\x01\n\x10\x41lertAdjudicated\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x10\n\x08\x61lert_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x30\n\x0c\x61\x64judication\x18\x04 \x01(\x0b\x32\x1a.lfr.match.v1.Adjudication\x12/\n\x10previous_outcome\x18\x05 \x01(\x0e\x32\x15.lfr.match.v1.Outcome\x12-\n\traised_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x01\n\x0c\x41lertOverdue\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x10\n\x08\x61lert_id\x18\x02 \x01(\t\x12-\n\traised_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x02\n\x0c\x43ropsDeleted\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x11\n\talert_ids\x18\x02 \x03(\t\x12\x1b\n\x13probe_crops_deleted\x18\x03 \x01(\x05\x12 \n\x18reference_copies_deleted\x18\x04 \x01(\x05\x12\x13\n\x0bretention_s\x18\x05 \x01(\x01\x12\x34\n\x10oldest_raised_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10newest_raised_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*q\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17OUTCOME_CONFIRMED_MATCH\x10\x01\x12\x17\n\x13OUTCOME_FALSE_ALERT\x10\x02\x12\x17\n\x13OUTCOME_NOT_ENGAGED\x10\x03*v\n\nEngagement\x12\x1a\n\x16\x45NGAGEMENT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGAGEMENT_ARREST\x10\x01\x12\x1b\n\x17\x45NGAGEMENT_OTHER_ACTION\x10\x02\x12\x18\n\x14\x45NGAGEMENT_NO_ACTION\x10\x03\x32\xfe\x02\n\x0cMatchService\x12H\n\x0cStreamAlerts\x12!.lfr.match.v1.StreamAlertsRequest\x1a\x13.lfr.match.v1.Alert0\x01\x12\x43\n\x08GetStats\x12\x1d.lfr.match.v1.GetStatsRequest\x1a\x18.lfr.match.v1.MatchStats\x12\x44\n\x08GetAlert\x12\x1d.lfr.match.v1.GetAlertRequest\x1a\x19.lfr.match.v1.AlertReview\x12O\n\nListAlerts\x12\x1f.lfr.match.v1.ListAlertsRequest\x1a .lfr.match.v1.ListAlertsResponse\x12H\n\nAdjudicate\x12\x1f.lfr.match.v1.AdjudicateRequest\x1a\x19.lfr.match.v1.AlertReviewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lfr.match.v1.match_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_OUTCOME']._serialized_start=2505
+  _globals['_OUTCOME']._serialized_end=2618
+  _globals['_ENGAGEMENT']._serialized_start=2620
+  _globals['_ENGAGEMENT']._serialized_end=2738
   _globals['_STREAMALERTSREQUEST']._serialized_start=103
   _globals['_STREAMALERTSREQUEST']._serialized_end=167
   _globals['_ALERT']._serialized_start=170
-  _globals['_ALERT']._serialized_end=454
-  _globals['_GETSTATSREQUEST']._serialized_start=456
-  _globals['_GETSTATSREQUEST']._serialized_end=496
-  _globals['_MATCHSTATS']._serialized_start=499
-  _globals['_MATCHSTATS']._serialized_end=692
-  _globals['_MATCHSERVICE']._serialized_start=695
-  _globals['_MATCHSERVICE']._serialized_end=852
+  _globals['_ALERT']._serialized_end=609
+  _globals['_GETSTATSREQUEST']._serialized_start=611
+  _globals['_GETSTATSREQUEST']._serialized_end=651
+  _globals['_MATCHSTATS']._serialized_start=654
+  _globals['_MATCHSTATS']._serialized_end=891
+  _globals['_ADJUDICATION']._serialized_start=894
+  _globals['_ADJUDICATION']._serialized_end=1083
+  _globals['_ALERTREVIEW']._serialized_start=1086
+  _globals['_ALERTREVIEW']._serialized_end=1421
+  _globals['_GETALERTREQUEST']._serialized_start=1423
+  _globals['_GETALERTREQUEST']._serialized_end=1473
+  _globals['_LISTALERTSREQUEST']._serialized_start=1475
+  _globals['_LISTALERTSREQUEST']._serialized_end=1582
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1584
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1647
+  _globals['_ADJUDICATEREQUEST']._serialized_start=1650
+  _globals['_ADJUDICATEREQUEST']._serialized_end=1817
+  _globals['_ALERTADJUDICATED']._serialized_start=1820
+  _globals['_ALERTADJUDICATED']._serialized_end=2063
+  _globals['_ALERTOVERDUE']._serialized_start=2066
+  _globals['_ALERTOVERDUE']._serialized_end=2232
+  _globals['_CROPSDELETED']._serialized_start=2235
+  _globals['_CROPSDELETED']._serialized_end=2503
+  _globals['_MATCHSERVICE']._serialized_start=2741
+  _globals['_MATCHSERVICE']._serialized_end=3123
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class MatchServiceStub:
-    """Decides match / no match; raises alerts; streams them to officers' devices.
+    """Decides match / no match; raises one alert per person per pass (faces are tracked across frames per camera);
+    streams alerts to officers' devices; records officers' adjudications; deletes alert crops when their
+    retention period ends.
     """
 
     def __init__(self, channel):
@@ -46,20 +48,60 @@ class MatchServiceStub:
                 request_serializer=lfr_dot_match_dot_v1_dot_match__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.MatchStats.FromString,
                 _registered_method=True)
+        self.GetAlert = channel.unary_unary(
+                '/lfr.match.v1.MatchService/GetAlert',
+                request_serializer=lfr_dot_match_dot_v1_dot_match__pb2.GetAlertRequest.SerializeToString,
+                response_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.AlertReview.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/lfr.match.v1.MatchService/ListAlerts',
+                request_serializer=lfr_dot_match_dot_v1_dot_match__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.Adjudicate = channel.unary_unary(
+                '/lfr.match.v1.MatchService/Adjudicate',
+                request_serializer=lfr_dot_match_dot_v1_dot_match__pb2.AdjudicateRequest.SerializeToString,
+                response_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.AlertReview.FromString,
+                _registered_method=True)
 
 
 class MatchServiceServicer:
-    """Decides match / no match; raises alerts; streams them to officers' devices.
+    """Decides match / no match; raises one alert per person per pass (faces are tracked across frames per camera);
+    streams alerts to officers' devices; records officers' adjudications; deletes alert crops when their
+    retention period ends.
     """
 
     def StreamAlerts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Alerts as they are raised and updated (an update keeps the alert id and adds one to its revision). The
+        probe crop is attached while it is retained. A replay (from_start) gives each alert's latest revision.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlert(self, request, context):
+        """One alert for review: the best probe crop beside the reference image, and its adjudication.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """A deployment's alerts and their state, without images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Adjudicate(self, request, context):
+        """An officer records the outcome of an alert. A second adjudication of the same alert needs amend = true.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -77,6 +119,21 @@ def add_MatchServiceServicer_to_server(servicer, server):
                     request_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.GetStatsRequest.FromString,
                     response_serializer=lfr_dot_match_dot_v1_dot_match__pb2.MatchStats.SerializeToString,
             ),
+            'GetAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlert,
+                    request_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.GetAlertRequest.FromString,
+                    response_serializer=lfr_dot_match_dot_v1_dot_match__pb2.AlertReview.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.ListAlertsRequest.FromString,
+                    response_serializer=lfr_dot_match_dot_v1_dot_match__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'Adjudicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Adjudicate,
+                    request_deserializer=lfr_dot_match_dot_v1_dot_match__pb2.AdjudicateRequest.FromString,
+                    response_serializer=lfr_dot_match_dot_v1_dot_match__pb2.AlertReview.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lfr.match.v1.MatchService', rpc_method_handlers)
@@ -86,7 +143,9 @@ def add_MatchServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MatchService:
-    """Decides match / no match; raises alerts; streams them to officers' devices.
+    """Decides match / no match; raises one alert per person per pass (faces are tracked across frames per camera);
+    streams alerts to officers' devices; records officers' adjudications; deletes alert crops when their
+    retention period ends.
     """
 
     @staticmethod
@@ -133,6 +192,87 @@ class MatchService:
             '/lfr.match.v1.MatchService/GetStats',
             lfr_dot_match_dot_v1_dot_match__pb2.GetStatsRequest.SerializeToString,
             lfr_dot_match_dot_v1_dot_match__pb2.MatchStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.match.v1.MatchService/GetAlert',
+            lfr_dot_match_dot_v1_dot_match__pb2.GetAlertRequest.SerializeToString,
+            lfr_dot_match_dot_v1_dot_match__pb2.AlertReview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.match.v1.MatchService/ListAlerts',
+            lfr_dot_match_dot_v1_dot_match__pb2.ListAlertsRequest.SerializeToString,
+            lfr_dot_match_dot_v1_dot_match__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Adjudicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.match.v1.MatchService/Adjudicate',
+            lfr_dot_match_dot_v1_dot_match__pb2.AdjudicateRequest.SerializeToString,
+            lfr_dot_match_dot_v1_dot_match__pb2.AlertReview.FromString,
             options,
             channel_credentials,
             insecure,

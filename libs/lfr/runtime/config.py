@@ -52,11 +52,23 @@ class Config:
     qdrant_api_key: str = _opt("", "Qdrant API key (use LFR_QDRANT_API_KEY_FILE for a secret file)")
     audit_db: str = _opt("", "audit index SQLite path (empty = <state dir>/audit.sqlite)")
     stream_replicas: int = _opt(1, "JetStream replicas of the platform's durable streams (3 on a 3-node cluster)")
+    stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
+    track_gap_s: float = _opt(1.5, "a pass ends when its tracked face has not been matched for this long")
+    realert_window_s: float = _opt(120.0, "a watchlist entry raises no new alert in a deployment until it has gone "
+                                   "unseen this long; sightings within the window update its open alert")
+    alert_update_interval_s: float = _opt(1.0, "while a pass goes on, its alert is re-published with a better "
+                                          "probe at most this often")
+    adjudication_due_s: float = _opt(900.0, "an alert not adjudicated this long after it was raised is flagged")
+    alert_retention_s: float = _opt(31 * 86400.0, "alert probe crops and reference copies are deleted this long "
+                                    "after the alert (default 31 days); the deletion is audited")
+    alert_sweep_interval_s: float = _opt(5.0, "how often match applies the retention and adjudication-due rules")
+    alert_db: str = _opt("", "match's alert review store, SQLite (empty = <state dir>/match-alerts.sqlite)")
+    clock_offset_file: str = _opt("", "drills and tests: a file holding seconds added to the clock of the time "
+                                  "rules (retention, adjudication due); empty = the wall clock")
     policy_file: str = _opt("", "deployment policy file (JSON; empty = the example policy shipped with LFR)")
     purge_after_s: float = _opt(0.0, "an ended deployment's watchlist vectors and images are purged this long "
                                 "after its end (0 = at once; at most 86400)")
     sweep_interval_s: float = _opt(1.0, "how often the watchlist sweeper ends expired deployments and purges")
-    stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
     grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
 
     @classmethod
@@ -91,13 +103,19 @@ class Config:
                      "detection_batch", "embedding_batch", "queue_size", "jpeg_quality"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
-        if not 1 <= self.stream_replicas <= 5:
-            raise ConfigError("LFR_STREAM_REPLICAS: must be between 1 and 5")
         if not 0 <= self.purge_after_s <= 86400:
             raise ConfigError("LFR_PURGE_AFTER_S: must be between 0 and 86400 (a watchlist is never kept "
                               "beyond 24 h after its deployment)")
         if self.sweep_interval_s <= 0:
             raise ConfigError("LFR_SWEEP_INTERVAL_S: must be positive")
+        if not 1 <= self.stream_replicas <= 5:
+            raise ConfigError("LFR_STREAM_REPLICAS: must be between 1 and 5")
+        for name in ("track_gap_s", "alert_update_interval_s", "adjudication_due_s", "alert_retention_s",
+                     "alert_sweep_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if self.realert_window_s < 0:
+            raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -58,6 +58,37 @@ def matchstats(deployment: str = "*") -> str:
     return _subject("matchstats", deployment)
 
 
+def adjudications(deployment: str = "*") -> str:
+    """An officer's decision on an alert (lfr.match.v1.AlertAdjudicated)."""
+    return _subject("adjudications", deployment)
+
+
+def alertflags(deployment: str = "*") -> str:
+    """An alert left unadjudicated past the limit (lfr.match.v1.AlertOverdue)."""
+    return _subject("alertflags", deployment)
+
+
+def retention(deployment: str = "*") -> str:
+    """Alert crops and reference copies deleted at the end of the retention period (lfr.match.v1.CropsDeleted)."""
+    return _subject("retention", deployment)
+
+
+def access(service: str = "*") -> str:
+    """Who called which API, on what (lfr.audit.v1.AccessEvent)."""
+    return _subject("access", service)
+
+
+NO_DEPLOYMENT = "_"  # the subject token of audit records about no deployment (reference collection, access)
+
+
+def audit(deployment: str = "*") -> str:
+    """A chained audit record (lfr.audit.v1.Record), written by the audit service only. A record about no
+    deployment, or about an id that is no valid token (a caller's typo), goes under NO_DEPLOYMENT."""
+    if deployment != "*" and not _TOKEN.match(deployment or ""):
+        deployment = NO_DEPLOYMENT
+    return _subject("audit", deployment)
+
+
 @dataclass(frozen=True)
 class Stream:
     name: str
@@ -67,8 +98,13 @@ class Stream:
 
 
 ALERTS = Stream("LFR_ALERTS", ("lfr.v1.alerts.>",), max_age_s=31 * 86400)
-EVENTS = Stream("LFR_EVENTS", ("lfr.v1.lifecycle.>", "lfr.v1.watchlist.>", "lfr.v1.matchstats.>"), max_age_s=0)
-STREAMS = (ALERTS, EVENTS)
+EVENTS = Stream("LFR_EVENTS", ("lfr.v1.lifecycle.>", "lfr.v1.watchlist.>", "lfr.v1.matchstats.>",
+                               "lfr.v1.adjudications.>", "lfr.v1.alertflags.>", "lfr.v1.retention.>",
+                               "lfr.v1.access.>"), max_age_s=0)
+STREAMS = (ALERTS, EVENTS)  # the durable facts, declared by every service; the audit service records them all
+# The audit chain: the source of truth of the audit record (the SQLite index is rebuilt from it). Declared and
+# written by the audit service only.
+AUDIT = Stream("LFR_AUDIT", ("lfr.v1.audit.>",), max_age_s=0)
 
 # Queue groups: one consumer per stage shares the work.
 QUEUE = {"detection": "lfr-detection", "embedding": "lfr-embedding", "match": "lfr-match"}

@@ -1,0 +1,118 @@
+"""One alert per person per pass: the tracker core (pure, capture times in ns)."""
+
+from __future__ import annotations
+
+import itertools
+
+from lfr.match.tracker import Sighting, Tracker, iou
+
+S = 10**9
+FPS = 10
+
+
+def tracker(**kw) -> Tracker:
+    ids = itertools.count(1)
+    return Tracker(new_id=lambda: f"id{next(ids)}", **kw)
+
+
+def walk(t: Tracker, entry: str, start_s: float, seconds: float, x0: float = 0.0, speed_px_s: float = 60.0,
+         scores=None, vector=(1.0, 0.0, 0.0), camera: str = "cam", skip=()):
+    """A face walking left to right at 10 fps; returns all actions."""
+    actions = []
+    n = round(seconds * FPS)
+    for k in range(n):
+        if k in skip:
+            continue
+        ts = start_s + k / FPS
+        x = x0 + speed_px_s * k / FPS
+        score = scores(k) if scores else 0.6
+        actions += t.observe("dep", camera, int(ts * S), [
+            Sighting((x, 100, x + 80, 190), vector, entry, "S-" + entry, score, probe=("frame", k))])
+    return actions
+
+
+def test_iou():
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert abs(iou((0, 0, 10, 10), (5, 0, 15, 10)) - 1 / 3) < 1e-9
+
+
+def test_a_pass_raises_one_alert_updated_with_the_best_probe():
+    t = tracker(realert_window_s=0.0, update_interval_s=1.0)
+    # 4 s walk; the score rises then falls: best at frame 25
+    actions = walk(t, "e1", 0.0, 4.0, scores=lambda k: 0.5 + 0.01 * (25 - abs(25 - k)))
+    actions += t.tick(10 * S)  # the pass is over: its best probe is published
+    raises = [a for a in actions if a.kind == "raise"]
+    assert len(raises) == 1
+    alert_ids = {a.alert.alert_id for a in actions}
+    assert alert_ids == {raises[0].alert.alert_id}
+    final = actions[-1].alert
+    assert final.best_probe == ("frame", 25) and abs(final.best_score - 0.75) < 1e-9
+    revisions = [a.alert.revision for a in actions if a.kind == "update"]
+    assert revisions == sorted(revisions) and len(revisions) <= 4  # rate-limited: about once a second
+    assert final.sightings == 40
+
+
+def test_a_short_occlusion_keeps_the_pass_a_long_gap_ends_it():
+    t = tracker(realert_window_s=0.0, track_gap_s=1.0)
+    actions = walk(t, "e1", 0.0, 4.0, skip=range(10, 15))  # 0.5 s hidden
+    assert sum(a.kind == "raise" for a in actions) == 1
+    t2 = tracker(realert_window_s=0.0, track_gap_s=1.0)
+    actions = walk(t2, "e1", 0.0, 4.0, skip=range(10, 25))  # 1.5 s hidden: a second pass
+    assert sum(a.kind == "raise" for a in actions) == 2
+
+
+def test_the_realert_window_joins_passes_of_one_entry():
+    t = tracker(realert_window_s=5.0, track_gap_s=1.0)
+    first = walk(t, "e1", 0.0, 2.0)
+    again = walk(t, "e1", 4.0, 2.0, x0=400)  # back 2 s later, elsewhere in view: same alert, updated
+    assert sum(a.kind == "raise" for a in first + again) == 1
+    t.tick(20 * S)
+    later = walk(t, "e1", 20.0, 2.0)  # after the window: a new alert
+    assert sum(a.kind == "raise" for a in later) == 1
+    assert later[0].alert.alert_id != first[0].alert.alert_id
+
+
+def test_two_people_at_once_are_two_tracks():
+    t = tracker(realert_window_s=0.0)
+    actions = []
+    for k in range(20):
+        ts = int(k / FPS * S)
+        actions += t.observe("dep", "cam", ts, [
+            Sighting((10 + k, 100, 90 + k, 190), (1.0, 0.0), "e1", "A", 0.6),
+            Sighting((400 - k, 100, 480 - k, 190), (0.0, 1.0), "e2", "B", 0.6)])
+    raised = [a.alert.entry_id for a in actions if a.kind == "raise"]
+    assert sorted(raised) == ["e1", "e2"]
+    # the same entry twice in one frame (two different people alike to one entry) with no window: two alerts
+    t = tracker(realert_window_s=0.0)
+    acts = t.observe("dep", "cam", 0, [Sighting((0, 0, 50, 50), (1.0, 0.0), "e1", "A", 0.6),
+                                       Sighting((300, 0, 350, 50), (0.0, 1.0), "e1", "A", 0.6)])
+    assert [a.kind for a in acts] == ["raise", "raise"]
+
+
+def test_embedding_similarity_keeps_a_track_through_a_jump():
+    t = tracker(realert_window_s=0.0)
+    a = t.observe("dep", "cam", 0, [Sighting((0, 0, 50, 50), (1.0, 0.0), "e1", "A", 0.6)])
+    b = t.observe("dep", "cam", S // 10, [Sighting((200, 0, 250, 50), (0.99, 0.1), "e1", "A", 0.7)])
+    assert [x.kind for x in a] == ["raise"] and all(x.kind == "update" for x in b)
+    c = t.observe("dep", "cam", 2 * S // 10, [Sighting((400, 0, 450, 50), (0.0, 1.0), "e1", "A", 0.6)])
+    assert [x.kind for x in c] == ["raise"]  # neither overlapping nor alike: another person
+
+
+def test_cameras_and_deployments_are_separate():
+    t = tracker(realert_window_s=60.0)
+    a = walk(t, "e1", 0.0, 1.0, camera="c1")
+    b = walk(t, "e1", 0.0, 1.0, camera="c2")
+    # one entry in one deployment: the window makes it one alert even across cameras
+    assert sum(x.kind == "raise" for x in a + b) == 1
+    other = t.observe("dep2", "c1", int(0.5 * S), [Sighting((0, 100, 80, 190), None, "e1", "A", 0.6)])
+    assert [x.kind for x in other] == ["raise"]
+
+
+def test_close_publishes_pending_best_probes_and_tick_forgets():
+    t = tracker(realert_window_s=2.0, update_interval_s=10.0)
+    walk(t, "e1", 0.0, 1.0, scores=lambda k: 0.5 + k / 100)
+    pending = t.close(int(1.0 * S))
+    assert [a.kind for a in pending] == ["update"] and pending[0].alert.best_probe == ("frame", 9)
+    t.tick(100 * S)
+    assert not t.open_alerts and not t.tracks
