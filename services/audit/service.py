@@ -267,7 +267,8 @@ class AuditService(Service):
         self.closing = True  # no new access records; facts already fetched are still recorded
 
     async def close(self) -> None:
-        # The index stays open until the process ends: the runtime closes stores before it drains NATS, and the
-        # facts the consumers fetched before the drain must still be recorded (each insert is committed at once,
-        # so nothing waits for a close).
-        return None
+        # Called after the NATS drain (the runtime's shutdown order), so every fact fetched is recorded by now.
+        if self.access_tasks:
+            await asyncio.wait(list(self.access_tasks), timeout=5)
+        if hasattr(self, "store"):
+            self.store.close()

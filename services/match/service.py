@@ -14,7 +14,7 @@ from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchli
 from lfr.pb import match_pb2 as pb
 from lfr.runtime import clock, events, metrics, subjects
 from lfr.runtime.config import ConfigError
-from lfr.runtime.deployments import DeploymentCache
+from lfr.runtime.deployments import DeploymentCache, is_live
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -155,7 +155,7 @@ class MatchService(Service):
         if not msg.faces:
             return
         decisions = []
-        if d is not None and d.status == watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE and d.watchlist_size > 0:
+        if not is_live(d, env.camera_id) and d.watchlist_size > 0:  # the one rule: ACTIVE, in window, its camera
             probes = [watchlist_pb2.Probe(vectors=f.vectors) for f in msg.faces]
             resp = await self.watchlist.Search(
                 watchlist_pb2.SearchRequest(deployment_id=d.id, probes=probes, k=1), timeout=2)

@@ -49,8 +49,12 @@ def test_log_processor_strips_images_vectors_and_names(capsys):
     assert event["image"] == event["vector"] == event["name"] == "[stripped]"
     assert "bytes stripped" in event["blob"] and event["arr"] == "[array stripped]" and event["ok"] == 3
     setup_logging("test")
-    structlog.get_logger().info("hello", chip=b"\x01\x02", deployment_id="d1")
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    try:
+        structlog.get_logger().info("hello", chip=b"\x01\x02", deployment_id="d1")
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:  # the logger writes to this test's captured stdout: do not leave it configured for others
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
     assert line["chip"] == "[stripped]" and line["deployment_id"] == "d1" and line["service"] == "test"
 
 

@@ -59,7 +59,8 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
 
         def show(alert: match_pb2.Alert) -> None:
             latency = (alert.raised_at.ToNanoseconds() - alert.envelope.capture_time.ToNanoseconds()) / 1e6
-            print(f"[alert] {alert.subject_ref:<20} score {alert.score:.3f} (threshold {alert.threshold:.3f}) "
+            kind = "[alert] " if alert.revision == 0 else f"[update {alert.revision}]"  # same pass, better probe
+            print(f"{kind} {alert.subject_ref:<20} score {alert.score:.3f} (threshold {alert.threshold:.3f}) "
                   f"at video {alert.video_time_s:5.2f} s, camera {alert.envelope.camera_id}, "
                   f"{latency:.0f} ms after capture", flush=True)
 
@@ -72,7 +73,8 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
         d = c.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="demo-operator"))
         by_subject: dict[str, int] = {}
         for a, _ in collector.alerts:
-            by_subject[a.subject_ref] = by_subject.get(a.subject_ref, 0) + 1
+            if a.revision == 0:  # one alert per person per pass; revisions update it
+                by_subject[a.subject_ref] = by_subject.get(a.subject_ref, 0) + 1
         print(f"[demo] summary: {src.frames_published} frames, {stats.faces_seen} faces seen, "
               f"{stats.alerts} alerts {by_subject or ''}, {stats.nonmatches_disposed} non-matches disposed "
               f"(max {stats.disposal_ms_max:.0f} ms after capture, p50 {stats.disposal_ms_p50:.0f} ms)")

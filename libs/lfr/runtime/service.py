@@ -178,6 +178,8 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
     bus = None
     service = service_cls(config)
     async with contextlib.AsyncExitStack() as stack:
+        # Exit runs in reverse: executor -> NATS drain (outbox flushed, consumers done) -> close stores.
+        stack.push_async_callback(service.close)
         if service.uses_nats:
             bus = Bus(config.nats_url, name=f"lfr-{config.service}", service=config.service)
             await bus.connect()
@@ -186,7 +188,6 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         rt = Runtime(config, bus, server, health)
         service.rt = rt
         stack.callback(rt.executor.shutdown, wait=True)
-        stack.push_async_callback(service.close)
         await service.start(rt)
         reflection.enable_server_reflection(rt.service_names, server)
         for name in rt.service_names:
