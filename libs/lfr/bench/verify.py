@@ -1,0 +1,153 @@
+"""``lfr bench verify``: LFW verification accuracy from raw images (detect → align → embed → score).
+
+Protocols (see :func:`lfr.bench.lfw.find_protocol`):
+
+- a 10-fold file (View 2 ``pairs.txt``, in DIR or via ``--pairs``): the standard 10-fold accuracy, the
+  threshold chosen on 9 folds and applied to the 10th; ``accuracy_std`` = std over the 10 folds;
+- ``pairsDevTrain.txt`` + ``pairsDevTest.txt`` in DIR (View 1): threshold fitted on train, accuracy on test;
+  ``accuracy_std`` = std of the accuracy over 10 equal slices of the test pairs at that threshold;
+- a single-set file via ``--pairs``: 10-fold cross-validation within it.
+
+``tar_at_far``: true accept rate at a false accept rate, threshold set on the evaluated impostor scores
+(the test pairs for View 1; all pairs for 10-fold). With 500 impostor pairs, FAR 0.001 means "above
+every impostor".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from lfr.bench import metrics
+from lfr.bench.lfw import PairFile, find_protocol, pair_images
+from lfr.bench.pipeline import Pipeline, add_common_arguments, data_dir, make_pipelines, set_threads
+
+FARS = (0.001, 0.01)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--pairs", default=None, help="pair file (default: pairs.txt or pairsDev* in DIR)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use at most N pairs per pair file (balanced)"
+    )
+
+
+def pair_scores(pipe: Pipeline, root, pf: PairFile) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores, labels, no_face images among this file's images)."""
+    rels = pair_images(pf.pairs)
+    emb = pipe.embed(root, rels)
+    a = emb.get([p.a for p in pf.pairs])
+    b = emb.get([p.b for p in pf.pairs])
+    s = _paired(pipe, a, b)
+    y = np.array([p.same for p in pf.pairs])
+    return s, y, sum(1 for r in rels if emb.is_no_face(r))
+
+
+def _paired(pipe: Pipeline, a: dict, b: dict) -> np.ndarray:
+    """Row-wise scores score(a[i], b[i]) without forming the full matrix."""
+    comp = {}
+    for c in a:
+        x, z = a[c].astype(np.float64), b[c].astype(np.float64)
+        comp[c] = _rowwise(c, x, z)
+    return np.asarray(pipe.scorer.combine({c: v[:, None] for c, v in comp.items()}))[:, 0]
+
+
+def _rowwise(component: str, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    from lfr.models.engines import DLIB
+
+    if component == DLIB:
+        return 1.0 - np.linalg.norm(x - z, axis=1)
+    return (x * z).sum(1)
+
+
+def evaluate(pipe: Pipeline, root, protocol) -> dict:
+    t0 = time.perf_counter()
+    if protocol.kind == "train_test":
+        tr, te = protocol.files["train"], protocol.files["test"]
+        s_tr, y_tr, _ = pair_scores(pipe, root, tr)
+        s_te, y_te, _ = pair_scores(pipe, root, te)
+        thr, train_acc = metrics.best_threshold(s_tr, y_tr)
+        slices = metrics.balanced_folds(y_te, 10)
+        per = [metrics.accuracy_at(s_te[slices == k], y_te[slices == k], thr) for k in range(10)]
+        out = {
+            "protocol": "View 1: threshold fitted on train, accuracy on test",
+            "pairs": len(te.pairs),
+            "train_pairs": len(tr.pairs),
+            "accuracy": metrics.accuracy_at(s_te, y_te, thr),
+            "accuracy_std": float(np.std(per)),
+            "threshold": thr,
+            "train_accuracy": train_acc,
+            "tar_at_far": metrics.tar_at_far(s_te, y_te, FARS),
+        }
+        used = pair_images(tr.pairs) + pair_images(te.pairs)
+        default_thr = pipe.scorer.info.threshold
+        out["accuracy_at_default_threshold"] = {
+            "threshold": default_thr,
+            "accuracy": metrics.accuracy_at(s_te, y_te, default_thr),
+        }
+    else:
+        pf = protocol.files["pairs"]
+        s, y, _ = pair_scores(pipe, root, pf)
+        folds = np.array([p.fold for p in pf.pairs]) if pf.is_tenfold else metrics.balanced_folds(y, 10)
+        k = metrics.kfold_accuracy(s, y, folds)
+        out = {
+            "protocol": "10-fold" if pf.is_tenfold else "10-fold cross-validation within one pair set",
+            "pairs": len(pf.pairs),
+            "accuracy": k["accuracy"],
+            "accuracy_std": k["accuracy_std"],
+            "threshold": k["threshold"],
+            "tar_at_far": metrics.tar_at_far(s, y, FARS),
+        }
+        used = pair_images(pf.pairs)
+    cache = pipe.cache
+    out["images"] = len(set(used))
+    out["no_face"] = sum(1 for r in set(used) if cache.is_no_face(r))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["impl"] = pipe.describe()
+    return out
+
+
+def run(args) -> dict:
+    set_threads(args.threads)
+    root = data_dir(args)
+    protocol = find_protocol(root, args.pairs, args.limit)
+    ours, ref = make_pipelines(args)
+    result = {"model": ours.model_id, "data": str(root), **evaluate(ours, root, protocol)}
+    if ref is not None:
+        result["reference"] = {"model": ref.model_id, **evaluate(ref, root, protocol)}
+    return result
+
+
+def format_text(r: dict) -> str:
+    def line(tag, d):
+        tar = ", ".join(f"TAR@FAR{k}={v:.4f}" for k, v in d["tar_at_far"].items())
+        return (
+            f"{tag:<10} accuracy {d['accuracy']:.4f} ± {d['accuracy_std']:.4f}  threshold {d['threshold']:.4f}  "
+            f"{tar}  no_face {d['no_face']}  {d['seconds']:.1f}s"
+        )
+
+    lines = [f"{r['model']} on {r['data']} ({r['protocol']}, {r['pairs']} pairs)", line("ours", r)]
+    if "reference" in r:
+        lines.append(line("reference", r["reference"]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="lfr bench verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    r = run(args)
+    print(json.dumps(r, indent=2) if args.json else format_text(r))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

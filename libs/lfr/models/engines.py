@@ -1,0 +1,542 @@
+"""The one face-model API the platform uses: detect → align → embed → score, per model id.
+
+Models (``MODELS``; CLI aliases in ``ALIASES``):
+
+``dlib-resnet-v1`` (alias ``dlib``)
+    dlib's ResNet face descriptor on 150×150 dlib chips (YuNet box → calibrated box → dlib's 5-point shape
+    predictor → dlib chip; see ``dlib_align_v1.json``). Vectors are the **raw** 128-d descriptors (not
+    normalised: dlib's rule "same person iff Euclidean distance < 0.6" is defined on them).
+    Similarity: ``s = 1 − ‖a − b‖₂`` (so ``d < 0.6`` ⇔ ``s > 0.4``). Qdrant: ``Distance.EUCLID`` on the raw
+    vectors; a hit's ``score`` is the distance ``d`` and ``s = 1 − d``.
+``sface-2021dec`` (alias ``sface``)
+    OpenCV's SFace on 112×112 chips aligned from YuNet's landmarks. Vectors are L2-normalised.
+    Similarity: cosine ``s = a·b``. Qdrant: ``Distance.COSINE`` (or ``DOT``: the vectors are unit); a hit's
+    ``score`` is ``s``.
+``fusion-v1`` (alias ``fusion``)
+    Both of the above. Similarity = the log-odds ``z = bias + w_sface·s_sface + w_dlib·s_dlib`` of a
+    logistic model fitted on LFW View 1 training pairs (``fusion_v1.json``, ``python -m
+    lfr.bench.fit_fusion``); ``z >= 0`` ⇔ p(same) >= 0.5. **A match requires agreement**: when either
+    component is below its own 1:1 threshold (``floors``), ``z`` is capped at 0, so no threshold above even
+    odds can accept a pair one model rejects. Vectors: the two components' vectors (a dict keyed by
+    component model id). Qdrant: one named vector per component (as above); search each for the top
+    candidates, take the union, and re-score the union exactly with :meth:`FaceEngine.score`.
+
+Default thresholds (``ModelInfo.threshold``) are set for watchlists, not for LFW accuracy: the similarity
+at a 1:1 false-accept rate of 1e-5 over all 5.9 M impostor pairs among the View 1 *training* images, so a
+watchlist of N entries alerts on roughly N × 1e-5 of the passers-by (1 % for N = 1000). The models'
+published 1:1 thresholds (dlib 0.4, i.e. distance 0.6; OpenCV SFace cosine 0.363) accept far more: on
+LFW with a 1,165-entry gallery they alert on 95 % / 54 % of people not on the list. They are kept as
+``extra["threshold_1to1"]`` for one-to-one checks.
+
+Test-time flip averaging (mean of the vectors of the chip and its mirror image) is on for both embedders:
+it raised rank-1, TAR at low FAR and TPIR at FPIR 0.01 / 0.001 on LFW View 1 for each (``lfr bench
+identify --flip off`` to compare).
+
+``vector_store(model_id)`` returns the storage recipe for a component, and :func:`similarity_from_search`
+turns a Qdrant hit score into ``score()``'s similarity.
+
+Every engine-produced vector is tagged with its component's ``ModelInfo`` (id + version); vectors of
+different components are never compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from .quality import face_quality
+from .types import Face, ModelInfo
+
+DLIB = "dlib-resnet-v1"
+SFACE = "sface-2021dec"
+FUSION = "fusion-v1"
+ALIASES = {"dlib": DLIB, "sface": SFACE, "fusion": FUSION}
+
+# Chosen by `lfr bench identify` on LFW View 1 (best TPIR at FPIR 0.001: what a watchlist needs).
+DEFAULT_MODEL = SFACE
+
+# Similarity at a 1:1 false-accept rate of 1e-5 on the impostor pairs of the View 1 training images
+# (flip on), printed by `python -m lfr.bench.fit_fusion`.
+SFACE_THRESHOLD = 0.467
+DLIB_THRESHOLD = 0.589
+
+
+@dataclass(frozen=True)
+class VectorStore:
+    """How a vector DB (Qdrant) must store one component's vectors so search scores equal ``score()``."""
+
+    distance: str  # Qdrant Distance: "Euclid" | "Cosine" | "Dot"
+    normalized: bool  # whether the engine's vectors are L2-normalised
+    to_similarity: str  # how a hit's score becomes the engine's similarity ("s = 1 - score", "s = score")
+
+
+def _load_json(name: str) -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath(name).read_text())
+
+
+def _fitted(name: str, script: str) -> dict[str, Any]:
+    try:
+        return _load_json(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"lfr/models/{name} is missing: produce it with `python -m {script}`"
+        ) from None
+
+
+def _fusion_params() -> dict[str, Any]:
+    return _fitted("fusion_v1.json", "lfr.bench.fit_fusion")
+
+
+def _dlib_align_params() -> dict[str, Any]:
+    return _fitted("dlib_align_v1.json", "lfr.bench.fit_alignment")
+
+
+MODELS: dict[str, ModelInfo] = {
+    DLIB: ModelInfo(
+        model_id=DLIB,
+        version="dlib_face_recognition_resnet_model_v1",
+        dim=128,
+        chip_size=150,
+        metric="euclidean",
+        threshold=DLIB_THRESHOLD,
+        extra={
+            "similarity": "1 - euclidean distance of raw descriptors",
+            "normalized": False,
+            "flip": True,
+            "threshold_1to1": 0.4,  # dlib's own rule: distance < 0.6
+            "qdrant": VectorStore("Euclid", False, "s = 1 - score"),
+        },
+    ),
+    SFACE: ModelInfo(
+        model_id=SFACE,
+        version="face_recognition_sface_2021dec_int8bq",
+        dim=128,
+        chip_size=112,
+        metric="cosine",
+        threshold=SFACE_THRESHOLD,
+        extra={
+            "similarity": "cosine of L2-normalised vectors",
+            "normalized": True,
+            "flip": True,
+            "threshold_1to1": 0.363,  # OpenCV's recommended cosine threshold for SFace
+            "qdrant": VectorStore("Cosine", True, "s = score"),
+        },
+    ),
+}
+
+
+def _fusion_info() -> ModelInfo:
+    p = _fusion_params()
+    return ModelInfo(
+        model_id=FUSION,
+        version=str(p.get("version", "1")),
+        dim=sum(MODELS[c].dim for c in p["components"]),
+        chip_size=0,  # one chip per component: see FaceEngine.chips
+        metric="log-odds",
+        threshold=float(p["threshold"]),
+        extra={
+            "similarity": "bias + sum_i weight_i * s_i (log-odds), capped at 0 unless every s_i >= floor_i",
+            "components": list(p["components"]),
+            "weights": dict(p["weights"]),
+            "bias": float(p["bias"]),
+            "floors": dict(p["floors"]),
+            "flip": dict(p.get("flip", {})),
+            "qdrant": "one named vector per component; search each, union, re-score with FaceEngine.score",
+        },
+    )
+
+
+def resolve_model_id(model_id: str) -> str:
+    mid = ALIASES.get(model_id, model_id)
+    if mid not in MODELS and mid != FUSION:
+        raise KeyError(f"unknown model {model_id!r}; known: {sorted([*MODELS, FUSION])} or {sorted(ALIASES)}")
+    return mid
+
+
+def model_info(model_id: str) -> ModelInfo:
+    mid = resolve_model_id(model_id)
+    return _fusion_info() if mid == FUSION else MODELS[mid]
+
+
+def vector_store(model_id: str) -> VectorStore:
+    """Storage recipe for a component model's vectors (fusion stores its components' vectors)."""
+    mid = resolve_model_id(model_id)
+    if mid == FUSION:
+        raise ValueError("fusion-v1 stores one named vector per component: ask for each component")
+    return MODELS[mid].extra["qdrant"]
+
+
+def similarity_from_search(model_id: str, search_score: np.ndarray | float) -> np.ndarray | float:
+    """Convert a Qdrant hit score (stored per :func:`vector_store`) into the engine's similarity."""
+    vs = vector_store(model_id)
+    if vs.distance == "Euclid":
+        return 1.0 - search_score
+    return search_score
+
+
+# -----------------------------------------------------------------------------------------------------
+# geometry helpers
+# -----------------------------------------------------------------------------------------------------
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares 2-D similarity (rotation, uniform scale, translation) mapping src → dst: 2×3 matrix."""
+    src = np.asarray(src, dtype=np.float64).reshape(-1, 2)
+    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 2)
+    ms, md = src.mean(0), dst.mean(0)
+    s0, d0 = src - ms, dst - md
+    var = (s0**2).sum()
+    if var <= 0:
+        raise ValueError("degenerate source points")
+    a = (s0 * d0).sum() / var  # scale*cos
+    b = (s0[:, 0] * d0[:, 1] - s0[:, 1] * d0[:, 0]).sum() / var  # scale*sin
+    r = np.array([[a, -b], [b, a]])
+    t = md - r @ ms
+    return np.hstack([r, t[:, None]])
+
+
+def apply_transform(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+# Where YuNet puts a face in an LFW (deep-funneled 250×250) image, median over 600 images: used when no
+# face is found to place a box in the middle of the image, and synthetic landmarks inside it.
+_CENTRE_BOX = (78.59, 66.62, 171.57, 189.54)
+_CENTRE_LANDMARKS = np.array(
+    [[104.08, 112.83], [147.69, 112.10], [126.26, 136.79], [107.94, 155.97], [145.47, 155.59]]
+)
+
+
+def centre_face(image: np.ndarray) -> Face:
+    """A stand-in face in the middle of the image (box and landmarks of a typical centred portrait).
+
+    Scaled from LFW's 250-px geometry by the image's shorter side, centred on the image centre.
+    """
+    h, w = image.shape[:2]
+    s = min(h, w) / 250.0
+    ox, oy = w / 2.0 - 125.0 * s, h / 2.0 - 125.0 * s
+    x1, y1, x2, y2 = _CENTRE_BOX
+    box = (x1 * s + ox, y1 * s + oy, x2 * s + ox, y2 * s + oy)
+    lm = (_CENTRE_LANDMARKS * s + [ox, oy]).astype(np.float32)
+    return Face(box=box, landmarks=lm, score=0.0)
+
+
+def dlib_box_from_yunet(
+    box: tuple[float, float, float, float], calibration: dict[str, float] | None = None
+) -> tuple[float, float, float, float]:
+    """Where dlib's HOG detector would put the box of a face YuNet boxed (fitted on LFW training images)."""
+    c = calibration or _dlib_align_params()["box_calibration"]
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    cx, cy = (x1 + x2) / 2 + c["dx"] * w, (y1 + y2) / 2 + c["dy"] * h
+    bw, bh = c["sw"] * w, c["sh"] * h
+    return (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+
+
+def central_face(image: np.ndarray, faces: list[Face]) -> Face | None:
+    """The face a portrait is about: the largest box containing the image centre, else the nearest box."""
+    if not faces:
+        return None
+    h, w = image.shape[:2]
+    cx, cy = w / 2.0, h / 2.0
+    inside = [f for f in faces if f.box[0] <= cx <= f.box[2] and f.box[1] <= cy <= f.box[3]]
+    if inside:
+        return max(inside, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+    return min(
+        faces, key=lambda f: math.hypot((f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy)
+    )
+
+
+# -----------------------------------------------------------------------------------------------------
+# scoring (no weights needed: the match service scores stored vectors with this alone)
+# -----------------------------------------------------------------------------------------------------
+def component_similarity(model_id: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Similarity matrix (P, M) of a component model's vectors a (P, D) and b (M, D)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a.reshape(-1, a.shape[-1])
+    b = b.reshape(-1, b.shape[-1])
+    if model_id == DLIB:
+        d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T
+        return 1.0 - np.sqrt(np.maximum(d2, 0.0))
+    if model_id == SFACE:
+        return a @ b.T
+    raise KeyError(f"not a component model: {model_id!r}")
+
+
+class Scorer:
+    """Similarity for one model id over vectors (dicts keyed by component model id)."""
+
+    def __init__(self, model_id: str | None = None):
+        self.model_id = resolve_model_id(model_id or DEFAULT_MODEL)
+        self.info = model_info(self.model_id)
+        if self.model_id == FUSION:
+            p = _fusion_params()
+            self.components: list[str] = list(p["components"])
+            self.weights = np.array([float(p["weights"][c]) for c in self.components])
+            self.bias = float(p["bias"])
+            self.floors = {c: float(p["floors"][c]) for c in self.components}
+        else:
+            self.components = [self.model_id]
+
+    def component_scores(
+        self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Per component similarity matrices (P, M)."""
+        return {c: component_similarity(c, probe[c], refs[c]) for c in self.components}
+
+    def combine(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's similarity from per-component similarities (identity for a single model)."""
+        if self.model_id != FUSION:
+            return scores[self.model_id]
+        z = self.bias + sum(w * np.asarray(scores[c]) for w, c in zip(self.weights, self.components))
+        agree = np.logical_and.reduce([np.asarray(scores[c]) >= self.floors[c] for c in self.components])
+        return np.where(agree, z, np.minimum(z, 0.0))
+
+    def score_matrix(self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.combine(self.component_scores(probe, refs))
+
+    def score(self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> np.ndarray:
+        """Similarity (higher = more alike) of one probe against M references: shape (M,).
+
+        With P probes ((P, D) per component) the result is the (P, M) matrix.
+        """
+        s = self.score_matrix(probe, refs)
+        single = all(np.asarray(probe[c]).ndim == 1 for c in self.components)
+        return s[0] if single or s.shape[0] == 1 else s
+
+
+# -----------------------------------------------------------------------------------------------------
+# components: one embedder each
+# -----------------------------------------------------------------------------------------------------
+class _Component:
+    info: ModelInfo
+
+    def __init__(self, device: str | None, flip: bool | None):
+        self.device = device
+        self.flip = bool(self.info.extra["flip"] if flip is None else flip)
+
+    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class DlibComponent(_Component):
+    """dlib ResNet. Alignment (see dlib_align_v1.json, fitted by ``python -m lfr.bench.fit_alignment``):
+
+    - ``"landmarks"``: YuNet's 5 landmarks are mapped to dlib's 5 points through a similarity transform to
+      a fitted template; no shape predictor.
+    - ``"predictor"``: YuNet's box is mapped to a dlib-detector-like box (fitted calibration), dlib's 5-point
+      shape predictor runs on it.
+    """
+
+    info = MODELS[DLIB]
+
+    def __init__(self, device: str | None, flip: bool | None, align: str | None = None):
+        super().__init__(device, flip)
+        from .dlib_resnet import load_dlib_resnet
+
+        self.params = _dlib_align_params()
+        self.align = align or self.params["method"]
+        if self.align not in ("landmarks", "predictor"):
+            raise ValueError(f"dlib alignment must be 'landmarks' or 'predictor', not {self.align!r}")
+        self.model = load_dlib_resnet(device=device)
+        self._canon = np.asarray(self.params["yunet_canonical"], dtype=np.float64)
+        self._template = np.asarray(self.params["dlib_template"], dtype=np.float64)
+
+    @cached_property
+    def predictor(self):
+        from .shape_predictor import ShapePredictor
+
+        return ShapePredictor.load()
+
+    def dlib_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        return dlib_box_from_yunet(box, self.params["box_calibration"])
+
+    def landmarks5(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """dlib's 5 points (dlib order) for a YuNet face."""
+        if self.align == "predictor":
+            return np.asarray(self.predictor.predict(image, self.dlib_box(face.box)), dtype=np.float64)
+        m = similarity_transform(self._canon, face.landmarks)
+        return apply_transform(m, self._template)
+
+    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:
+        from .dlib_chip import dlib_face_chip
+
+        return dlib_face_chip(image, self.landmarks5(image, face), size=150, padding=0.25)
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        from .dlib_resnet import embed_chips
+
+        return np.asarray(embed_chips(self.model, chips, flip=self.flip), dtype=np.float32)
+
+
+class SFaceComponent(_Component):
+    info = MODELS[SFACE]
+
+    def __init__(self, device: str | None, flip: bool | None):
+        super().__init__(device, flip)
+        from .sface import load_sface
+
+        self.model = load_sface(device=device)
+
+    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:
+        from .sface import sface_chip
+
+        return sface_chip(image, np.asarray(face.landmarks, dtype=np.float32))
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        from .sface import embed_chips
+
+        v = np.asarray(embed_chips(self.model, chips, flip=self.flip), dtype=np.float32)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+_COMPONENTS = {DLIB: DlibComponent, SFACE: SFaceComponent}
+
+
+# -----------------------------------------------------------------------------------------------------
+# the engine
+# -----------------------------------------------------------------------------------------------------
+class FaceEngine:
+    """Detector + aligner + embedder(s) + similarity for one model id. Build one per process.
+
+    Arrays: images RGB uint8 (H, W, 3); chips (N, S, S, 3) uint8 per component; vectors (N, 128) float32.
+    """
+
+    def __init__(
+        self,
+        model_id: str | None = None,
+        device: str | None = None,
+        flip: bool | dict[str, bool] | None = None,
+        detector_score: float = 0.6,
+        dlib_align: str | None = None,
+    ):
+        self.scorer = Scorer(model_id)
+        self.model_id = self.scorer.model_id
+        self.info: ModelInfo = self.scorer.info
+        self.components: list[str] = list(self.scorer.components)
+        self.device = device
+        self.detector_score = float(detector_score)
+        default_flip = dict(_fusion_params().get("flip", {})) if self.model_id == FUSION else {}
+        self._parts: dict[str, _Component] = {}
+        for c in self.components:
+            f = flip.get(c) if isinstance(flip, dict) else flip
+            if f is None:
+                f = default_flip.get(c)
+            if c == DLIB:
+                self._parts[c] = DlibComponent(device, f, align=dlib_align)
+            else:
+                self._parts[c] = _COMPONENTS[c](device, f)
+        self._detector = None
+        self._detector_lock = threading.Lock()
+
+    # --- detection ------------------------------------------------------------------------------
+    @property
+    def detector(self):
+        if self._detector is None:
+            with self._detector_lock:
+                if self._detector is None:
+                    from .yunet import YuNetDetector
+
+                    self._detector = YuNetDetector(device=self.device, score_threshold=self.detector_score)
+        return self._detector
+
+    def detect(self, images: list[np.ndarray]) -> list[list[Face]]:
+        """YuNet faces per image (by descending score), each with ``quality`` filled."""
+        found = self.detector.detect(list(images))
+        return [
+            [dataclasses.replace(f, quality=face_quality(img, f)) for f in faces]
+            for img, faces in zip(images, found)
+        ]
+
+    # --- alignment / embedding ------------------------------------------------------------------
+    def component(self, model_id: str) -> _Component:
+        return self._parts[model_id]
+
+    def component_info(self, model_id: str) -> ModelInfo:
+        return MODELS[model_id]
+
+    @property
+    def flips(self) -> dict[str, bool]:
+        return {c: p.flip for c, p in self._parts.items()}
+
+    def chips(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]:
+        """Aligned chip per component model id: (S, S, 3) uint8."""
+        return {c: p.chip(image, face) for c, p in self._parts.items()}
+
+    def embed(self, chips: dict[str, np.ndarray], batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Vectors per component: chips[c] (N, S, S, 3) (or one (S, S, 3) chip) → (N, 128) float32.
+
+        SFace vectors are L2-normalised; dlib vectors are raw descriptors (see the module doc).
+        """
+        out = {}
+        for c, p in self._parts.items():
+            x = np.asarray(chips[c])
+            if x.ndim == 3:
+                x = x[None]
+            if len(x) == 0:
+                out[c] = np.zeros((0, MODELS[c].dim), np.float32)
+                continue
+            parts = [p.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+            out[c] = np.concatenate(parts).astype(np.float32, copy=False)
+        return out
+
+    # --- scoring --------------------------------------------------------------------------------
+    def component_scores(
+        self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Per component similarity matrices (P, M)."""
+        return self.scorer.component_scores(probe, refs)
+
+    def combine(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        return self.scorer.combine(scores)
+
+    def score(self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> np.ndarray:
+        """Similarity (higher = more alike) of one probe against M references: shape (M,).
+
+        With P probes ((P, D) per component) the result is the (P, M) matrix.
+        """
+        return self.scorer.score(probe, refs)
+
+    def is_match(self, similarity: np.ndarray | float, threshold: float | None = None) -> np.ndarray | bool:
+        return np.asarray(similarity) >= (self.info.threshold if threshold is None else threshold)
+
+    # --- convenience ----------------------------------------------------------------------------
+    def embed_faces(self, image: np.ndarray, faces: list[Face]) -> dict[str, np.ndarray]:
+        """Chips + vectors for several faces of one image: {component: (len(faces), 128)}."""
+        if not faces:
+            return {c: np.zeros((0, MODELS[c].dim), np.float32) for c in self.components}
+        per_face = [self.chips(image, f) for f in faces]
+        return self.embed({c: np.stack([pf[c] for pf in per_face]) for c in self.components})
+
+    def warmup(self) -> None:
+        """Run every stage once (loads kernels, allocates buffers) on a synthetic image."""
+        img = np.full((256, 256, 3), 127, np.uint8)
+        self.detect([img])
+        self.embed_faces(img, [centre_face(img)])
+
+
+_ENGINES: dict[tuple, FaceEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(model_id: str | None = None, device: str | None = None, **kwargs) -> FaceEngine:
+    """The process-wide engine for (model, device, options); built on first use."""
+    mid = resolve_model_id(model_id or DEFAULT_MODEL)
+    key = (mid, device, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            eng = FaceEngine(mid, device=device, **kwargs)
+            _ENGINES[key] = eng
+        return eng

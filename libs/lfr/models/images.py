@@ -1,0 +1,125 @@
+"""Decode untrusted image bytes (uploads, enrollment photos, operator probes) into RGB uint8 arrays.
+
+Every refusal raises :class:`ImageError` with a stable ``reason`` code that services can map to an API error:
+
+=================  ==========================================================================
+reason             meaning
+=================  ==========================================================================
+``empty``          no bytes at all
+``too_large``      more bytes than ``max_bytes`` (checked before anything is parsed)
+``not_an_image``   Pillow recognises no image format in the bytes
+``too_many_pixels`` the *declared* width × height exceeds ``max_pixels`` (a decompression bomb);
+                   refused from the header, before any pixel data is decompressed
+``too_small``      width or height below ``min_side``
+``truncated``      the pixel data ends early or is corrupt
+``unsupported``    a pixel mode we cannot turn into RGB
+=================  ==========================================================================
+
+Conversions: greyscale (8/16-bit) → replicated to RGB; 16-bit samples are scaled to 8 bits (high byte);
+palette → RGB; CMYK/YCbCr/LAB → RGB; images with alpha are composited onto white (a transparent
+background is most often an ID-photo cut-out; dropping alpha would expose whatever colour the
+transparent pixels happen to store); the EXIF orientation tag is applied, so phone photos come out
+upright. Multi-frame files (GIF, TIFF, APNG) give their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_BYTES = 20_000_000
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 16
+
+
+class ImageError(ValueError):
+    """An image was refused. ``reason`` is a stable machine-readable code (see module doc)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("L", "1"):
+        grey = np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit greyscale (PNG/TIFF). "I" is a 32-bit container Pillow also uses for 16-bit data.
+        a = np.asarray(im)
+        a = a.astype(np.int64)
+        a = np.clip(a, 0, 65535) >> 8
+        grey = a.astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        # float greyscale: assume 0..1 when it fits, else 0..255
+        a = np.asarray(im, dtype=np.float64)
+        if np.isfinite(a).all() and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        grey = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as exc:
+        raise ImageError("unsupported", f"cannot convert pixel mode {mode!r} to RGB: {exc}") from exc
+
+
+def decode_image(
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> np.ndarray:
+    """Decode ``data`` into an (H, W, 3) uint8 RGB array, or raise :class:`ImageError`.
+
+    The byte size is checked first, then the header is parsed and the declared dimensions are checked
+    against ``max_pixels`` and ``min_side``; only then is pixel data decompressed.
+    """
+    if data is None or len(data) == 0:
+        raise ImageError("empty", "no image data")
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        # Image.open parses the header only; pixel data is decoded lazily by load().
+        im = Image.open(io.BytesIO(bytes(data)))
+    except Image.DecompressionBombError as exc:  # Pillow's own (larger) bomb limit, hit while opening
+        raise ImageError("too_many_pixels", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not_an_image", "no known image format in the data") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # malformed header of a recognised format
+        raise ImageError("truncated", f"cannot parse image header: {exc}") from exc
+    with im:
+        w, h = im.size
+        fmt = im.format or "image"
+        if w * h > max_pixels:
+            raise ImageError(
+                "too_many_pixels",
+                f"{fmt} declares {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
+            )
+        if w < min_side or h < min_side:
+            raise ImageError("too_small", f"{fmt} is {w}x{h}; both sides must be at least {min_side} px")
+        try:
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageError("too_many_pixels", str(exc)) from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageError("truncated", f"{fmt} pixel data is truncated or corrupt: {exc}") from exc
+        try:
+            im = ImageOps.exif_transpose(im) or im
+        except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a good image unusable
+            pass
+        arr = np.ascontiguousarray(_to_rgb(im))
+    if not arr.flags.writeable:  # np.asarray over a Pillow image is a read-only view
+        arr = arr.copy()
+    return arr

@@ -1,0 +1,81 @@
+"""Quick end-to-end runs of `lfr bench verify` / `identify` on a slice of LFW View 1 (SFace, ours only)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+
+from lfr.bench import identify, verify
+from lfr.bench.pipeline import default_data_dir
+
+LFW = default_data_dir() / "lfw-dev"
+pytestmark = pytest.mark.skipif(
+    not (LFW / "pairsDevTest.txt").is_file(), reason=f"shared LFW data not found at {LFW} (set LFR_DATA_DIR)"
+)
+
+
+def _args(module, *argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    module.add_arguments(ap)
+    return ap.parse_args(list(argv))
+
+
+def test_verify_sface_100_pairs():
+    t0 = time.perf_counter()
+    r = verify.run(
+        _args(
+            verify,
+            "--data",
+            str(LFW),
+            "--pairs",
+            str(LFW / "pairsDevTest.txt"),
+            "--limit",
+            "100",
+            "--model",
+            "sface",
+            "--json",
+            "--quiet",
+        )
+    )
+    for key in (
+        "model",
+        "pairs",
+        "accuracy",
+        "accuracy_std",
+        "threshold",
+        "tar_at_far",
+        "no_face",
+        "seconds",
+    ):
+        assert key in r, key
+    assert r["model"] == "sface-2021dec"
+    assert r["pairs"] == 100
+    assert r["accuracy"] > 0.9
+    assert 0.0 <= r["accuracy_std"] < 0.2
+    assert set(r["tar_at_far"]) >= {"0.001"} and 0.0 <= r["tar_at_far"]["0.001"] <= 1.0
+    assert -1.0 < r["threshold"] < 1.0
+    assert 0 <= r["no_face"] <= 5
+    assert "reference" not in r
+    assert time.perf_counter() - t0 < 60
+
+
+def test_identify_sface_small_gallery():
+    r = identify.run(
+        _args(identify, "--data", str(LFW), "--limit", "60", "--model", "sface", "--json", "--quiet")
+    )
+    for key in (
+        "rank1",
+        "tpir_at_fpir",
+        "gallery",
+        "mated_probes",
+        "nonmated_probes",
+        "at_threshold",
+        "no_face",
+    ):
+        assert key in r, key
+    assert set(r["tpir_at_fpir"]) == {"0.01", "0.001"}  # 0.000167 only with >= 6000 non-mated probes
+    assert r["gallery"] > 5 and r["mated_probes"] > 5 and r["nonmated_probes"] > 5
+    assert r["rank1"] > 0.8
+    assert 0.0 <= r["at_threshold"]["fpir"] <= 1.0 and 0.0 <= r["at_threshold"]["tpir"] <= 1.0

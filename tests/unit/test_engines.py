@@ -1,0 +1,88 @@
+"""Engine registry and scoring semantics (no weights needed: scoring works on vectors alone)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lfr.models import engines
+from lfr.models.engines import DLIB, FUSION, SFACE, Scorer
+
+
+def test_registry_and_aliases():
+    assert engines.resolve_model_id("dlib") == DLIB
+    assert engines.resolve_model_id("sface") == SFACE
+    assert engines.resolve_model_id("fusion") == FUSION
+    assert engines.resolve_model_id(engines.DEFAULT_MODEL) in (DLIB, SFACE, FUSION)
+    with pytest.raises(KeyError):
+        engines.resolve_model_id("arcface")
+    for mid in (DLIB, SFACE, FUSION):
+        info = engines.model_info(mid)
+        assert info.model_id == mid and info.dim in (128, 256)
+
+
+def test_dlib_similarity_is_one_minus_distance():
+    a = np.zeros((1, 128), np.float32)
+    b = np.zeros((2, 128), np.float32)
+    b[0, 0] = 0.59
+    b[1, 0] = 0.61
+    s = Scorer(DLIB).score({DLIB: a[0]}, {DLIB: b})
+    assert s.shape == (2,)
+    np.testing.assert_allclose(s, [0.41, 0.39], atol=1e-6)
+    # dlib's rule d < 0.6 <=> s > 0.4 = its published 1:1 threshold; the watchlist default is stricter
+    assert (s >= engines.MODELS[DLIB].extra["threshold_1to1"]).tolist() == [True, False]
+    assert engines.MODELS[DLIB].threshold > 0.4
+    vs = engines.vector_store(DLIB)
+    assert vs.distance == "Euclid" and not vs.normalized
+    assert engines.similarity_from_search(DLIB, 0.59) == pytest.approx(0.41)
+
+
+def test_sface_cosine_and_matrix_shape():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(3, 128))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    s = Scorer(SFACE).score({SFACE: a}, {SFACE: a})
+    assert s.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(s), 1.0, atol=1e-9)
+    assert engines.vector_store(SFACE).distance == "Cosine"
+    assert engines.similarity_from_search(SFACE, 0.5) == 0.5
+
+
+def test_fusion_is_monotone_and_requires_agreement():
+    sc = Scorer(FUSION)
+    assert set(sc.components) == {DLIB, SFACE}
+
+    def z(s_sface, s_dlib):
+        return float(sc.combine({SFACE: np.array([[s_sface]]), DLIB: np.array([[s_dlib]])})[0, 0])
+
+    assert z(0.5, 0.5) < z(0.6, 0.5) and z(0.5, 0.5) < z(0.5, 0.6)
+    thr = sc.info.threshold
+    assert thr > 0 and z(0.8, 0.7) >= thr  # both confident: a match
+    # one component at its maximum, the other just below its own 1:1 threshold: never a match
+    assert z(1.0, 0.39) <= 0 < thr
+    assert z(0.36, 1.0) <= 0 < thr
+    # matrix shapes pass through
+    out = sc.score_matrix(
+        {SFACE: np.eye(2, 128), DLIB: np.zeros((2, 128))}, {SFACE: np.eye(3, 128), DLIB: np.zeros((3, 128))}
+    )
+    assert out.shape == (2, 3)
+
+
+def test_similarity_transform_recovers_known_transform():
+    src = np.array([[0, 0], [10, 0], [5, 5], [0, 10], [10, 10]], float)
+    ang, scale, t = np.deg2rad(20), 1.7, np.array([3.0, -4.0])
+    r = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    dst = src @ r.T + t
+    m = engines.similarity_transform(src, dst)
+    np.testing.assert_allclose(engines.apply_transform(m, src), dst, atol=1e-9)
+
+
+def test_central_and_centre_face():
+    img = np.zeros((250, 250, 3), np.uint8)
+    f = engines.centre_face(img)
+    x1, y1, x2, y2 = f.box
+    assert x1 < 125 < x2 and y1 < 125 < y2 and f.landmarks.shape == (5, 2)
+    side = engines.Face(box=(0, 0, 40, 40), landmarks=f.landmarks, score=0.99)
+    mid = engines.Face(box=(100, 100, 150, 150), landmarks=f.landmarks, score=0.7)
+    assert engines.central_face(img, [side, mid]) is mid
+    assert engines.central_face(img, []) is None
