@@ -230,7 +230,10 @@ class YuNetDetector:
         h, w = images[0].shape[:2]
         ph = ((h - 1) // DIVISOR + 1) * DIVISOR
         pw = ((w - 1) // DIVISOR + 1) * DIVISOR
-        batch = torch.from_numpy(np.stack(images) if len(images) > 1 else images[0][None])
+        one = images[0][None]
+        if len(images) > 1 or not one.flags.writeable:  # torch wants writable memory; stack copies anyway
+            one = np.stack(images)
+        batch = torch.from_numpy(one)
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view, NHWC memory
         fmt = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         x = torch.empty((len(images), 3, ph, pw), dtype=torch.float32, device=self.device, memory_format=fmt)
