@@ -54,7 +54,8 @@ class Service:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call by code; an unexpected exception becomes INTERNAL with a generic message."""
+    """Logs and counts every call by code and time; an unexpected exception becomes INTERNAL with a generic
+    message (the details go to the log, never to the caller)."""
 
     def __init__(self, service: str):
         self.service = service
@@ -70,6 +71,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         def wrap_unary(fn):
             async def inner(request, context):
                 code = "OK"
+                t0 = time.perf_counter()
                 try:
                     return await fn(request, context)
                 except asyncio.CancelledError:
@@ -89,6 +91,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if context.code() not in (None, grpc.StatusCode.OK) and code == "OK":
                         code = context.code().name
                     metrics.RPCS.labels(service, method, code).inc()
+                    log.debug("rpc", method=method, code=code, ms=round((time.perf_counter() - t0) * 1000, 2))
 
             return inner
 
