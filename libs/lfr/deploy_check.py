@@ -11,7 +11,8 @@
    kind the bundled schemas do not know is an error, never skipped silently.
 3. Contract: the manifests agree with the code: a workload per service in services/, LFR_* names and values
    that `lfr.runtime.config` accepts, ports, gRPC targets, NATS subjects and JetStream streams from
-   `lfr.runtime.subjects`, hardening, probes, NetworkPolicy reachability, Secrets.
+   `lfr.runtime.subjects`, hardening, probes, NetworkPolicy reachability, Secrets, the stateful singletons
+   (one replica, Recreate, their state on a PersistentVolumeClaim, no autoscaler), the watchlist's policy file.
 4. Dockerfile: one target per service, non-root, no build tools or pip in the final images, torch only in
    detection and embedding, pins equal to pyproject.toml, weights checked at build time.
 
@@ -44,8 +45,11 @@ MIN_K8S = "1.31"
 # Custom resources: (apiVersion, kind) -> our schema file under deploy/k8s/schemas/.
 CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "keda.sh-v1alpha1-scaledobject.json"}
 
-# Services whose store is SQLite on a volume (one writer): one replica, Recreate, a PVC, no autoscaler.
-SINGLETONS = {"watchlist": "deployment/watchlist metadata in SQLite", "audit": "the audit index in SQLite"}
+# Stateful services (SQLite on a volume, one writer; match also tracks each camera in memory, so every embedding
+# of a deployment must reach the same pod): exactly one replica, Recreate, their state on a PVC, no autoscaler.
+SINGLETONS = {"watchlist": "deployment/watchlist metadata in SQLite",
+              "match": "per-camera tracking in memory and the alert book in SQLite",
+              "audit": "the audit index in SQLite"}
 MODEL_SERVICES = ("detection", "embedding")
 # The bounded-queue stage of each NATS-fed service (lfr_queue_depth{stage=...}); see services/*/service.py.
 STAGE_OF = {"detection": "detect", "embedding": "embed", "match": "match"}
@@ -215,7 +219,6 @@ def _peer_names(peer: dict | None) -> str:
 def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
     """The rendered manifests of one overlay against the code (see the module docstring)."""
     from lfr.models.engines import resolve_model_id
-    from lfr.runtime import subjects
     from lfr.runtime.config import Config, ConfigError, describe
     from lfr.runtime.stage import BUDGET_SHARE
 
@@ -249,10 +252,21 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
                    for o in objects):
             err(f"Deployment/{name}: no PodDisruptionBudget selects its pods")
         if name in SINGLETONS:
-            if dep["spec"].get("replicas", 1) != 1 or dep["spec"].get("strategy", {}).get("type") != "Recreate":
-                err(f"Deployment/{name}: a singleton ({SINGLETONS[name]}) needs replicas 1 and strategy Recreate")
+            why = SINGLETONS[name]
+            if dep["spec"].get("replicas") != 1:
+                err(f"Deployment/{name}: a singleton ({why}) needs exactly replicas: 1 "
+                    f"(is {dep['spec'].get('replicas')})")
+            if dep["spec"].get("strategy", {}).get("type") != "Recreate":
+                err(f"Deployment/{name}: a singleton ({why}) needs strategy Recreate (one writer; ReadWriteOnce volume)")
             if ("Deployment", name) in scaled:
-                err(f"Deployment/{name}: a singleton ({SINGLETONS[name]}) must not be autoscaled")
+                err(f"Deployment/{name}: a singleton ({why}) must not be autoscaled")
+            for pdb in (o for o in objects if o["kind"] == "PodDisruptionBudget"
+                        and selects(o["spec"]["selector"], _pod_labels(dep))):
+                spec = pdb["spec"]
+                if str(spec.get("maxUnavailable", "")) in ("0", "0%") or str(spec.get("minAvailable", "0")) not in (
+                        "0", "0%"):
+                    err(f"{ref(pdb)}: a singleton's PDB must allow its one pod to be evicted (maxUnavailable: 1), "
+                        "or no node can be drained")
         elif ("Deployment", name) not in scaled:
             err(f"Deployment/{name}: no HorizontalPodAutoscaler or ScaledObject scales it")
         image = pod["containers"][0]["image"].split("@")[0]
@@ -291,7 +305,7 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
                         err(f"{where}: no {kind}.{r}")
 
     # Configuration, ports, probes, targets, state of each service container.
-    stream_names = {s.name for s in subjects.STREAMS}
+    stream_names = {s.name for s in _streams()}
     for name in services:
         dep = deployments.get(name)
         if dep is None:
@@ -307,9 +321,10 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
         for key in env:
             if not key.startswith("LFR_"):
                 continue
-            if key not in keys and not (key.endswith("_FILE") and key[:-5] in keys):
+            if key not in keys and not _secret_form(key, keys):
                 err(f"{where}: {key} is not a configuration key of lfr.runtime.config (see describe())")
-        plain = {k: v for k, v in env.items() if k.startswith("LFR_") and not k.endswith("_FILE")}
+        # LFR_X_FILE is the secret-file form of the key LFR_X; LFR_POLICY_FILE and the like are keys themselves.
+        plain = {k: v for k, v in env.items() if k.startswith("LFR_") and not _secret_form(k, keys)}
         try:
             cfg = Config.from_env(plain, service=name)
         except ConfigError as exc:
@@ -326,7 +341,7 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
         mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
         vols = {v["name"]: v for v in pod.get("volumes", [])}
         for key, value in env.items():
-            if key.startswith("LFR_") and key.endswith("_FILE"):
+            if key.startswith("LFR_") and _secret_form(key, keys):
                 if not _secret_file_mounted(value, mounts, vols):
                     err(f"{where}: {key}={value} is not a file of a mounted Secret")
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
@@ -367,10 +382,19 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
         elif cfg.qdrant_url:
             err(f"{where}: only watchlist talks to Qdrant (LFR_QDRANT_URL is set)")
         if name in SINGLETONS:
-            mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == cfg.state_dir), None)
-            claim = vols.get(mount["name"], {}).get("persistentVolumeClaim") if mount else None
-            if not cfg.state_dir or not claim or ("PersistentVolumeClaim", claim["claimName"]) not in index:
-                err(f"{where}: LFR_STATE_DIR must be a mounted PersistentVolumeClaim (the root fs is read-only)")
+            # where the service keeps its SQLite store (see services/<name>/service.py)
+            store = {"audit": ("LFR_AUDIT_DB", cfg.audit_db), "match": ("LFR_ALERT_DB", cfg.alert_db)}.get(name)
+            state = [("LFR_STATE_DIR", cfg.state_dir)] if not store or not store[1] else [store]
+            for key, path in state:
+                claim = _claim_of(path, c.get("volumeMounts", []), vols) if path else None
+                if not claim or ("PersistentVolumeClaim", claim) not in index:
+                    also = f" (or {store[0]})" if store and key == "LFR_STATE_DIR" else ""
+                    err(f"{where}: {key}{also} must be on a mounted PersistentVolumeClaim: a singleton's state "
+                        f"({SINGLETONS[name]}) outlives the pod, and the root filesystem is read-only")
+                elif "ReadWriteOnce" not in index[("PersistentVolumeClaim", claim)]["spec"].get("accessModes", []):
+                    err(f"PersistentVolumeClaim/{claim}: {name}'s state needs ReadWriteOnce (one writer)")
+        if cfg.policy_file:
+            problems.extend(_policy_errors(where, cfg.policy_file, c.get("volumeMounts", []), vols, index))
         # GPUs only where torch runs, and then on CUDA
         gpu = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
         if gpu and name not in MODEL_SERVICES:
@@ -395,6 +419,55 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
     problems.extend(_keda_errors(objects, services, set(BUDGET_SHARE), stream_names))
     problems.extend(_network_errors(objects, deployments, index, services))
     return problems
+
+
+def _streams():
+    """Every JetStream stream of the platform: the durable facts and the audit chain."""
+    from lfr.runtime import subjects
+
+    return (*subjects.STREAMS, subjects.AUDIT)
+
+
+def _secret_form(key: str, keys: set[str]) -> bool:
+    """LFR_X_FILE, the secret-file form of the configuration key LFR_X (not a key in its own right)."""
+    return key.endswith("_FILE") and key not in keys and key[:-5] in keys
+
+
+def _under(path: str, mount_path: str) -> bool:
+    return path == mount_path.rstrip("/") or path.startswith(mount_path.rstrip("/") + "/")
+
+
+def _claim_of(path: str, mounts: list[dict], vols: dict) -> str | None:
+    """The PersistentVolumeClaim a path lies on (the deepest mount that holds it), or None."""
+    for m in sorted(mounts, key=lambda m: len(m["mountPath"]), reverse=True):
+        if _under(path, m["mountPath"]):
+            claim = vols.get(m["name"], {}).get("persistentVolumeClaim")
+            return claim["claimName"] if claim and not m.get("readOnly") else None
+    return None
+
+
+def _policy_errors(where: str, path: str, mounts: list[dict], vols: dict, index: dict) -> list[str]:
+    """LFR_POLICY_FILE names a file of a mounted, rendered ConfigMap, and the watchlist accepts that policy."""
+    from lfr.watchlist.policy import PolicyError, parse_policy
+
+    mount = next((m for m in sorted(mounts, key=lambda m: len(m["mountPath"]), reverse=True)
+                  if _under(path, m["mountPath"])), None)
+    source = vols.get(mount["name"], {}).get("configMap") if mount else None
+    if not source:
+        return [f"{where}: LFR_POLICY_FILE={path} is not a file of a mounted ConfigMap"]
+    rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    items = {i["path"]: i["key"] for i in source.get("items", [])} if source.get("items") else None
+    key = items.get(rel) if items is not None else rel
+    cm = index.get(("ConfigMap", source["name"]))
+    if cm is None:
+        return [f"{where}: LFR_POLICY_FILE: ConfigMap {source['name']!r} is not in the rendered manifests"]
+    if key is None or key not in cm.get("data", {}):
+        return [f"{where}: LFR_POLICY_FILE={path}: ConfigMap {_base_name(source['name'])} has no such file"]
+    try:
+        parse_policy(cm["data"][key])
+    except PolicyError as exc:
+        return [f"{where}: LFR_POLICY_FILE: the watchlist would refuse ConfigMap {_base_name(source['name'])}: {exc}"]
+    return []
 
 
 def _secret_file_mounted(path: str, mounts: dict, vols: dict) -> bool:
@@ -478,9 +551,9 @@ def _nats_errors(objects, index, stream_names) -> list[str]:
         problems.append("nats.conf: max_payload must be an integer >= LFR_MAX_MESSAGE_BYTES")
     if "include ./permissions.conf" not in text:
         problems.append("nats.conf: must include ./permissions.conf")
-    denied = set(re.findall(r"\$JS\.API\.STREAM\.(DELETE|PURGE)\.([A-Z_]+)", perms))
-    for stream in stream_names:
-        for op in ("DELETE", "PURGE"):
+    denied = set(re.findall(r"\$JS\.API\.STREAM\.(DELETE|PURGE|MSG\.DELETE)\.([A-Z_]+)", perms))
+    for stream in sorted(stream_names):
+        for op in ("DELETE", "PURGE", "MSG.DELETE"):
             if (op, stream) not in denied:
                 problems.append(f"permissions.conf: clients must be denied {op} of stream {stream}")
     for _op, stream in denied:
@@ -529,9 +602,8 @@ def _names_errors(objects, config_keys, stream_names) -> list[str]:
     """Subjects and stream names anywhere in the manifests must be the code's (lfr.runtime.subjects)."""
     from lfr.runtime import subjects
 
-    domains = {s.split(".")[2] for s in (subjects.frames(), subjects.faces(), subjects.embeddings(),
-                                         subjects.alerts(), subjects.lifecycle(), subjects.watchlist(),
-                                         subjects.matchstats())}
+    domains = {s.split(".")[2] for s in (subjects.frames(), subjects.faces(), subjects.embeddings())}
+    domains |= {s.split(".")[2] for stream in _streams() for s in stream.subjects}
     problems = set()
     for obj in objects:
         for text in _strings(obj):

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import re
 import shutil
 import subprocess
 
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
 
 from lfr import deploy_check as dc
 from lfr.bench import capacity
@@ -98,6 +100,14 @@ def test_a_broken_kustomization_fails_to_render(tmp_path):
         dc.render(tree / "overlays" / "dev")
 
 
+def scaled_as(autoscaler: dict, target: str) -> dict:
+    """A copy of an autoscaler, pointed at another Deployment."""
+    out = copy.deepcopy(autoscaler)
+    out["metadata"]["name"] = target
+    out["spec"]["scaleTargetRef"]["name"] = target
+    return out
+
+
 @pytest.mark.parametrize(("mutate", "expected"), [
     (lambda o: o.remove(find(o, "Deployment", "audit")), "services/audit: no Deployment named audit"),
     (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_GRPC_THREADS="4"),
@@ -121,10 +131,42 @@ def test_a_broken_kustomization_fails_to_render(tmp_path):
      .update({"app.kubernetes.io/name": "match"}), "StatefulSet/qdrant port 6333: reachable from ['match']"),
     (lambda o: find(o, "NetworkPolicy", "grpc-external")["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
      .update(matchLabels={}), "Deployment/audit port 50056: reachable from"),
-    (lambda o: find(o, "ScaledObject", "match")["spec"]["triggers"][1]["metadata"]
-     .update(query='sum(lfr_queue_depth{service="match",stage="embed"})'), "not match's stage"),
-    (lambda o: o.append(copy.deepcopy(find(o, "ScaledObject", "match")) | {"kind": "HorizontalPodAutoscaler"}),
+    (lambda o: find(o, "ScaledObject", "detection")["spec"]["triggers"][1]["metadata"]
+     .update(query='sum(lfr_queue_depth{service="detection",stage="embed"})'), "not detection's stage"),
+    (lambda o: o.append(copy.deepcopy(find(o, "ScaledObject", "detection")) | {"kind": "HorizontalPodAutoscaler"}),
      "scaled by more than one autoscaler"),
+    # the stateful singletons: watchlist, match, audit
+    (lambda o: find(o, "Deployment", "match")["spec"].update(replicas=2),
+     "Deployment/match: a singleton (per-camera tracking in memory and the alert book in SQLite) needs exactly "
+     "replicas: 1"),
+    (lambda o: find(o, "Deployment", "audit")["spec"].pop("replicas"), "Deployment/audit: a singleton"),
+    (lambda o: find(o, "Deployment", "match")["spec"].update(strategy={"type": "RollingUpdate"}),
+     "Deployment/match: a singleton (per-camera tracking in memory and the alert book in SQLite) needs strategy "
+     "Recreate"),
+    (lambda o: o.append(scaled_as(find(o, "HorizontalPodAutoscaler", "ingest"), "match")),
+     "Deployment/match: a singleton (per-camera tracking in memory and the alert book in SQLite) must not be "
+     "autoscaled"),
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].pop("LFR_STATE_DIR"),
+     "Deployment/match: LFR_STATE_DIR (or LFR_ALERT_DB) must be on a mounted PersistentVolumeClaim"),
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_ALERT_DB="/tmp/match-alerts.sqlite"),
+     "Deployment/match: LFR_ALERT_DB must be on a mounted PersistentVolumeClaim"),
+    (lambda o: o.remove(find(o, "PersistentVolumeClaim", "match-state")),
+     "Deployment/match: LFR_STATE_DIR (or LFR_ALERT_DB) must be on a mounted PersistentVolumeClaim"),
+    (lambda o: find(o, "ConfigMap", "lfr-audit")["data"].update(LFR_STATE_DIR="/tmp"),
+     "Deployment/audit: LFR_STATE_DIR (or LFR_AUDIT_DB) must be on a mounted PersistentVolumeClaim"),
+    (lambda o: find(o, "PodDisruptionBudget", "match")["spec"].update(maxUnavailable=0),
+     "PodDisruptionBudget/match: a singleton's PDB must allow its one pod to be evicted"),
+    (lambda o: find(o, "ConfigMap", "nats-config")["data"].update({"permissions.conf": find(
+        o, "ConfigMap", "nats-config")["data"]["permissions.conf"].replace('"$JS.API.STREAM.MSG.DELETE.LFR_AUDIT"',
+                                                                          "")}),
+     "denied MSG.DELETE of stream LFR_AUDIT"),
+    # the watchlist's policy file
+    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_POLICY_FILE="/var/lib/lfr/policy.json"),
+     "Deployment/watchlist: LFR_POLICY_FILE=/var/lib/lfr/policy.json is not a file of a mounted ConfigMap"),
+    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_POLICY_FILE="/etc/lfr/policy/other.json"),
+     "ConfigMap lfr-watchlist-policy has no such file"),
+    (lambda o: find(o, "ConfigMap", "lfr-watchlist-policy")["data"].update({"policy.json": "{}"}),
+     "the watchlist would refuse ConfigMap lfr-watchlist-policy"),
 ])
 def test_the_contract_check_catches(rendered, mutate, expected):
     objects = copy.deepcopy(rendered["prod-keda"])
@@ -137,8 +179,19 @@ def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(ren
     objects = rendered["prod"]
     services = sorted(p.name for p in (dc.REPO / "services").iterdir() if (p / "__main__.py").is_file())
     assert services == ["audit", "detection", "embedding", "ingest", "match", "watchlist"]
+    assert set(dc.SINGLETONS) == {"watchlist", "match", "audit"}
     hpas = {o["metadata"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
-    assert hpas == set(services) - set(dc.SINGLETONS)
+    assert hpas == set(services) - set(dc.SINGLETONS) == {"detection", "embedding", "ingest"}
+    scaled = {o["metadata"]["name"] for o in rendered["prod-keda"] if o["kind"] == "ScaledObject"}
+    assert scaled == {"detection", "embedding"}
+    for overlay in OVERLAYS:
+        for name in dc.SINGLETONS:
+            dep = find(rendered[overlay], "Deployment", name)["spec"]
+            assert dep["replicas"] == 1 and dep["strategy"] == {"type": "Recreate"}, (overlay, name)
+            claims = [v["persistentVolumeClaim"]["claimName"] for v in dep["template"]["spec"]["volumes"]
+                      if "persistentVolumeClaim" in v]
+            assert claims == [f"{name}-state"], (overlay, name)
+            find(rendered[overlay], "PersistentVolumeClaim", f"{name}-state")
     for name in dc.MODEL_SERVICES:
         pod = find(objects, "Deployment", name)["spec"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -147,6 +200,16 @@ def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(ren
     dev = rendered["dev"]
     assert not any("nvidia.com/gpu" in str(o) for o in dev)
     assert {o["metadata"]["namespace"] for o in dev if o["kind"] != "Namespace"} == {"lfr-dev"}
+
+
+def test_the_watchlist_policy_is_the_shipped_example_mounted_from_a_configmap(rendered):
+    """The base mounts a copy of the example policy shipped with LFR (a force replaces it in its overlay); the
+    copy must not drift from the package's."""
+    shipped = json.loads((dc.REPO / "services" / "watchlist" / "default_policy.json").read_text())
+    for overlay in OVERLAYS:
+        objects = rendered[overlay]
+        assert find(objects, "ConfigMap", "lfr-watchlist")["data"]["LFR_POLICY_FILE"] == "/etc/lfr/policy/policy.json"
+        assert json.loads(find(objects, "ConfigMap", "lfr-watchlist-policy")["data"]["policy.json"]) == shipped
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -162,8 +225,9 @@ def test_nats_server_accepts_the_rendered_configuration(rendered, overlay, tmp_p
 
 async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(rendered, tmp_path):
     """permissions.conf on a real nats-server: the platform's own Bus does everything it does in production
-    (declares streams, publishes durably, consumes as audit, replays as match, core queue groups), and no
-    client can delete or purge a durable stream."""
+    (declares streams, publishes durably, consumes as audit, appends to and reads back the audit chain as audit
+    does, replays as match, core queue groups), and no client can delete or purge a stream or delete a message
+    of one."""
     data = find(rendered["prod"], "ConfigMap", "nats-config")["data"]
     (tmp_path / "permissions.conf").write_text(data["permissions.conf"])
     payload = re.search(r"^max_payload:.*$", data["nats.conf"], re.M).group(0)
@@ -178,6 +242,19 @@ async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(re
         await bus.connect(timeout_s=10)
         await bus.ensure_streams()
         await bus.ensure_streams()  # idempotent, as every service does at start
+        for _ in range(2):  # the audit service declares its chain at every start
+            await bus.ensure_streams((subjects.AUDIT,))
+        # the audit chain, as services/audit/service.py appends to and reads it
+        for seq, dep in ((1, "dep1"), (2, subjects.NO_DEPLOYMENT)):
+            ack = await bus.js.publish(subjects.audit(dep), b"record", timeout=2, headers={
+                "Nats-Msg-Id": f"audit-{seq}", "Nats-Expected-Last-Sequence": str(seq - 1)})
+            assert ack.seq == seq
+        assert (await bus.js.stream_info(subjects.AUDIT.name)).state.last_seq == 2
+        psub = await bus.js.pull_subscribe(subjects.audit(), stream=subjects.AUDIT.name, config=api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=2,
+            inactive_threshold=30.0))
+        assert [m.metadata.sequence.stream for m in await psub.fetch(256, timeout=5)] == [2]
+        await psub.unsubscribe()
         env = common_pb2.Envelope(event_id="e1")
         bus.publish_durable(subjects.alerts("dep1", "cam1"), env, "a1")
         bus.publish_durable(subjects.lifecycle("dep1"), env, "l1")
@@ -209,12 +286,12 @@ async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(re
                                       subjects.matchstats("dep1")])
         assert faces == ["f1"] and replayed == [1]
 
-        for stream in subjects.STREAMS:
-            for op in ("DELETE", "PURGE"):
+        for stream in (*subjects.STREAMS, subjects.AUDIT):
+            for op, body in (("DELETE", b""), ("PURGE", b""), ("MSG.DELETE", b'{"seq": 1}')):
                 with pytest.raises(NatsTimeout):  # the server drops the denied request: no reply comes
-                    await bus.nc.request(f"$JS.API.STREAM.{op}.{stream.name}", b"", timeout=0.3)
+                    await bus.nc.request(f"$JS.API.STREAM.{op}.{stream.name}", body, timeout=0.3)
             info = await bus.js.stream_info(stream.name)
-            assert info.state.messages >= 1
+            assert info.state.messages >= 1 and info.state.first_seq == 1
     finally:
         await bus.drain()
         proc.terminate()
@@ -276,6 +353,13 @@ def test_capacity_model_arithmetic():
     gallery = r["qdrant"]["galleries"][0]
     assert gallery["vectors"] == 1_000_000 and gallery["ram_gb_one_copy"] == 0.768  # 1M x 128 x 4 x 1.5
     assert r["jetstream"]["LFR_ALERTS"]["retention_days"] == subjects.ALERTS.max_age_s / 86400
+    # match is one pod: 200 x 0.7 = 140 frames with faces/s planned, below the watchlist's 300 x 0.7 = 210
+    assert (r["match"]["replicas"], r["match"]["planned_searches_per_s"], r["match"]["over_limit"]) == (1, 140.0, False)
+    assert r["match"]["max_cameras"] == 28  # 140 / (5 fps x 1 search per frame)
+    assert r["jetstream"]["LFR_AUDIT"]["records_per_day"] == 43_200 + round(10 * 2 / 3600 * 4 * 86400)
+    busy = capacity.run(capacity_args("--cameras", "15", "--fps", "10"))
+    assert busy["match"]["over_limit"] and busy["match"]["max_cameras"] == 14
+    assert any(w.startswith("match is a single pod") for w in busy["warnings"])
     more = capacity.run(capacity_args("--cameras", "20", "--fps", "5", "--faces-per-frame", "2"))
     assert more["cpu_only"]["detection"]["replicas"] >= r["cpu_only"]["detection"]["replicas"]
     with pytest.raises(ValueError):
@@ -294,20 +378,41 @@ def test_readme_capacity_example_and_prod_replicas_match_the_model(rendered):
         f"{r['cpu_only']['embedding']['cores']} cores |",
         f"| detection, GPU | {r['gpu']['detection']['gpus']} GPUs |",
         f"| embedding, GPU | {r['gpu']['embedding']['gpus']} GPUs |",
-        f"| match | {r['match']['replicas']} replicas |",
+        f"| match (one pod) | {r['match']['searches_per_s']:.0f} frames with faces/s; "
+        f"{r['match']['planned_searches_per_s']:.0f}/s planned, {r['match']['max_cameras']} cameras at "
+        f"{r['inputs']['fps']:.0f} fps |",
+        f"| watchlist (one pod) | {r['watchlist']['searches_per_s']:.0f} Search RPCs/s; "
+        f"{r['watchlist']['planned_searches_per_s']:.0f}/s planned |",
         f"| ingest | {r['ingest']['replicas']} replicas |",
         f"| NATS core traffic in | {r['nats']['core_mb_per_s_in']} MB/s |",
         f"| JetStream, all replicas | {r['jetstream']['gb_total_all_replicas']} GB |",
+        f"| JetStream per NATS node | {r['jetstream']['gb_per_node']} GB of {r['jetstream']['max_file_store_gb_per_node']}"
+        " GB |",
+        f"| audit chain (`LFR_AUDIT`) | {r['jetstream']['LFR_AUDIT']['records_per_day']:,} records a day, "
+        f"{r['jetstream']['LFR_AUDIT']['gb_retained_one_copy']} GB a year (one copy) |",
+        f"| match alert book (PVC) | {r['match']['alert_book_gb']} GB a year |",
+        f"| audit index (PVC) | {r['audit']['index_gb']} GB a year |",
         f"| Qdrant, watchlist of {q['watchlist']['vectors']:,} | {q['watchlist']['ram_gb_per_node']} GB per node |",
     ] + [f"| Qdrant, gallery of {g['vectors']:,} | {g['ram_gb_per_node']} GB per node "
          f"({g['ram_gb_per_node_int8_quantized']} GB int8) |" for g in q["galleries"]]
     for line in expected:
         assert line in readme, line
+    assert r["match"]["replicas"] == r["watchlist"]["replicas"] == r["audit"]["replicas"] == 1
+    assert r["match"]["over_limit"] and any(w.startswith("match is a single pod") for w in r["warnings"])
     prod = rendered["prod"]
     for name, want in (("detection", r["gpu"]["detection"]["replicas"]), ("embedding", r["gpu"]["embedding"]["replicas"]),
-                       ("match", r["match"]["replicas"]), ("ingest", r["ingest"]["replicas"])):
+                       ("ingest", r["ingest"]["replicas"])):
         assert find(prod, "HorizontalPodAutoscaler", name)["spec"]["minReplicas"] == want, name
         assert find(prod, "Deployment", name)["spec"]["replicas"] == want, name
+    for name in dc.SINGLETONS:
+        assert find(prod, "Deployment", name)["spec"]["replicas"] == 1, name
+    # the NATS store the model plans on is the one the manifests configure
+    nats_conf = find(prod, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    store_gb = int(re.search(r"^\s*max_file_store:\s*(\d+)GB\s*$", nats_conf, re.M).group(1))
+    assert store_gb == capacity.NATS_FILE_STORE_GB == r["jetstream"]["max_file_store_gb_per_node"]
+    assert r["jetstream"]["gb_per_node"] < store_gb
+    volume = find(prod, "StatefulSet", "nats")["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]
+    assert int(volume["storage"].removesuffix("Gi")) * 1.073741824 > store_gb
     for so in (o for o in rendered["prod-keda"] if o["kind"] == "ScaledObject"):
         hpa = find(prod, "HorizontalPodAutoscaler", so["metadata"]["name"])["spec"]
         assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (hpa["minReplicas"], hpa["maxReplicas"])

@@ -1,13 +1,16 @@
 """``lfr bench capacity``: size a cluster for N cameras (replicas, GPUs, NATS traffic, JetStream and Qdrant).
 
 A calculation, not a measurement: it turns a camera load (cameras x fps x faces per frame) into the number
-of detection and embedding replicas (CPU or GPU), match replicas, NATS traffic, JetStream storage for the
-durable streams, and Qdrant memory for a watchlist and for galleries. Every throughput and size it uses is a
+of detection and embedding replicas (CPU or GPU), whether the single match pod keeps up, NATS traffic,
+JetStream storage for the durable streams and the audit chain, the state volumes of match and audit, and
+Qdrant memory for a watchlist and for galleries. Every throughput and size it uses is a
 parameter; each default says where it comes from in ``sources`` (measured here, or an assumption to
 replace with your own ``lfr bench speed`` / ``lfr bench pipeline`` figures on your hardware).
 
 Replicas = ceil(load / (per-replica throughput x target utilisation)): the autoscalers aim at 70 % CPU,
-so the same headroom is kept here.
+so the same headroom is kept here. match, watchlist and audit are singletons (one pod each, state in SQLite on
+a volume; match also tracks every camera's faces in memory): for them the model gives the load against the
+one pod's planned throughput, the camera count that fits, and a warning beyond it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ GB = 1e9
 MB = 1e6
 DAY_S = 86400.0
 NATS_NODES = 3  # deploy/k8s: the NATS StatefulSet
+NATS_FILE_STORE_GB = 45  # deploy/k8s/base/nats/nats.conf: jetstream max_file_store (on a 50 Gi volume)
 
 # Where each default comes from (printed with the result, so nobody mistakes an assumption for a measurement).
 SOURCES = {
@@ -29,7 +33,8 @@ SOURCES = {
     "embed_faces_per_s": "measured: SFace (torch, CPU) batch 32 on 2 cores, lfr bench speed",
     "detect_fps_per_gpu": "ASSUMED (no GPU measured): replace with lfr bench speed --device cuda",
     "embed_faces_per_s_per_gpu": "ASSUMED (no GPU measured): replace with lfr bench speed --device cuda",
-    "match_events_per_s": "ASSUMED: one watchlist Search RPC per frame with faces; measure with lfr bench pipeline",
+    "match_events_per_s": "ASSUMED: the one match pod, one watchlist Search RPC per frame with faces, one at a"
+                          " time; measure with lfr bench pipeline",
     "watchlist_searches_per_s": "ASSUMED: Qdrant k=1 search of a small watchlist through one watchlist pod",
     "ingest_fps_per_replica": "ASSUMED: RTSP decode + 1080p JPEG encode on 2 cores (pushed frames cost less)",
     "frame_bytes": "measured: 1080p pedestrian video frame as JPEG quality 90 (LFR_JPEG_QUALITY)",
@@ -37,6 +42,11 @@ SOURCES = {
     "embedded_face_bytes": "measured: one FaceEmbedding (128-d vector + review crop)",
     "alert_bytes": "estimate: review crop (measured ~2.8 KB) + alert fields",
     "matchstats_bytes": "estimate: MatchStats message + JetStream per-message overhead",
+    "audit_record_bytes": "measured: an lfr.audit.v1.Record of a match.stats fact is ~0.77 KB; + JetStream"
+                          " per-message overhead (estimate)",
+    "audit_records_per_alert": "estimate: raised, one update, adjudicated, crops deleted",
+    "alert_book_row_bytes": "estimate: the alert without its crop, its adjudication, SQLite row and index",
+    "audit_index_bytes": "estimate: one record in audit's SQLite index, with its indexes",
     "qdrant_overhead": "Qdrant's sizing rule: vectors x dim x 4 bytes x 1.5 (index and bookkeeping)",
 }
 
@@ -61,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rate.add_argument("--detect-fps-per-gpu", type=float, default=100.0, help="detection frames/s per GPU replica")
     rate.add_argument("--embed-faces-per-s-per-gpu", type=float, default=1000.0,
                       help="embedding faces/s per GPU replica")
-    rate.add_argument("--match-events-per-s", type=float, default=200.0, help="match: frames with faces/s per replica")
+    rate.add_argument("--match-events-per-s", type=float, default=200.0,
+                      help="frames with faces/s the (single) match pod serves")
     rate.add_argument("--watchlist-searches-per-s", type=float, default=300.0,
                       help="watchlist Search RPCs/s the (single) watchlist pod serves")
     rate.add_argument("--ingest-fps-per-replica", type=float, default=60.0, help="ingest frames/s per replica")
@@ -72,9 +83,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--embedded-face-bytes", type=int, default=3_500, help="per face in an EmbeddingsEvent")
     size.add_argument("--alert-bytes", type=int, default=3_500)
     size.add_argument("--matchstats-bytes", type=int, default=300)
+    size.add_argument("--audit-record-bytes", type=int, default=900, help="per record of the audit chain (LFR_AUDIT)")
+    size.add_argument("--audit-records-per-alert", type=float, default=4.0,
+                      help="audit records an alert causes (default 4: raised, updated, adjudicated, crops deleted)")
+    size.add_argument("--alert-book-row-bytes", type=int, default=1_000,
+                      help="match's alert book: per alert kept after its crop is deleted")
+    size.add_argument("--audit-index-bytes", type=int, default=1_500, help="audit's SQLite index, per record")
+    size.add_argument("--nats-file-store-gb", type=float, default=NATS_FILE_STORE_GB,
+                      help=f"JetStream max_file_store per NATS node (default {NATS_FILE_STORE_GB}, as deploy/k8s)")
     size.add_argument("--stream-replicas", type=int, default=3, help="JetStream replicas per stream (default 3)")
     size.add_argument("--events-retention-days", type=float, default=365.0,
-                      help="LFR_EVENTS keeps everything: storage is shown for this many days (default 365)")
+                      help="LFR_EVENTS and LFR_AUDIT keep everything: storage is shown for this many days"
+                           " (default 365)")
 
     q = parser.add_argument_group("Qdrant")
     q.add_argument("--model", default="sface-2021dec", help="live model id (its vector size is used)")
@@ -135,17 +155,45 @@ def capacity(args: argparse.Namespace) -> dict:
     alerts_per_s = args.cameras * args.alerts_per_camera_hour / 3600
     alerts_age_days = subjects.ALERTS.max_age_s / DAY_S
     alerts_retained = alerts_per_s * DAY_S * alerts_age_days * args.alert_bytes
+    # one match pod: one MatchStats per running deployment every LFR_STATS_INTERVAL_S
     stats_per_s = args.deployments / stats_interval
-    events_retained = stats_per_s * DAY_S * args.events_retention_days * args.matchstats_bytes
-    js_total = (alerts_retained + events_retained) * args.stream_replicas
+    kept_days = args.events_retention_days
+    events_retained = stats_per_s * DAY_S * kept_days * args.matchstats_bytes
+    # the audit chain: one record per durable fact (every MatchStats and every alert fact), kept forever
+    audit_per_s = stats_per_s + alerts_per_s * args.audit_records_per_alert
+    audit_retained = audit_per_s * DAY_S * kept_days * args.audit_record_bytes
+    js_total = (alerts_retained + events_retained + audit_retained) * args.stream_replicas
+
+    # the singletons: match (tracking + alert book) and watchlist serve every search of the platform
+    match_planned = args.match_events_per_s * util
+    watchlist_planned = args.watchlist_searches_per_s * util
+    per_camera = args.fps * min(1.0, args.faces_per_frame)
+    search_limit = min(match_planned, watchlist_planned)
+    max_cameras = math.floor(search_limit / per_camera + 1e-9) if per_camera > 0 else None
+    retention_s = Config().alert_retention_s
+    alert_book = (alerts_per_s * min(retention_s, kept_days * DAY_S) * args.alert_bytes
+                  + alerts_per_s * DAY_S * kept_days * args.alert_book_row_bytes)
 
     dim = model_info(args.model).dim
     warnings = []
-    if searches > args.watchlist_searches_per_s * util:
+    if searches > match_planned:
+        warnings.append(
+            f"match is a single pod (per-camera tracking in memory, the alert book in SQLite) and would receive"
+            f" {searches:.0f} frames with faces/s, above the {match_planned:.0f}/s planned for it: beyond that its"
+            " bounded queue drops the oldest embeddings (lfr_items_dropped_total{service=\"match\"}, counted as"
+            " stale_dropped in MatchStats), and those faces are never matched. Measure it; to scale, partition"
+            " match by deployment (one match, with its own volume, per group of deployments)")
+    if searches > watchlist_planned:
         warnings.append(
             f"watchlist is a single pod (SQLite metadata) and would serve {searches:.0f} Search RPCs/s, above"
-            f" {args.watchlist_searches_per_s * util:.0f}/s planned for one pod: measure it, and batch searches"
+            f" {watchlist_planned:.0f}/s planned for one pod: measure it, and batch searches"
             " or move the watchlist metadata to a shared store before adding cameras")
+    js_per_node = js_total / NATS_NODES / GB
+    if js_per_node > args.nats_file_store_gb:
+        warnings.append(
+            f"JetStream needs {js_per_node:.1f} GB per NATS node for {kept_days:.0f} days, above max_file_store"
+            f" ({args.nats_file_store_gb:g} GB): when the store is full, durable facts (alerts, audit records)"
+            " cannot be written. Raise max_file_store and the NATS volumes, or LFR_STATS_INTERVAL_S")
     if published / MB > 100:
         warnings.append(
             f"NATS carries {published / MB:.0f} MB/s of biometric flow (in) and as much out: give the NATS nodes"
@@ -170,9 +218,21 @@ def capacity(args: argparse.Namespace) -> dict:
             "embedding": {"replicas": emb_gpu, "gpus": emb_gpu},
             "gpus": det_gpu + emb_gpu,
         },
-        "match": {"replicas": _replicas(searches, args.match_events_per_s, util)},
+        "match": {
+            "replicas": 1,
+            "searches_per_s": searches,
+            "planned_searches_per_s": round(match_planned, 1),
+            "max_cameras": max_cameras,
+            "over_limit": searches > search_limit,
+            "alert_book_gb": round(alert_book / GB, 3),
+            "note": "a singleton: all embeddings of a deployment must reach the one pod that tracks its cameras;"
+                    " max_cameras is at this fps, also bounded by the watchlist pod",
+        },
         "ingest": {"replicas": _replicas(frames, args.ingest_fps_per_replica, util)},
-        "watchlist": {"replicas": 1, "searches_per_s": searches},
+        "watchlist": {"replicas": 1, "searches_per_s": searches,
+                      "planned_searches_per_s": round(watchlist_planned, 1)},
+        "audit": {"replicas": 1, "records_per_day": round(audit_per_s * DAY_S),
+                  "index_gb": round(audit_per_s * DAY_S * kept_days * args.audit_index_bytes / GB, 3)},
         "nats": {
             "core_msgs_per_s": sum(n for n, _ in msg.values()),
             "core_mb_per_s": {k: round(b / MB, 2) for k, (_, b) in msg.items()},
@@ -190,11 +250,17 @@ def capacity(args: argparse.Namespace) -> dict:
             },
             subjects.EVENTS.name: {
                 "matchstats_msgs_per_day": round(stats_per_s * DAY_S),
-                "retention_days_shown": args.events_retention_days,
+                "retention_days_shown": kept_days,
                 "gb_retained_one_copy": round(events_retained / GB, 3),
             },
+            subjects.AUDIT.name: {
+                "records_per_day": round(audit_per_s * DAY_S),
+                "retention_days_shown": kept_days,
+                "gb_retained_one_copy": round(audit_retained / GB, 3),
+            },
             "gb_total_all_replicas": round(js_total / GB, 3),
-            "gb_per_node": round(js_total / NATS_NODES / GB, 3),
+            "gb_per_node": round(js_per_node, 3),
+            "max_file_store_gb_per_node": args.nats_file_store_gb,
         },
         "qdrant": {
             "model": args.model,
