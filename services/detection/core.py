@@ -18,9 +18,13 @@ def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     h, w = image.shape[:2]
     if max(h, w) <= max_side:
         return image, 1.0
-    s = max_side / max(h, w)
-    small = Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BILINEAR)
-    return np.asarray(small), 1.0 / s
+    factor = max(h, w) / max_side
+    pil = Image.fromarray(image)
+    if factor == int(factor):  # e.g. 1080p -> 960: a box-filter reduce, 4x faster than a resize
+        small = pil.reduce(int(factor))
+    else:
+        small = pil.resize((round(w / factor), round(h / factor)), Image.BILINEAR, reducing_gap=2.0)
+    return np.asarray(small), w / small.width
 
 
 def rescale_face(face: Face, factor: float) -> Face:
@@ -62,9 +66,10 @@ def face_pb(image: np.ndarray, face: Face, chips: dict[str, np.ndarray] | None, 
     return out
 
 
-def detect_images(engine, images: list[np.ndarray], max_side: int, with_chips: bool, with_crops: bool
-                  ) -> list[list[detection_pb2.DetectedFace]]:
-    """Detect on (downscaled) copies, align and crop from the full-resolution images."""
+def detect_images(engine, images: list[np.ndarray], max_side: int, with_chips: bool, with_crops: bool,
+                  min_face_px: float = 0.0) -> list[list[detection_pb2.DetectedFace]]:
+    """Detect on (downscaled) copies, align and crop from the full-resolution images. Faces with fewer than
+    `min_face_px` between the eyes (full resolution) are dropped before any chip or crop is made."""
     small = [downscale(im, max_side) for im in images]
     found = engine.detect([s for s, _ in small])
     out = []
@@ -72,5 +77,6 @@ def detect_images(engine, images: list[np.ndarray], max_side: int, with_chips: b
         faces = [rescale_face(f, factor) for f in faces]
         if factor != 1.0:
             faces = [replace(f, quality=face_quality(image, f)) for f in faces]
+        faces = [f for f in faces if f.quality.inter_eye_px >= min_face_px]
         out.append([face_pb(image, f, engine.chips(image, f) if with_chips else None, with_crops) for f in faces])
     return out

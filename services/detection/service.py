@@ -66,12 +66,11 @@ class DetectionService(Service):
                 self.stage._drop(f, "bad_image")
         if not images:
             return kept, []
-        return kept, detect_images(self.engine, images, cfg.detect_max_side, True, True)
+        return kept, detect_images(self.engine, images, cfg.detect_max_side, True, True, cfg.min_face_px)
 
     async def _process(self, frames: list[ingest_pb2.FrameEvent]) -> None:
         kept, results = await self.rt.run_cpu(self._decode_batch, frames)
         for frame, faces in zip(kept, results, strict=True):
-            faces = [f for f in faces if f.quality.inter_eye_px >= self.config.min_face_px]
             if not faces:
                 continue
             env = frame.envelope

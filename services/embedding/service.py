@@ -53,17 +53,18 @@ class EmbeddingService(Service):
         from lfr.models.engines import get_engine
 
         cfg = self.config
-        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
+        flip = {"on": True, "off": False, "model": None}[cfg.flip]
+        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None, flip=flip))
         self.description = describe(self.engine)
-        self.stage = Stage(self.name, "embed", cfg.queue_size, 1, self._process,
+        # Batches are counted in faces (chips), not frames, so one batch's latency stays bounded.
+        self.stage = Stage(self.name, "embed", cfg.queue_size, cfg.embedding_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["embed"],
-                           on_drop=self._dropped)
+                           on_drop=self._dropped, weight=lambda m: sum(len(f.chips) for f in m.faces))
         rt.add_servicer(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(self),
                         pb.DESCRIPTOR.services_by_name["EmbeddingService"])
 
     async def warmup(self) -> None:
         await self.rt.run_cpu(self.engine.warmup)
-        self.stage.batch = max(1, self.config.embedding_batch // 4)  # frames per batch; faces add up
         self.worker = asyncio.create_task(self.stage.run(), name="embed-stage")
         self.sub = await self.rt.bus.subscribe(subjects.faces(), detection_pb2.FacesEvent, self._on_faces,
                                                queue=subjects.QUEUE["embedding"], stage="embed")

@@ -91,6 +91,35 @@ async def test_stage_drops_oldest_when_full_and_stale_items():
     assert metrics.DROPPED.labels("t", "unit", "queue_full")._value.get() == 3
 
 
+async def test_stage_batches_by_weight_and_drops_what_cannot_finish_in_budget():
+    batches: list[list[int]] = []
+
+    async def process(batch):
+        batches.append([i for i, _w, _age in batch])
+        await asyncio.sleep(0.05)
+
+    dropped = []
+    stage = Stage("t", "weighted", maxsize=10, batch=4, process=process, age_ms=lambda it: it[2], budget_ms=100,
+                  on_drop=lambda it, why: dropped.append((it[0], why)), weight=lambda it: it[1])
+    for i, w in enumerate([3, 1, 2, 5, 1]):  # faces per frame
+        stage.offer((i, w, 0.0))
+    task = asyncio.create_task(stage.run())
+    await stage.drain(2.0)
+    await task
+    assert batches == [[0, 1], [2], [3], [4]]  # never over 4 faces, except a single heavy item
+    assert dropped == [] and 40 < stage.batch_ms < 200
+    # an item whose age plus the stage's batch time exceeds the budget is dropped, not started
+    stage = Stage("t", "late", maxsize=10, batch=1, process=process, age_ms=lambda it: it[2], budget_ms=100,
+                  on_drop=lambda it, why: dropped.append((it[0], why)))
+    stage.batch_ms = 50.0
+    stage.offer((7, 1, 60.0))
+    stage.offer((8, 1, 10.0))
+    task = asyncio.create_task(stage.run())
+    await stage.drain(2.0)
+    await task
+    assert dropped == [(7, "stale")] and batches[-1] == [8]
+
+
 def test_readme_documents_every_config_key():
     from pathlib import Path
 

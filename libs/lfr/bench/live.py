@@ -103,6 +103,10 @@ def run(args) -> dict:
         "frames_processed": int(processed),
         "frames_dropped": int(dropped["detection"]),
         "drops_by_stage": {k: int(v) for k, v in dropped.items()},
+        "stage_batch_ms": {  # mean time of one batch in each stage's worker
+            name: round(1000 * metric_sum(m, "lfr_stage_seconds_sum", stage=stage)
+                        / max(1.0, metric_sum(m, "lfr_stage_seconds_count", stage=stage)), 1)
+            for name, m, stage in (("detection", det, "detect"), ("embedding", emb, "embed"), ("match", match, "match"))},
         "faces": stats.faces_seen,
         "alerts": stats.alerts,
         "alert_latency_ms": {"p50": pct(latencies, 50), "p95": pct(latencies, 95),

@@ -39,8 +39,10 @@ class Config:
     max_message_bytes: int = _opt(8 * 1024 * 1024, "largest gRPC message accepted")
     max_image_pixels: int = _opt(40_000_000, "largest image (width x height) decoded")
     detect_max_side: int = _opt(960, "frames are downscaled so the longer side is at most this before detection")
-    detection_batch: int = _opt(4, "frames per detector batch")
-    embedding_batch: int = _opt(32, "faces per embedder batch")
+    detection_batch: int = _opt(1, "frames per detector batch (more helps on a GPU; on a CPU it only adds latency)")
+    embedding_batch: int = _opt(8, "faces per embedder batch (frames are batched until their faces reach this)")
+    flip: str = _opt("off", "test-time flip averaging in the embedding service: on, off, or model (the model's "
+                     "default); on doubles the embedding cost")
     queue_size: int = _opt(8, "bounded queue per stage; the oldest item is dropped (and counted) when full")
     ingest_fps: float = _opt(10.0, "default sampling rate of pulled sources")
     jpeg_quality: int = _opt(90, "JPEG quality of frames published by ingest")
@@ -116,6 +118,8 @@ class Config:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if self.realert_window_s < 0:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
+        if self.flip not in ("on", "off", "model"):
+            raise ConfigError("LFR_FLIP: must be on, off or model")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -14,26 +14,35 @@ from lfr.runtime.logs import get_logger
 
 T = TypeVar("T")
 
-# Share of the freshness budget (LFR_FRESHNESS_MS) a message may have used when each stage starts on it, so
-# that whatever is still unmatched when the budget runs out has been disposed of within it.
-BUDGET_SHARE = {"detect": 0.4, "embed": 0.6, "match": 0.75}
+# Share of the freshness budget (LFR_FRESHNESS_MS) by which each stage must have finished with a message. A
+# stage starts on a message only if its age plus the stage's recent batch time fits in its share, and drops
+# (and counts) what cannot, so whatever is still unmatched when the budget runs out has been disposed of.
+BUDGET_SHARE = {"detect": 0.4, "embed": 0.65, "match": 0.8}
 REAP_INTERVAL_S = 0.05
 
 
 class Stage(Generic[T]):
     def __init__(self, service: str, name: str, maxsize: int, batch: int,
                  process: Callable[[list[T]], Awaitable[None]], age_ms: Callable[[T], float], budget_ms: float,
-                 on_drop: Callable[[T, str], None] | None = None):
+                 on_drop: Callable[[T, str], None] | None = None, weight: Callable[[T], int] | None = None):
+        """batch: the most items per batch, or with `weight`, the most total weight (e.g. faces, not frames)
+        per batch; one item always makes a batch."""
         self.service, self.name = service, name
         self.queue: deque[T] = deque()
         self.maxsize, self.batch = maxsize, batch
         self.process, self.age_ms, self.budget_ms = process, age_ms, budget_ms
         self.on_drop = on_drop
+        self.weight = weight
         self._event = asyncio.Event()
         self._stopped = False
         self.busy = False
         self.log = get_logger(stage=name)
         self._depth = metrics.QUEUE_DEPTH.labels(service, name)
+        self.batch_ms = 0.0  # moving average of a batch's processing time
+
+    def _late(self, item: T) -> bool:
+        """True if the item cannot be finished within its budget any more."""
+        return self.age_ms(item) + self.batch_ms > self.budget_ms
 
     def _drop(self, item: T, reason: str) -> None:
         metrics.DROPPED.labels(self.service, self.name, reason).inc()
@@ -60,7 +69,7 @@ class Stage(Generic[T]):
 
     def reap(self) -> None:
         """Drop queued items that have outlived the budget (the queue is in arrival order)."""
-        while self.queue and self.age_ms(self.queue[0]) > self.budget_ms:
+        while self.queue and self._late(self.queue[0]):
             self._drop(self.queue.popleft(), "stale")
         self._depth.set(len(self.queue))
 
@@ -86,12 +95,16 @@ class Stage(Generic[T]):
                 await self._event.wait()
                 continue
             batch: list[T] = []
-            while self.queue and len(batch) < self.batch:
+            total = 0
+            while self.queue and total < self.batch:
+                if batch and self.weight and total + self.weight(self.queue[0]) > self.batch:
+                    break
                 item = self.queue.popleft()
-                if self.age_ms(item) > self.budget_ms:
+                if self._late(item):
                     self._drop(item, "stale")
                 else:
                     batch.append(item)
+                    total += self.weight(item) if self.weight else 1
             self._depth.set(len(self.queue))
             if not batch:
                 continue
@@ -108,7 +121,9 @@ class Stage(Generic[T]):
                 self.log.error("stage.failed", error=type(exc).__name__, detail=str(exc)[:200], exc_info=True)
             finally:
                 self.busy = False
-                metrics.LATENCY.labels(self.service, self.name).observe(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                self.batch_ms = 0.7 * self.batch_ms + 0.3 * elapsed * 1000 if self.batch_ms else elapsed * 1000
+                metrics.LATENCY.labels(self.service, self.name).observe(elapsed)
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting, then wait (bounded) for queued work to finish."""
