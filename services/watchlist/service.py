@@ -1,5 +1,6 @@
 """Watchlist service: deployments and their lifecycle, the reference collection, bespoke watchlists with the
-policy and quality gate, authorisation, the sweeper (automatic end, purge), and search.
+policy and quality gate, authorisation, the sweeper (automatic end, purge), and search; galleries, operator-
+initiated identification and retrospective jobs (`identification.py`).
 
 The gRPC servicer only checks request fields and maps refusals to statuses; the decisions are in the pure
 core (`core.py`, `policy.py`). Every decision is published as a durable event (lifecycle or watchlist).
@@ -47,6 +48,9 @@ from lfr.watchlist.core import (
     validate_new_deployment,
     watchlist_violations,
 )
+from lfr.watchlist.identification import Identification
+from lfr.watchlist.identify import validate_identify
+from lfr.watchlist.jobs import FINISHED
 from lfr.watchlist.policy import Policy, PolicyError, parse_policy
 from lfr.watchlist.store import ImageStore, MetadataStore, VectorIndex, collection_name
 
@@ -253,6 +257,73 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         results = await self.svc.search(d, list(request.probes), k)
         return pb.SearchResponse(results=results, model_id=d.model_id, model_version=d.model_version)
 
+    # Galleries, operator-initiated and retrospective identification ---------------------------------------
+    @refusals
+    async def AddGalleryImages(self, request, context):
+        self._subject_ref(request.subject_ref)
+        for name in ("source_system", "legal_basis", "actor"):
+            if not getattr(request, name).strip():
+                raise Refused("INVALID_ARGUMENT", f"{name} is required")
+        if not request.images:
+            raise Refused("INVALID_ARGUMENT", "at least one image is required")
+        captured = _captured(request.captured_at, len(request.images))
+        if captured is None:
+            raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+        return await self.svc.ident.add_gallery_images(request, captured)
+
+    @refusals
+    async def FindGalleryImages(self, request, context):
+        g = self.svc.ident.gallery(request.gallery)
+        present = self.svc.ident.store.known_sha256(g.name, list(request.sha256))
+        return pb.FindGalleryImagesResponse(present=[x for x in request.sha256 if x in present])
+
+    @refusals
+    async def GetGallery(self, request, context):
+        return self.svc.ident.gallery_pb(self.svc.ident.gallery(request.gallery))
+
+    async def ListGalleries(self, request, context):
+        ident = self.svc.ident
+        return pb.ListGalleriesResponse(galleries=[ident.gallery_pb(ident.store.get(n)) for n in ident.store.names()])
+
+    @refusals
+    async def Identify(self, request, context):
+        error = validate_identify(request)
+        if error:
+            raise Refused("INVALID_ARGUMENT", error)
+        return await self.svc.ident.identify(request)
+
+    @refusals
+    async def SubmitJob(self, request, context):
+        return await self.svc.ident.submit(request)
+
+    @refusals
+    async def GetJob(self, request, context):
+        return self.svc.ident.job_pb(self.svc.ident.get_job(request.job_id))
+
+    async def ListJobs(self, request, context):
+        ident = self.svc.ident
+        return pb.ListJobsResponse(jobs=[ident.job_pb(j) for j in ident.list_jobs()])
+
+    async def StreamResults(self, request, context):
+        ident = self.svc.ident
+        try:
+            ident.get_job(request.job_id)
+        except Refused as exc:
+            await abort(context, exc.code, exc.message)
+        seq = request.after_seq
+        while True:
+            finished = ident.get_job(request.job_id).state in FINISHED  # read before the results: none missed
+            for r in ident.results(request.job_id, seq):
+                seq = r.seq
+                yield r
+            if finished or not request.follow:
+                return
+            await asyncio.sleep(0.25)
+
+    @refusals
+    async def CancelJob(self, request, context):
+        return await self.svc.ident.cancel(request.job_id, request.actor, request.reason)
+
 
 class WatchlistService(Service):
     name = "watchlist"
@@ -274,6 +345,7 @@ class WatchlistService(Service):
         self._model: embedding_pb2.ModelDescription | None = None
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sweeper: asyncio.Task | None = None
+        self.ident = Identification(self)
         self.log.info("watchlist.policy", version=self.policy.version, digest=self.policy.digest)
         rt.add_servicer(watchlist_pb2_grpc.add_WatchlistServiceServicer_to_server, WatchlistServicer(self),
                         pb.DESCRIPTOR.services_by_name["WatchlistService"])
@@ -282,8 +354,11 @@ class WatchlistService(Service):
         await self.sweep()  # what came due while the service was down (automatic end, purge) is done first
         self.sweeper = asyncio.create_task(self._sweep_forever(), name="watchlist-sweeper")
         await self.model()
+        await self.ident.start()  # galleries loaded, unfinished jobs resumed
 
     async def stop_intake(self) -> None:
+        if hasattr(self, "ident"):
+            await self.ident.stop()  # a running job stops at once; it resumes from its checkpoint at the next start
         if self.sweeper is not None:
             self.sweeper.cancel()
             try:
@@ -750,6 +825,8 @@ class WatchlistService(Service):
         return out
 
     async def close(self) -> None:
+        if hasattr(self, "ident"):
+            self.ident.close()
         if hasattr(self, "index"):
             self.index.close()
         if hasattr(self, "meta"):

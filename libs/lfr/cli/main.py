@@ -20,6 +20,8 @@ BENCHES = {
     "speed": "lfr.bench.speed",
     "pipeline": "lfr.bench.live",
     "capacity": "lfr.bench.capacity",
+    "gallery": "lfr.bench.gallery",
+    "identify-oifr": "lfr.bench.oifr",
 }
 
 
@@ -88,10 +90,11 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import ops, report
+    from lfr.cli import investigate, ops, report
 
     ops.add_parsers(sub)
     report.add_parsers(sub)  # lfr report | audit | alerts
+    investigate.add_parsers(sub)  # lfr identify | gallery | job
 
     b = sub.add_parser("bench", help="benchmarks (print JSON); never part of the test run: "
                        + ", ".join(BENCHES))

@@ -123,6 +123,56 @@ class WatchlistServiceStub:
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.AddGalleryImages = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/AddGalleryImages',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesResponse.FromString,
+                _registered_method=True)
+        self.FindGalleryImages = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/FindGalleryImages',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.FindGalleryImagesRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.FindGalleryImagesResponse.FromString,
+                _registered_method=True)
+        self.GetGallery = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/GetGallery',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetGalleryRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Gallery.FromString,
+                _registered_method=True)
+        self.ListGalleries = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/ListGalleries',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesResponse.FromString,
+                _registered_method=True)
+        self.Identify = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/Identify',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyResponse.FromString,
+                _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/SubmitJob',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/GetJob',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/ListJobs',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.StreamResults = channel.unary_stream(
+                '/lfr.watchlist.v1.WatchlistService/StreamResults',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.StreamResultsRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.JobResult.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/CancelJob',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class WatchlistServiceServicer:
@@ -244,6 +294,78 @@ class WatchlistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddGalleryImages(self, request, context):
+        """Galleries: large searchable sets of reference images (e.g. a custody image store) for operator-initiated and
+        retrospective identification. A gallery is created by its first images, embedded with the embedding
+        service's model; each image's face (the one the photo is about) gets one vector per model component.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindGalleryImages(self, request, context):
+        """Which of these image digests a gallery already holds (a resumable import skips them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGallery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGalleries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Identify(self, request, context):
+        """Operator-initiated identification: one photo -> up to k ranked candidates of a gallery (or of a deployment's
+        watchlist). The probe is never stored. Every search is audited (who, when, why, the case reference, how
+        many candidates were returned); an image with no face, or several faces and none chosen, gets that answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJob(self, request, context):
+        """Retrospective identification: video files, image folders or URLs searched against a gallery or a watchlist
+        as a job, through the detection and embedding services in batches. A job survives a restart (it resumes
+        where it stopped); its intermediate biometric data is deleted when it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamResults(self, request, context):
+        """The job's results (one per appearance of a person with candidates), from the first; with `follow`, the
+        stream stays open and sends new results until the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WatchlistServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -326,6 +448,56 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchResponse.SerializeToString,
+            ),
+            'AddGalleryImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddGalleryImages,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesResponse.SerializeToString,
+            ),
+            'FindGalleryImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindGalleryImages,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.FindGalleryImagesRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.FindGalleryImagesResponse.SerializeToString,
+            ),
+            'GetGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGallery,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetGalleryRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Gallery.SerializeToString,
+            ),
+            'ListGalleries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGalleries,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesResponse.SerializeToString,
+            ),
+            'Identify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Identify,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SubmitJobRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetJobRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListJobsRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'StreamResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResults,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.StreamResultsRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.JobResult.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.CancelJobRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -768,6 +940,276 @@ class WatchlistService:
             '/lfr.watchlist.v1.WatchlistService/Search',
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchRequest.SerializeToString,
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddGalleryImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/AddGalleryImages',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindGalleryImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/FindGalleryImages',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.FindGalleryImagesRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.FindGalleryImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/GetGallery',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetGalleryRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Gallery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGalleries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/ListGalleries',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Identify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/Identify',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/SubmitJob',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SubmitJobRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/GetJob',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetJobRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/ListJobs',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListJobsRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/StreamResults',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.StreamResultsRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.JobResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/CancelJob',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.CancelJobRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

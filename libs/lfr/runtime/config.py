@@ -71,6 +71,11 @@ class Config:
     purge_after_s: float = _opt(0.0, "an ended deployment's watchlist vectors and images are purged this long "
                                 "after its end (0 = at once; at most 86400)")
     sweep_interval_s: float = _opt(1.0, "how often the watchlist sweeper ends expired deployments and purges")
+    gallery_connectivity: int = _opt(48, "gallery index (embedded HNSW): graph degree, fixed when a gallery's index "
+                                     "is first built; more = better recall, slower inserts")
+    gallery_ef: int = _opt(1536, "gallery index: candidates examined per search; more = better recall, slower")
+    job_fps: float = _opt(2.0, "retrospective jobs: default video sampling rate (frames per second examined)")
+    job_batch: int = _opt(8, "retrospective jobs: frames per batch sent through detection and embedding")
     grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
 
     @classmethod
@@ -120,6 +125,11 @@ class Config:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
         if self.flip not in ("on", "off", "model"):
             raise ConfigError("LFR_FLIP: must be on, off or model")
+        for name in ("gallery_connectivity", "gallery_ef", "job_batch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if not 0 < self.job_fps <= 30:
+            raise ConfigError("LFR_JOB_FPS: must be above 0 and at most 30")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -1,0 +1,745 @@
+"""Operator-initiated and retrospective identification in the watchlist service: galleries (import and search),
+Identify, and the job runner. The decisions are in the pure cores (`identify.py`, `jobs.py`); storage is
+`gallery.py`; this module does the I/O.
+
+Privacy: a probe (Identify's image, a job's frames, faces and vectors) lives in memory only, except a running
+job's open appearances, checkpointed to `<state>/jobs/<job>/` so a restart resumes the job; that folder is
+deleted when the job ends (succeeded, failed or cancelled). Results keep candidate ids, scores, times and boxes,
+no image and no vector. Every search and every job is a durable event (who, when, why, case reference, counts).
+
+Not starving the live path: gallery work runs on its own threads (never the service's executor, which serves
+the live `Search`), and a job sends one frame at a time to detection, so live frames queue behind at most one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from lfr.pb import common_pb2, detection_pb2, embedding_pb2
+from lfr.pb import watchlist_pb2 as pb
+from lfr.runtime import events, subjects
+from lfr.watchlist import jobs as J
+from lfr.watchlist.core import Refused
+from lfr.watchlist.gallery import (
+    Component,
+    GalleryRecord,
+    GalleryStore,
+    ImageRow,
+    IndexParams,
+    check_gallery_name,
+    similarity,
+)
+from lfr.watchlist.identify import SEARCHED, Ranked, candidate_pb, choose_face, rank
+
+if TYPE_CHECKING:
+    from lfr.watchlist.service import WatchlistService
+
+TOKEN = "identification"  # the watchlist-event subject token of searches and jobs about no deployment
+JOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_results (job_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+                                        PRIMARY KEY (job_id, seq));
+"""
+
+
+def _ts(ns: int):
+    return events.ts_from_ns(ns) if ns else None
+
+
+def central_index(width: int, height: int, boxes: list[tuple[float, float, float, float]]) -> int:
+    """The face a photo is about, by the library's rule (`lfr.models.engines.central_face`)."""
+    from lfr.models.engines import central_face
+    from lfr.models.types import Face
+
+    faces = [Face(box=b, landmarks=np.zeros((5, 2), np.float32), score=0.0) for b in boxes]
+    chosen = central_face(np.broadcast_to(np.uint8(0), (max(1, height), max(1, width))), faces)
+    return faces.index(chosen)
+
+
+def _box(b: common_pb2.Box) -> tuple[float, float, float, float]:
+    return (b.x1, b.y1, b.x2, b.y2)
+
+
+class JobCancelled(Exception):
+    pass
+
+
+# Media -------------------------------------------------------------------------------------------------------
+def resolve_items(media: list[dict], fps: float) -> list[J.Item]:
+    """The items of a job: videos and images, folders searched recursively (sorted), durations probed."""
+    items: list[J.Item] = []
+    for m in media:
+        if "url" in m:
+            items.append(_video_item(m["url"], fps))
+            continue
+        p = Path(m["path"])
+        if not p.is_absolute():
+            items.append(J.Item(str(p), False, 0, error="give an absolute path (read by the watchlist service)"))
+        elif p.is_dir():
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                suffix = f.suffix.lower()
+                if suffix in J.IMAGE_SUFFIXES:
+                    items.append(J.Item(str(f), False, 1))
+                elif suffix in J.VIDEO_SUFFIXES:
+                    items.append(_video_item(str(f), fps))
+        elif p.is_file():
+            items.append(J.Item(str(p), False, 1) if p.suffix.lower() in J.IMAGE_SUFFIXES else _video_item(str(p), fps))
+        else:
+            items.append(J.Item(str(p), False, 0, error="not found"))
+    return items
+
+
+def _video_item(location: str, fps: float) -> J.Item:
+    from lfr.ingest.sources import open_container
+
+    try:
+        with open_container(location) as c:
+            stream = c.streams.video[0]
+            if stream.duration and stream.time_base:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                duration = float(c.duration or 0) / 1e6
+    except Exception as exc:
+        return J.Item(location, True, 0, error=f"cannot open: {type(exc).__name__}: {exc}"[:200])
+    return J.Item(location, True, max(1, math.ceil(duration * fps)) if duration > 0 else 0, duration)
+
+
+class FrameReader:
+    """Sampled frames of one video as JPEG, from just after `after_s` (resume); used from worker threads."""
+
+    def __init__(self, location: str, fps: float, after_s: float):
+        from lfr.ingest.core import Sampler
+        from lfr.ingest.sources import open_container
+
+        self.container = open_container(location)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        rate = self.stream.average_rate
+        self.rate = float(rate) if rate else 25.0
+        self.sampler = Sampler(fps)
+        self.after_s = after_s
+        if after_s >= 0:
+            self.sampler.next_t = after_s + self.sampler.period
+            if self.stream.time_base:
+                with contextlib.suppress(Exception):
+                    self.container.seek(int(after_s / self.stream.time_base), stream=self.stream, backward=True)
+        self.frames = self.container.decode(self.stream)
+
+    def next_batch(self, n: int) -> list[tuple[float, int, bytes]]:
+        out = []
+        for frame in self.frames:
+            t = float(frame.time or 0.0)
+            if t <= self.after_s + 1e-6 or not self.sampler.keep(t):
+                continue
+            buf = io.BytesIO()
+            frame.to_image().save(buf, format="JPEG", quality=90)
+            out.append((t, int(round(t * self.rate)), buf.getvalue()))
+            if len(out) >= n:
+                break
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.container.close()
+
+
+# The identification part of the watchlist service -----------------------------------------------------------
+class Identification:
+    def __init__(self, svc: WatchlistService):
+        self.svc = svc
+        cfg = svc.config
+        params = IndexParams(connectivity=cfg.gallery_connectivity, expansion_search=cfg.gallery_ef)
+        qdrant = svc.index.client if cfg.qdrant_url else None
+        self.store = GalleryStore(cfg.state_path("galleries.sqlite"), cfg.state_path("galleries"), params, qdrant)
+        self.image_root = cfg.state_path("galleries")
+        self.reads = ThreadPoolExecutor(1, thread_name_prefix="gallery-read")
+        self.writes = ThreadPoolExecutor(1, thread_name_prefix="gallery-write")
+        self.gallery_locks: dict[str, asyncio.Lock] = {}
+        self.jobs_db = sqlite3.connect(str(cfg.state_path("jobs.sqlite")), check_same_thread=False,
+                                       isolation_level=None)
+        self.jobs_db.execute("PRAGMA journal_mode=WAL")
+        self.jobs_db.executescript(JOBS_SCHEMA)
+        self.jobs_dir = cfg.state_path("jobs")
+        self.jobs_lock = threading.Lock()
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.cancelled: dict[str, str] = {}  # running job -> who cancelled it
+        self.run_stats: dict[str, tuple[float, int, float]] = {}  # job -> (t0, frames then, media s then)
+        self._last_tick: dict[str, float] = {}
+        self.runner: asyncio.Task | None = None
+        self.log = svc.log
+
+    async def _read(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.reads, fn, *args)
+
+    async def _write(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.writes, fn, *args)
+
+    async def start(self) -> None:
+        """Open the galleries (their graphs load or catch up), then resume unfinished jobs."""
+        for name in self.store.names():
+            g = self.store.get(name)
+            await self._write(self.store.truncate_vectors, g)
+            for c in g.components:
+                await self._write(self.store.index, g, c)
+        for job in self._jobs():
+            if job.state in (J.QUEUED, J.RUNNING):
+                if job.state == J.RUNNING:
+                    job.resumes += 1
+                    self._save_job(job)
+                    self.log.info("job.resuming", job_id=job.job_id, item=job.cursor.item_index)
+                self.queue.put_nowait(job.job_id)
+        self.runner = asyncio.create_task(self._run_jobs(), name="identification-jobs")
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.runner
+
+    def close(self) -> None:
+        self.reads.shutdown(wait=True)
+        self.writes.shutdown(wait=True)
+        self.store.close()
+        self.jobs_db.close()
+
+    def event(self, action: str, actor: str, deployment_id: str = "", **fields) -> None:
+        """A durable identification fact (no image, no vector) for the audit record."""
+        env = events.envelope(self.svc.name, deployment_id=deployment_id)
+        self.svc.rt.bus.publish_durable(subjects.watchlist(deployment_id or TOKEN), pb.WatchlistEvent(
+            envelope=env, action=action, actor=actor, policy_version=self.svc.policy.version, **fields),
+            msg_id=env.event_id)
+        self.log.info("identification." + action, actor=actor, deployment_id=deployment_id)
+
+    # Galleries ---------------------------------------------------------------------------------------------
+    def gallery(self, name: str) -> GalleryRecord:
+        try:
+            check_gallery_name(name)
+        except ValueError as exc:
+            raise Refused("INVALID_ARGUMENT", f"gallery: {exc}") from None
+        g = self.store.get(name)
+        if g is None:
+            raise Refused("NOT_FOUND", f"no gallery {name!r}")
+        return g
+
+    def gallery_pb(self, g: GalleryRecord) -> pb.Gallery:
+        images, subjects_ = self.store.counts(g.name)
+        kind = "qdrant server" if self.store.qdrant is not None else "embedded HNSW (usearch) + exact re-scoring"
+        return pb.Gallery(name=g.name, model_id=g.model_id, model_version=g.model_version, images=images,
+                          subjects=subjects_, created_by=g.created_by, created_at=_ts(g.created_at_ns),
+                          default_threshold=g.default_threshold, index=kind)
+
+    async def _gallery_model(self, g: GalleryRecord, what: str):
+        model = await self.svc.model(fresh=True)
+        if (model.model_id, model.model_version) != (g.model_id, g.model_version):
+            raise Refused("FAILED_PRECONDITION", f"cannot {what}: gallery {g.name} is embedded with {g.model_id} "
+                          f"{g.model_version} but the embedding service runs {model.model_id} "
+                          f"{model.model_version}")
+        return model
+
+    async def add_gallery_images(self, req: pb.AddGalleryImagesRequest, captured: list[int]
+                                 ) -> pb.AddGalleryImagesResponse:
+        try:
+            check_gallery_name(req.gallery)
+        except ValueError as exc:
+            raise Refused("INVALID_ARGUMENT", f"gallery: {exc}") from None
+        lock = self.gallery_locks.setdefault(req.gallery, asyncio.Lock())
+        async with lock:
+            g = self.store.get(req.gallery)
+            if g is None:
+                model = await self.svc.model(fresh=True)
+                g = GalleryRecord(req.gallery, model.model_id, model.model_version,
+                                  tuple(Component(c.model_id, c.model_version, c.dim, c.metric)
+                                        for c in model.components),
+                                  req.actor, self.svc.now_ns(), model.default_threshold)
+                self.store.create(g)
+            else:
+                await self._gallery_model(g, "add images")
+            digests = [hashlib.sha256(x).hexdigest() for x in req.images]
+            known = self.store.known_sha256(g.name, digests)
+            results: list[pb.GalleryImageResult] = []
+            todo: list[tuple[int, list, int]] = []  # (index, chips of the chosen face, faces found)
+            seen: set[str] = set()
+            for i, image in enumerate(req.images):
+                r = pb.GalleryImageResult(index=i, sha256=digests[i])
+                if digests[i] in known or digests[i] in seen:
+                    r.duplicate, r.reason = True, "already in the gallery"
+                    results.append(r)
+                    continue
+                try:
+                    det = await self.svc.detection.Detect(
+                        detection_pb2.DetectRequest(image=image, include_chips=True), timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    r.reason = exc.details()
+                    results.append(r)
+                    continue
+                r.faces_found = len(det.faces)
+                if not det.faces:
+                    r.reason = "no face found"
+                    results.append(r)
+                    continue
+                chosen = central_index(det.width, det.height, [_box(f.box) for f in det.faces])
+                seen.add(digests[i])
+                todo.append((i, list(det.faces[chosen].chips), len(det.faces)))
+                results.append(r)
+            if todo:
+                vectors = await self._embed([chips for _, chips, _ in todo])  # component -> (n, dim)
+                rows = []
+                first = self.store.next_image_id(g.name)
+                folder = self.image_root / g.name / "images"
+                for n, (i, _chips, _faces) in enumerate(todo):
+                    image_id = first + n
+                    await asyncio.to_thread(_write_file, folder / f"{image_id}.img", req.images[i])
+                    rows.append(ImageRow(image_id, req.subject_ref, digests[i], f"{image_id}.img", captured[i],
+                                         req.source_system, req.legal_basis, req.actor, self.svc.now_ns(),
+                                         results[i].faces_found))
+                    results[i].accepted, results[i].image_id = True, image_id
+                ids = np.arange(first, first + len(todo), dtype=np.int64)
+                for c in g.components:
+                    idx = await self._write(self.store.index, g, c)
+                    await self._write(idx.add, ids, vectors[c.model_id])
+                self.store.put_images(g.name, rows)
+                await self._write(self.store.save_all, 20_000)
+            added = sum(r.accepted for r in results)
+            self.event("gallery_images_added", req.actor, gallery=g.name, subject_ref=req.subject_ref,
+                       images_accepted=added, images_refused=sum(not r.accepted and not r.duplicate for r in results),
+                       source_system=req.source_system, legal_basis=req.legal_basis)
+            return pb.AddGalleryImagesResponse(gallery=g.name, subject_ref=req.subject_ref, images_added=added,
+                                               results=results)
+
+    async def _embed(self, chips_per_face: list[list]) -> dict[str, np.ndarray]:
+        """One vector per face and component: component -> (faces, dim), in face order."""
+        flat = [(n, c) for n, chips in enumerate(chips_per_face) for c in chips]
+        out: dict[str, list] = {}
+        for start in range(0, len(flat), 256):
+            part = flat[start: start + 256]
+            resp = await self.svc.embedding.Embed(embedding_pb2.EmbedRequest(chips=[c for _, c in part]), timeout=120)
+            for (n, _), v in zip(part, resp.vectors, strict=True):
+                out.setdefault(v.model_id, [None] * len(chips_per_face))[n] = v.values
+        return {m: np.asarray(vs, dtype=np.float32) for m, vs in out.items()}
+
+    # Search --------------------------------------------------------------------------------------------------
+    def _gallery_hits(self, g: GalleryRecord, probes: dict[str, np.ndarray], k: int
+                      ) -> list[list[tuple[str, float, dict]]]:
+        """Per probe: (subject_ref, score, info) of the best images, scored exactly by the model's rule."""
+        from lfr.models.engines import Scorer, component_similarity
+
+        n = len(next(iter(probes.values())))
+        fetch = max(4 * k, 40)
+        cand: list[set[int]] = [set() for _ in range(n)]
+        sims: dict[str, list[dict[int, float]]] = {}
+        for c in g.components:
+            ids, s = self.store.index(g, c).search(probes[c.model_id], fetch)
+            sims[c.model_id] = [{int(a): float(b) for a, b in zip(ids[i], s[i], strict=True) if a >= 0}
+                                for i in range(n)]
+            for i in range(n):
+                cand[i] |= sims[c.model_id][i].keys()
+        scorer = Scorer(g.model_id) if len(g.components) > 1 else None
+        rows = self.store.images(g.name, sorted(set().union(*cand)))
+        out = []
+        for i in range(n):
+            ids = sorted(x for x in cand[i] if x in rows)
+            if not ids:
+                out.append([])
+                continue
+            if scorer is None:
+                scores = np.array([sims[g.components[0].model_id][i][x] for x in ids])
+            else:  # fusion: every component's similarity for the union, exactly, then the model's combination
+                per = {}
+                for c in g.components:
+                    vecs = self.store.index(g, c).vectors(np.array(ids))
+                    per[c.model_id] = component_similarity(c.model_id, probes[c.model_id][i][None], vecs)[0]
+                scores = np.asarray(scorer.combine(per), dtype=np.float64)
+            hits = []
+            for x, s in zip(ids, scores, strict=True):
+                r = rows[x]
+                hits.append((r.subject_ref, float(s), {"subject_ref": r.subject_ref, "image_id": x,
+                                                       "source_system": r.source_system,
+                                                       "legal_basis": r.legal_basis, "captured_ns": r.captured_ns}))
+            out.append(hits)
+        return out
+
+    async def target(self, gallery: str, deployment_id: str):
+        """(gallery record or deployment record, default threshold, size, model id, model version)."""
+        if gallery:
+            g = self.gallery(gallery)
+            await self._gallery_model(g, "search it")
+            images, _ = self.store.counts(g.name)
+            return g, g.default_threshold, images, g.model_id, g.model_version
+        d = await self.svc.current(deployment_id)
+        if d.purged_at_ns:
+            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {d.id} has been purged")
+        await self.svc._same_model(d, "search its watchlist")
+        return d, d.threshold, self.svc.meta.entry_count(d.id), d.model_id, d.model_version
+
+    async def hits(self, target, probes: dict[str, np.ndarray], k: int) -> list[list[tuple[str, float, dict]]]:
+        if isinstance(target, GalleryRecord):
+            return await self._read(self._gallery_hits, target, probes, k)
+        n = len(next(iter(probes.values())))
+        model = await self.svc.model()
+        probe_pbs = [pb.Probe(vectors=[common_pb2.Vector(model_id=c.model_id, model_version=c.model_version,
+                                                         values=probes[c.model_id][i].tolist())
+                                       for c in model.components]) for i in range(n)]
+        lists = await self.svc.search(target, probe_pbs, min(100, k))
+        return [[(c.entry_id, c.score, {"entry_id": c.entry_id, "subject_ref": c.subject_ref,
+                                        "category": c.category}) for c in cl.candidates] for cl in lists]
+
+    # Operator-initiated identification ------------------------------------------------------------------------
+    async def identify(self, req: pb.IdentifyRequest) -> pb.IdentifyResponse:
+        target, default_thr, size, model_id, model_version = await self.target(req.gallery, req.deployment_id)
+        k = req.k or 10
+        threshold = req.threshold or default_thr
+        search_id = events.new_id()[:16]
+        try:
+            det = await self.svc.detection.Detect(detection_pb2.DetectRequest(
+                image=req.image, include_chips=True, include_crops=True), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise Refused("INVALID_ARGUMENT", exc.details()) from None
+            raise
+        faces = [pb.FoundFace(face=i + 1, box=f.box, quality=f.quality, crop_jpeg=f.crop_jpeg)
+                 for i, f in enumerate(det.faces)]
+        outcome, index, message = choose_face(len(det.faces), req.face)
+        if outcome == -1:
+            raise Refused("INVALID_ARGUMENT", message)
+        resp = pb.IdentifyResponse(outcome=outcome, message=message, faces=faces, threshold=threshold,
+                                   model_id=model_id, model_version=model_version, gallery_size=size,
+                                   search_id=search_id, width=det.width, height=det.height)
+        if outcome == SEARCHED:
+            vectors = await self._embed([list(det.faces[index].chips)])
+            hits = (await self.hits(target, vectors, k))[0]
+            ranked = rank(hits, k, threshold, req.investigation)
+            resp.face = index + 1
+            resp.candidates.extend(candidate_pb(n + 1, r) for n, r in enumerate(ranked))
+            above = sum(r.above for r in ranked)
+            resp.message = (f"{len(ranked)} candidate(s), {above} at or above the threshold {threshold:.3f}"
+                            if req.investigation else f"{len(ranked)} candidate(s) at or above the threshold "
+                            f"{threshold:.3f}")
+        del det  # the probe and its face are not kept
+        self.event("identification_search", req.actor, deployment_id=req.deployment_id,
+                   gallery=req.gallery, case_reference=req.case_reference, justification=req.justification,
+                   candidates_returned=len(resp.candidates), search_id=search_id, faces_found=len(faces), k=k,
+                   investigation=req.investigation, threshold=threshold,
+                   reason=pb.IdentifyOutcome.Name(resp.outcome).removeprefix("IDENTIFY_OUTCOME_").lower())
+        return resp
+
+    # Jobs ----------------------------------------------------------------------------------------------------
+    def _jobs(self) -> list[J.JobRecord]:
+        return [J.JobRecord.from_json(json.loads(r[0]))
+                for r in self.jobs_db.execute("SELECT record FROM jobs ORDER BY rowid")]
+
+    def get_job(self, job_id: str) -> J.JobRecord:
+        row = self.jobs_db.execute("SELECT record FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise Refused("NOT_FOUND", f"no job {job_id!r}")
+        return J.JobRecord.from_json(json.loads(row[0]))
+
+    def _save_job(self, job: J.JobRecord, results: list[pb.JobResult] = ()) -> None:
+        """The job record and the results found since the last save, in one transaction."""
+        with self.jobs_lock:
+            self.jobs_db.execute("BEGIN")
+            self.jobs_db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job.job_id, json.dumps(job.to_json())))
+            self.jobs_db.executemany("INSERT OR REPLACE INTO job_results VALUES (?, ?, ?)",
+                                     [(job.job_id, r.seq, r.SerializeToString()) for r in results])
+            self.jobs_db.execute("COMMIT")
+
+    def results(self, job_id: str, after_seq: int) -> list[pb.JobResult]:
+        rows = self.jobs_db.execute("SELECT data FROM job_results WHERE job_id = ? AND seq > ? ORDER BY seq",
+                                    (job_id, after_seq)).fetchall()
+        return [pb.JobResult.FromString(r[0]) for r in rows]
+
+    def job_pb(self, job: J.JobRecord) -> pb.Job:
+        p = job.progress
+        prog = pb.JobProgress(items_total=p.items_total, items_done=p.items_done, frames_total=p.frames_total,
+                              frames_done=p.frames_done, faces_found=p.faces_found, appearances=p.appearances,
+                              results=p.results, media_seconds_done=p.media_seconds_done)
+        if job.state == J.RUNNING and job.job_id in self.run_stats:
+            t0, frames0, _media0 = self.run_stats[job.job_id]
+            prog.eta_s = J.eta_s(p.frames_total - p.frames_done, p.frames_done - frames0, time.monotonic() - t0)
+        if p.run_seconds > 0:
+            prog.realtime_factor = p.media_seconds_done / p.run_seconds
+        if job.items and job.state == J.RUNNING and job.cursor.item_index < len(job.items):
+            prog.current_item = job.items[job.cursor.item_index].location
+        media = [pb.MediaSource(url=m["url"]) if "url" in m else pb.MediaSource(path=m["path"]) for m in job.media]
+        return pb.Job(job_id=job.job_id, state=job.state, media=media, gallery=job.gallery,
+                      deployment_id=job.deployment_id, case_reference=job.case_reference,
+                      justification=job.justification, actor=job.actor, k=job.k, threshold=job.threshold,
+                      investigation=job.investigation, fps=job.fps, model_id=job.model_id,
+                      model_version=job.model_version, progress=prog, submitted_at=_ts(job.submitted_at_ns),
+                      started_at=_ts(job.started_at_ns), finished_at=_ts(job.finished_at_ns), error=job.error,
+                      resumes=job.resumes, cancelled_by=job.cancelled_by)
+
+    def list_jobs(self) -> list[J.JobRecord]:
+        return self._jobs()
+
+    async def submit(self, req: pb.SubmitJobRequest) -> pb.Job:
+        error = J.validate_job(req)
+        if error:
+            raise Refused("INVALID_ARGUMENT", error)
+        _target, default_thr, _size, model_id, model_version = await self.target(req.gallery, req.deployment_id)
+        media = [{"url": m.url} if m.WhichOneof("source") == "url" else {"path": m.path} for m in req.media]
+        job = J.JobRecord(job_id=events.new_id()[:16], media=media, gallery=req.gallery,
+                          deployment_id=req.deployment_id, case_reference=req.case_reference,
+                          justification=req.justification, actor=req.actor, k=req.k or 5,
+                          threshold=req.threshold or default_thr, investigation=req.investigation,
+                          fps=req.fps or self.svc.config.job_fps, model_id=model_id, model_version=model_version,
+                          submitted_at_ns=self.svc.now_ns())
+        self._save_job(job)
+        self.event("identification_job_submitted", req.actor, deployment_id=req.deployment_id, gallery=req.gallery,
+                   case_reference=req.case_reference, justification=req.justification, job_id=job.job_id, k=job.k,
+                   investigation=job.investigation, media_items=len(media), threshold=job.threshold)
+        self.queue.put_nowait(job.job_id)
+        return self.job_pb(job)
+
+    async def cancel(self, job_id: str, actor: str, reason: str) -> pb.Job:
+        if not actor.strip():
+            raise Refused("INVALID_ARGUMENT", "actor is required")
+        job = self.get_job(job_id)
+        if job.state in J.FINISHED:
+            raise Refused("FAILED_PRECONDITION", f"job {job_id} has already ended: {J.state_name(job.state)}")
+        if job.state == J.QUEUED:
+            job.cancelled_by = actor
+            self._finish(job, J.CANCELLED, reason or "cancelled")
+        else:
+            self.cancelled[job_id] = actor
+            for _ in range(600):  # the runner stops at the end of its current batch
+                await asyncio.sleep(0.05)
+                job = self.get_job(job_id)
+                if job.state in J.FINISHED:
+                    break
+        return self.job_pb(self.get_job(job_id))
+
+    def _work_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def _finish(self, job: J.JobRecord, state: int, error: str = "") -> None:
+        job.state, job.finished_at_ns = state, self.svc.now_ns()
+        if error:
+            job.error = error
+        self._save_job(job)
+        shutil.rmtree(self._work_dir(job.job_id), ignore_errors=True)  # the job's biometric intermediates
+        self.cancelled.pop(job.job_id, None)
+        self.run_stats.pop(job.job_id, None)
+        self._last_tick.pop(job.job_id, None)
+        action = {J.SUCCEEDED: "finished", J.FAILED: "failed", J.CANCELLED: "cancelled"}[state]
+        self.event(f"identification_job_{action}", job.cancelled_by if state == J.CANCELLED else job.actor,
+                   deployment_id=job.deployment_id, gallery=job.gallery, case_reference=job.case_reference,
+                   justification=job.justification, job_id=job.job_id, media_items=job.progress.items_total,
+                   frames_processed=job.progress.frames_done, faces_found=job.progress.faces_found,
+                   results=job.progress.results, reason=job.error[:500])
+        self.log.info("job." + action, job_id=job.job_id, results=job.progress.results)
+
+    async def _run_jobs(self) -> None:
+        while True:
+            job_id = await self.queue.get()
+            try:
+                await self._run(job_id)
+            except asyncio.CancelledError:
+                raise
+            except JobCancelled:
+                job = self.get_job(job_id)
+                job.cancelled_by = self.cancelled.get(job_id, "")
+                self._finish(job, J.CANCELLED, "cancelled")
+            except Exception as exc:  # a failing job never stops the runner
+                self.log.error("job.failed", job_id=job_id, error=type(exc).__name__, detail=str(exc)[:300])
+                with contextlib.suppress(Exception):
+                    self._finish(self.get_job(job_id), J.FAILED, f"{type(exc).__name__}: {exc}"[:500])
+
+    def _check(self, job: J.JobRecord) -> None:
+        if job.job_id in self.cancelled:
+            raise JobCancelled()
+
+    async def _run(self, job_id: str) -> None:
+        job = self.get_job(job_id)
+        if job.state in J.FINISHED:
+            return
+        self._check(job)
+        job.state = J.RUNNING
+        job.started_at_ns = job.started_at_ns or self.svc.now_ns()
+        target, *_ = await self.target(job.gallery, job.deployment_id)
+        if job.items is None:
+            job.items = await asyncio.to_thread(resolve_items, job.media, job.fps)
+            job.progress.items_total = len(job.items)
+            job.progress.frames_total = sum(i.frames_est for i in job.items)
+            bad = [f"{i.location}: {i.error}" for i in job.items if i.error]
+            if bad:
+                job.error = "; ".join(bad)[:500]
+        self._save_job(job)
+        self.run_stats[job.job_id] = (time.monotonic(), job.progress.frames_done, job.progress.media_seconds_done)
+        self._last_tick[job.job_id] = time.monotonic()
+        tracker = self._tracker(target)
+        work = self._work_dir(job.job_id)
+        if job.cursor.checkpoint and (work / f"tracks-{job.cursor.checkpoint}.json").is_file():
+            tracker.restore(json.loads((work / f"tracks-{job.cursor.checkpoint}.json").read_text()))
+        while job.cursor.item_index < len(job.items):
+            self._check(job)
+            idx = job.cursor.item_index
+            item = job.items[idx]
+            if item.error:
+                self._advance(job, idx + 1, tracker, [])
+            elif item.video:
+                await self._video(job, target, idx, item, tracker)
+            else:  # consecutive images go through in batches
+                batch = [idx]
+                while (len(batch) < self.svc.config.job_batch and batch[-1] + 1 < len(job.items)
+                       and not job.items[batch[-1] + 1].video and not job.items[batch[-1] + 1].error):
+                    batch.append(batch[-1] + 1)
+                frames = []
+                for i in batch:
+                    data = await asyncio.to_thread(Path(job.items[i].location).read_bytes)
+                    frames.append((i, 0.0, 0, data))
+                found = await self._frames(job, target, frames, tracker, images=True)
+                self._advance(job, batch[-1] + 1, tracker, found)
+        if job.items and all(i.error for i in job.items):
+            self._finish(job, J.FAILED, job.error or "no media item could be read")
+        else:
+            self._finish(job, J.SUCCEEDED)
+
+    def _tracker(self, target) -> J.AppearanceTracker:
+        from lfr.models.engines import model_info
+
+        if isinstance(target, GalleryRecord):
+            c = target.components[0]
+            cid, metric = c.model_id, c.metric
+        else:
+            m = self.svc._model
+            cid, metric = m.components[0].model_id, m.components[0].metric
+        try:
+            link = float(model_info(cid).extra.get("threshold_1to1", 0.4))
+        except KeyError:
+            link = 0.4
+        return J.AppearanceTracker(lambda a, b: float(similarity(metric, a[None].astype(np.float64),
+                                                                   b.astype(np.float64))[0]),
+                                   link, gap_s=2.0, normalise=metric == "cosine")
+
+    async def _video(self, job: J.JobRecord, target, idx: int, item: J.Item, tracker: J.AppearanceTracker):
+        after = job.cursor.item_time_s
+        try:
+            reader = await asyncio.to_thread(FrameReader, item.location, job.fps, after)
+        except Exception as exc:
+            item.error = f"cannot open: {type(exc).__name__}: {exc}"[:200]
+            job.error = "; ".join(x for x in (job.error, f"{item.location}: {item.error}") if x)[:500]
+            self._advance(job, idx + 1, tracker, [])
+            return
+        try:
+            while True:
+                self._check(job)
+                batch = await asyncio.to_thread(reader.next_batch, self.svc.config.job_batch)
+                if not batch:
+                    break
+                frames = [(idx, t, fi, data) for t, fi, data in batch]
+                found = await self._frames(job, target, frames, tracker, images=False)
+                job.progress.media_seconds_done += batch[-1][0] - max(0.0, job.cursor.item_time_s)
+                job.cursor.item_time_s, job.cursor.frame_index = batch[-1][0], batch[-1][1]
+                self._checkpoint(job, tracker, found)
+        finally:
+            await asyncio.to_thread(reader.close)
+        self._advance(job, idx + 1, tracker, self._report(job, tracker.close_all()))
+
+    def _advance(self, job: J.JobRecord, next_index: int, tracker: J.AppearanceTracker, found: list) -> None:
+        job.progress.items_done += next_index - job.cursor.item_index
+        job.cursor = J.Cursor(item_index=next_index, checkpoint=job.cursor.checkpoint)
+        self._checkpoint(job, tracker, found)
+
+    def _checkpoint(self, job: J.JobRecord, tracker: J.AppearanceTracker, found: list[pb.JobResult]) -> None:
+        """Open appearances to the job's folder first, then progress and results in one transaction."""
+        now = time.monotonic()
+        job.progress.run_seconds += now - self._last_tick.get(job.job_id, now)
+        self._last_tick[job.job_id] = now
+        work = self._work_dir(job.job_id)
+        old = job.cursor.checkpoint
+        job.cursor.checkpoint = old + 1
+        if tracker.open:
+            work.mkdir(parents=True, exist_ok=True)
+            _write_file(work / f"tracks-{job.cursor.checkpoint}.json", json.dumps(tracker.state()).encode())
+        self._save_job(job, found)
+        if old:
+            (work / f"tracks-{old}.json").unlink(missing_ok=True)
+
+    async def _frames(self, job: J.JobRecord, target, frames: list[tuple[int, float, int, bytes]],
+                      tracker: J.AppearanceTracker, images: bool) -> list[pb.JobResult]:
+        """Detect (one frame at a time), embed (one call per batch), search, track; returns the results of the
+        appearances that closed."""
+        detected = []
+        for item_index, t, fi, data in frames:
+            try:
+                det = await self.svc.detection.Detect(detection_pb2.DetectRequest(image=data, include_chips=True),
+                                                      timeout=120)
+                faces = [f for f in det.faces if f.quality.inter_eye_px >= self.svc.config.min_face_px]
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                faces = []
+                if images:
+                    item = job.items[item_index]
+                    item.error = exc.details()[:200]
+            detected.append((item_index, t, fi, faces))
+        all_faces = [f for *_, faces in detected for f in faces]
+        found: list[pb.JobResult] = []
+        hits: list = []
+        vectors: dict[str, np.ndarray] = {}
+        if all_faces:
+            vectors = await self._embed([list(f.chips) for f in all_faces])
+            hits = await self.hits(target, vectors, job.k)
+        link = next(iter(vectors)) if vectors else ""
+        n = 0
+        for item_index, t, fi, faces in detected:
+            sightings = []
+            for f in faces:
+                sightings.append(J.Sighting(t, fi, _box(f.box), vectors[link][n],
+                                            [J.Hit(key, score, info) for key, score, info in hits[n]]))
+                n += 1
+            job.progress.faces_found += len(faces)
+            job.progress.frames_done += 1
+            found += self._report(job, tracker.observe(item_index, t, sightings))
+            if images:
+                found += self._report(job, tracker.close_all())
+        return found
+
+    def _report(self, job: J.JobRecord, closed: list[J.Appearance]) -> list[pb.JobResult]:
+        out = []
+        for a in closed:
+            job.progress.appearances += 1
+            ranked = a.ranked(job.k, job.threshold, job.investigation)
+            if not ranked:
+                continue  # nobody of the gallery: the appearance is dropped here
+            job.progress.results += 1
+            top = ranked[0][1]
+            item = job.items[a.item_index]
+            out.append(pb.JobResult(
+                job_id=job.job_id, seq=job.progress.results, item=item.location, item_index=a.item_index,
+                video=item.video, start_s=a.start_t, end_s=a.last_t, best_time_s=top.t,
+                best_frame_index=top.frame_index,
+                best_box=common_pb2.Box(x1=top.box[0], y1=top.box[1], x2=top.box[2], y2=top.box[3]),
+                sightings=a.sightings,
+                candidates=[candidate_pb(i + 1, Ranked(key, b.score, b.score >= job.threshold, b.info))
+                            for i, (key, b) in enumerate(ranked)]))
+        return out
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
