@@ -25,27 +25,12 @@ from lfr.bench import metrics
 from lfr.bench.identify import _select
 from lfr.bench.lfw import list_identities
 from lfr.bench.oifr import evaluate_oifr, library_flip
-from lfr.cli.client import Clients
 from lfr.pb import audit_pb2
 from lfr.pb import watchlist_pb2 as pb
-from lfr.runtime.embedded import EmbeddedSystem
 from lfr.watchlist.identification import central_index
 
 GALLERY = "custody"
 C = grpc.StatusCode
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory):
-    with EmbeddedSystem(tmp_path_factory.mktemp("state")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def clients(system):
-    c = Clients.connect(system.endpoints())
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
