@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 if not DATA.is_dir():
@@ -74,9 +75,19 @@ def predictor():
     return ShapePredictor.load()
 
 
-@pytest.fixture(scope="module")
-def resnet():
-    return load_dlib_resnet()
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+        ),
+    ],
+)
+def resnet(request):
+    """The descriptor net on each device (CUDA runs full float32 by default: lfr.models.device)."""
+    return load_dlib_resnet(device=request.param)
 
 
 def _parts(shape) -> np.ndarray:

@@ -281,7 +281,7 @@ def test_sface_flip_and_batching(aligned, sface_for):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_matches_cpu(images, aligned, detector_for, sface_for):
-    # cuDNN may run float32 convolutions in TF32 by default: compare with a float tolerance, not exactly.
+    # float32 on both (TF32 is off unless lfr.models.device.allow_tf32): equal within float tolerance.
     rgbs = [rgb for _, rgb in images[:8]]
     n_cpu = n_good = 0
     for a, b in zip(detector_for("cpu").detect(rgbs), detector_for("cuda").detect(rgbs)):

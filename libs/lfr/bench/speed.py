@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum measuring time per figure")
     parser.add_argument("--frames", type=int, default=5, help="video frames to time")
+    parser.add_argument(
+        "--embed-batches", default="1,32", help="comma-separated embedding batch sizes (default 1,32)"
+    )
+    parser.add_argument(
+        "--detect-batch", type=int, default=1, help="images per detector call, ours (OpenCV: one at a time)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quiet", action="store_true")
 
@@ -64,8 +70,19 @@ def _time_pair(ours, ref, min_seconds: float, warmup: int = 1, min_runs: int = 5
 
 
 def _video_frames(path: Path, n: int) -> list[np.ndarray]:
-    import av
+    try:
+        import av
+    except ImportError:  # a machine with OpenCV but no PyAV (the reference side needs OpenCV anyway)
+        import cv2
 
+        cap, frames = cv2.VideoCapture(str(path)), []
+        while len(frames) < n:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            frames.append(np.ascontiguousarray(bgr[..., ::-1]))
+        cap.release()
+        return frames
     frames = []
     with av.open(str(path)) as c:
         for f in c.decode(video=0):
@@ -91,12 +108,14 @@ def _lfw_faces(data: Path, n: int = 32) -> tuple[list[np.ndarray], list]:
     return imgs, faces
 
 
-def bench_embedding(data: Path, device, secs: float, log) -> dict:
+def bench_embedding(data: Path, device, secs: float, log, batches=(1, 32)) -> dict:
     from lfr.bench.pipeline import DlibReference, SFaceReference
     from lfr.models import dlib_resnet, sface
     from lfr.models.dlib_chip import dlib_face_chip
 
     imgs, faces = _lfw_faces(data)
+    reps = -(-max(batches) // len(faces))  # a batch larger than the sample repeats its faces
+    imgs, faces = (imgs * reps)[: max(batches, default=1)], (faces * reps)[: max(batches, default=1)]
     out: dict = {}
 
     # dlib: chips from dlib's own shape predictor on dlib-like boxes (identical input for both)
@@ -106,7 +125,7 @@ def bench_embedding(data: Path, device, secs: float, log) -> dict:
     dchips = np.stack([dlib_face_chip(img, ref.points(img, dbox(f.box))) for img, f in zip(imgs, faces)])
     model = dlib_resnet.load_dlib_resnet(device=device)
     d = {}
-    for bs in (1, 32):
+    for bs in batches:
         x = dchips[:bs]
         ours, theirs = _time_pair(
             lambda x=x: dlib_resnet.embed_chips(model, x), lambda x=x: ref.descriptors(list(x)), secs
@@ -122,7 +141,7 @@ def bench_embedding(data: Path, device, secs: float, log) -> dict:
     bgr = [np.ascontiguousarray(c[:, :, ::-1]) for c in schips]
     smodel = sface.load_sface(device=device)
     s = {}
-    for bs in (1, 32):
+    for bs in batches:
         x = schips[:bs]
         ours, theirs = _time_pair(
             lambda x=x: sface.embed_chips(smodel, x),
@@ -147,7 +166,7 @@ def _figures(bs: int, ours_s: float, ref_s: float) -> dict:
     }
 
 
-def bench_detection(data: Path, device, secs: float, n_frames: int, log) -> dict:
+def bench_detection(data: Path, device, secs: float, n_frames: int, log, batch: int = 1) -> dict:
     from lfr.bench.pipeline import SFaceReference
     from lfr.models.yunet import YuNetDetector
 
@@ -159,16 +178,18 @@ def bench_detection(data: Path, device, secs: float, n_frames: int, log) -> dict
         k = {"ours": 0, "ref": 0}  # each side walks through the same frames
 
         def ours(images=images, k=k):
-            k["ours"] += 1
-            return det.detect([images[k["ours"] % len(images)]])
+            k["ours"] += batch
+            return det.detect([images[(k["ours"] + i) % len(images)] for i in range(batch)])
 
         def theirs(images=images, k=k):
             k["ref"] += 1
             return ref.detect(images[k["ref"] % len(images)])
 
         t_ours, t_ref = _time_pair(ours, theirs, secs)
+        t_ours /= batch
         out[name] = {
             "image": f"{images[0].shape[1]}x{images[0].shape[0]}",
+            "batch_ours": batch,
             "ours_ms": round(t_ours * 1000, 2),
             "ref_ms": round(t_ref * 1000, 2),
             "faces_ours": len(det.detect([images[0]])[0]),
@@ -188,8 +209,9 @@ def run(args) -> dict:
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    emb = bench_embedding(data, device, args.seconds, log)
-    det = bench_detection(data, device, args.seconds, args.frames, log)
+    batches = tuple(int(b) for b in str(args.embed_batches).split(",") if b.strip())
+    emb = bench_embedding(data, device, args.seconds, log, batches)
+    det = bench_detection(data, device, args.seconds, args.frames, log, args.detect_batch)
     return {
         "threads": args.threads,
         "device": device,

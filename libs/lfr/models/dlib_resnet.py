@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lfr.models.device import resolve_device
 from lfr.models.dlib_format import LayerRecord, read_dnn
 
 __all__ = ["DlibResNet", "load_dlib_resnet", "embed_chips", "resolve_device"]
@@ -156,16 +157,6 @@ def load_state_from_records(model: DlibResNet, layers: Sequence[LayerRecord]) ->
         _check(tuple(fw.shape) == tuple(model.fc.weight.shape), f"fc shape {fw.shape}")
         model.fc.weight.copy_(torch.from_numpy(np.ascontiguousarray(fw)))
         model.mean.copy_(torch.tensor(inp.params["mean_rgb"], dtype=torch.float32).view(1, 3, 1, 1))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"`` -> CUDA when available, else CPU (as the other loaders); otherwise as given."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def load_dlib_resnet(

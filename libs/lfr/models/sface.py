@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .device import resolve_device
 from .onnx_weights import OnnxGraph, OnnxWeightsError
 from .weights import weight_path
-from .yunet import _default_device, tune_malloc_for_large_tensors
+from .yunet import tune_malloc_for_large_tensors
 
 CHIP_SIZE = 112
 # OpenCV's FaceRecognizerSF template (x, y) for: right eye, left eye, nose tip, right/left mouth corner.
@@ -258,7 +259,7 @@ class SFace(nn.Module):
 
 def load_sface(device=None) -> SFace:
     """The SFace network on ``device`` (default: CUDA when available, else CPU), in eval mode."""
-    dev = _default_device(device)
+    dev = resolve_device(device)
     model = SFace().to(dev)
     if dev.type == "cpu":
         tune_malloc_for_large_tensors()

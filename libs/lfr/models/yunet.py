@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import resolve_device
 from .onnx_weights import OnnxGraph, OnnxWeightsError
 from .types import Face
 from .weights import weight_path
@@ -185,12 +186,6 @@ def tune_malloc_for_large_tensors(threshold_bytes: int = 256 << 20) -> bool:
     return ok
 
 
-def _default_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class YuNetDetector:
     """Face detector reproducing ``cv2.FaceDetectorYN`` (YuNet 2023mar) with torch.
 
@@ -200,7 +195,7 @@ class YuNetDetector:
     def __init__(
         self, device=None, score_threshold: float = 0.6, nms_threshold: float = 0.3, top_k: int = 5000
     ):
-        self.device = _default_device(device)
+        self.device = resolve_device(device)
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.top_k = int(top_k)
