@@ -90,11 +90,12 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import investigate, ops, report
+    from lfr.cli import certs, investigate, ops, report
 
     ops.add_parsers(sub)
     report.add_parsers(sub)  # lfr report | audit | alerts
     investigate.add_parsers(sub)  # lfr identify | gallery | job
+    certs.add_parsers(sub)  # lfr certs dev
 
     b = sub.add_parser("bench", help="benchmarks (print JSON); never part of the test run: "
                        + ", ".join(BENCHES))
