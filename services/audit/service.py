@@ -22,10 +22,10 @@ from lfr.pb import audit_pb2 as pb
 from lfr.pb import audit_pb2_grpc
 from lfr.runtime import events, subjects
 from lfr.runtime.rpc import abort
+from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Sequence did not hold
-ACTOR_KEY = "lfr-actor"      # gRPC metadata naming the caller (as stated, until authentication arrives)
 
 
 def record_pb(r: ChainRecord) -> pb.Record:
@@ -255,7 +255,7 @@ class AuditService(Service):
         """An access to the audit's own API: the audit records it directly (the answer does not wait for it)."""
         if self.closing:
             return
-        actor = dict(context.invocation_metadata() or ()).get(ACTOR_KEY, "") or "anonymous"
+        actor = caller_name()  # the authenticated caller (lfr.runtime.security)
         ev = pb.AccessEvent(envelope=events.envelope(self.name, deployment_id=deployment_id), service=self.name,
                             method=method, actor=actor, subject=subject, peer=context.peer() or "")
         data = record_from_event(subjects.access(self.name), ev.SerializeToString())

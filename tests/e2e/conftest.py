@@ -13,6 +13,11 @@ import pytest
 from lfr.bench.synthvideo import Segment, make_video
 from lfr.cli.client import Clients
 from lfr.runtime.embedded import EmbeddedSystem
+from lfr.runtime.security import ROLES
+
+# The functional tests act as whoever their requests name, with every role: the role table itself is tested
+# role by role in test_security.py.
+HARNESS_ROLES = sorted(ROLES)
 
 MARGIN = 0.12  # ground truth is chosen so the library's decision is clear on either side of the threshold
 
@@ -92,6 +97,7 @@ def system(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clients(system):
-    c = Clients.connect(system.endpoints())
+    c = Clients.connect(system.endpoints(), access=system.access(user="e2e", follow_actor=True, roles=HARNESS_ROLES))
     yield c
     c.close()
+

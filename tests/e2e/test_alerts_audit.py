@@ -104,7 +104,7 @@ def wait_for(predicate, timeout_s: float = 20.0, interval: float = 0.3):
 
 
 def lfr(system, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*LFR, *args, "--state-dir", str(system.state_dir), "--as", "e2e-test"],
+    r = subprocess.run([*LFR, *args, "--state-dir", str(system.state_dir), "--as", system.add_dev_user("e2e-test")],
                        capture_output=True, text=True, timeout=120)
     if check:
         assert r.returncode == 0, r.stderr

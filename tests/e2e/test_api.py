@@ -27,8 +27,8 @@ EXPECTED = {
 }
 
 
-def list_services(target: str) -> set[str]:
-    with grpc.insecure_channel(target) as ch:
+def list_services(target: str, access) -> set[str]:
+    with access.channel(target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         return {s.name for r in responses for s in r.list_services_response.service}
@@ -37,9 +37,9 @@ def list_services(target: str) -> set[str]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_health_and_reflection(system, service):
     target = system.endpoint(service)
-    assert check_health(target) == "SERVING"
-    assert check_health(target, EXPECTED[service]) == "SERVING"
-    names = list_services(target)
+    assert check_health(target, access=system.access()) == "SERVING"
+    assert check_health(target, EXPECTED[service], access=system.access()) == "SERVING"
+    names = list_services(target, system.access(user="auditor"))
     assert {EXPECTED[service], "grpc.health.v1.Health"} <= names
 
 
@@ -117,4 +117,4 @@ def test_bad_input_gets_precise_status(system, clients, data):
     # every service is still serving
     for s in SERVICES:
         assert system.procs[s].poll() is None
-        assert check_health(system.endpoint(s)) == "SERVING"
+        assert check_health(system.endpoint(s), access=system.access()) == "SERVING"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from lfr.runtime.access import Access
 from lfr.runtime.embedded import SERVICES, check_health
 from lfr.runtime.natsserver import NatsServer, free_port
 
@@ -39,8 +40,10 @@ def test_lfr_up_starts_all_services_and_sigterm_leaves_no_orphan(tmp_path):
             time.sleep(0.2)
         assert endpoints.exists(), proc.stdout.read() if proc.poll() is not None else "timed out"
         eps = json.loads(endpoints.read_text())
+        access = Access.dev(tmp_path)  # lfr up made a development CA and identity provider
         for s in SERVICES:
-            assert check_health(eps[s]) == "SERVING", s
+            assert check_health(eps[s], access=access) == "SERVING", s
+            assert check_health(eps[s]) != "SERVING", s  # plaintext is refused
         kids = children_of(proc.pid)
         assert len(kids) >= len(SERVICES) + 1  # six services and nats-server
     finally:
@@ -57,7 +60,7 @@ def test_lfr_serve_runs_one_service_against_an_existing_nats(tmp_path):
     with NatsServer(tmp_path / "nats") as nats:
         port = free_port()
         env = dict(os.environ, LFR_NATS_URL=nats.url, LFR_GRPC_PORT=str(port), LFR_STATE_DIR=str(tmp_path),
-                   LFR_METRICS_PORT="-1")
+                   LFR_METRICS_PORT="-1", LFR_INSECURE="1")
         proc = subprocess.Popen([*LFR, "serve", "audit"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
@@ -72,6 +75,11 @@ def test_lfr_serve_runs_one_service_against_an_existing_nats(tmp_path):
         assert proc.returncode == 0, out
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         assert [x["event"] for x in lines if x["event"].startswith("service.")][-1] == "service.stopped"
+        assert any(x["event"] == "security.insecure" and x["level"] == "warning" for x in lines)
+        # without TLS material or the explicit insecure flag the service refuses to start, naming the key
+        env.pop("LFR_INSECURE")
+        r = subprocess.run([*LFR, "serve", "audit"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "LFR_TLS_DIR" in r.stdout + r.stderr
 
 
 def test_a_bad_config_value_stops_the_service_naming_the_key(tmp_path):

@@ -281,7 +281,7 @@ def test_window_frames_for_an_expired_deployment_and_the_automatic_end(clients, 
 # Operator CLI -----------------------------------------------------------------------------------------------
 def lfr(system, *args, actor="PC Builder") -> subprocess.CompletedProcess:
     env = dict(os.environ, LFR_STATE_DIR=str(system.state_dir))
-    return subprocess.run([sys.executable, "-m", "lfr.cli.main", *args, "--as", actor], env=env,
+    return subprocess.run([sys.executable, "-m", "lfr.cli.main", *args, "--as", system.add_dev_user(actor)], env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -290,7 +290,7 @@ def test_cli_identify_gallery_import_and_jobs(system, clients, lfw, data, tmp_pa
     env = dict(os.environ, LFR_STATE_DIR=str(system.state_dir))
 
     def lfr(*args, actor="DC 9 Price"):
-        return subprocess.run([sys.executable, "-m", "lfr.cli.main", *args, "--as", actor], env=env,
+        return subprocess.run([sys.executable, "-m", "lfr.cli.main", *args, "--as", system.add_dev_user(actor)], env=env,
                               capture_output=True, text=True, timeout=300)
 
     r = lfr("gallery", "import", "--gallery", "cli", "--source", "custody", "--legal-basis", "PACE", str(folder),

@@ -55,10 +55,10 @@ def run(args) -> dict:
     subjects = subject_images(args.enroll or data / "faces/knn_examples/train")
     state = args.state_dir or tempfile.mkdtemp(prefix="lfr-bench-")
     with EmbeddedSystem(state) as system:
-        c = Clients.connect(system.endpoints())
+        c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "bench", [CAMERA])
         enrolled = enroll(c, d.id, subjects)
-        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="bench"))
+        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
         collector = AlertCollector(c, d.id)
         t0 = time.monotonic()
         frames_in = 0

@@ -64,7 +64,7 @@ def search(stub, image: bytes, gallery: str, case: str) -> tuple[str, float, boo
     from lfr.pb import watchlist_pb2 as pb
 
     req = pb.IdentifyRequest(image=image, gallery=gallery, k=2, investigation=True, case_reference=case,
-                             justification="benchmark: lfr bench identify-oifr", actor="lfr-bench")
+                             justification="benchmark: lfr bench identify-oifr", actor="")
     r = stub.Identify(req, timeout=120)
     if r.outcome == pb.IDENTIFY_OUTCOME_SEVERAL_FACES:
         req.face = _central(r) + 1
@@ -86,7 +86,7 @@ def evaluate_oifr(stub, root: Path, identities: dict[str, list[str]], fpirs, gal
     for rel, person in zip(split.gallery, split.gallery_ids, strict=True):
         r = stub.AddGalleryImages(pb.AddGalleryImagesRequest(
             gallery=gallery, subject_ref=person, source_system="LFW", legal_basis="benchmark",
-            images=[(root / rel).read_bytes()], actor="lfr-bench"), timeout=120)
+            images=[(root / rel).read_bytes()], actor=""), timeout=120)
         no_face += sum(1 for x in r.results if not x.accepted and x.faces_found == 0 and not x.duplicate)
     case = f"bench-{gallery}"
     mated, correct, nonmated = [], [], []
@@ -105,7 +105,6 @@ def evaluate_oifr(stub, root: Path, identities: dict[str, list[str]], fpirs, gal
 
 
 def run(args) -> dict:
-    import grpc
 
     from lfr.bench import identify
     from lfr.bench.pipeline import OursPipeline, set_threads
@@ -125,12 +124,17 @@ def run(args) -> dict:
             system = EmbeddedSystem(tempfile.mkdtemp(prefix="lfr-oifr-"),
                                     env={"LFR_MODEL": resolve_model_id(args.model)}).start()
             target = system.endpoint("watchlist")
-        elif args.target:
-            target = args.target
+            access = system.access(user="bench", follow_actor=True, roles=["watchlist_manager", "investigator"])
         else:
-            state = args.state_dir or os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
-            target = json.loads((Path(state) / "endpoints.json").read_text())["watchlist"]
-        with grpc.insecure_channel(target) as ch:
+            from lfr.cli.client import cli_access
+
+            if args.target:
+                target = args.target
+            else:
+                state = args.state_dir or os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
+                target = json.loads((Path(state) / "endpoints.json").read_text())["watchlist"]
+            access = cli_access(args)
+        with access.channel(target) as ch:
             stub = watchlist_pb2_grpc.WatchlistServiceStub(ch)
             pipe = OursPipeline(args.model, flip=library_flip(args.flip), quiet=True)
             oifr = evaluate_oifr(stub, root, identities, fpirs, gallery, pipe.scorer.info.threshold)

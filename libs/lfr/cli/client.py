@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 from lfr.pb import (
     audit_pb2_grpc,
@@ -16,6 +15,7 @@ from lfr.pb import (
     match_pb2_grpc,
     watchlist_pb2_grpc,
 )
+from lfr.runtime.access import Access, AccessError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -31,10 +31,11 @@ class Clients:
     channels: list
 
     @classmethod
-    def connect(cls, endpoints: dict, aio: bool = False) -> Clients:
-        make = grpc.aio.insecure_channel if aio else grpc.insecure_channel
+    def connect(cls, endpoints: dict, aio: bool = False, access: Access | None = None) -> Clients:
+        """Stubs for the six services; ``access`` gives the TLS certificate and tokens (plaintext if None)."""
+        access = access or Access.insecure()
         opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        chans = {s: make(endpoints[s], options=opts) for s in
+        chans = {s: access.channel(endpoints[s], aio=aio, options=opts) for s in
                  ("ingest", "detection", "embedding", "watchlist", "match", "audit")}
         return cls(
             ingest=ingest_pb2_grpc.IngestServiceStub(chans["ingest"]),
@@ -47,11 +48,11 @@ class Clients:
         )
 
     @classmethod
-    def from_state_dir(cls, state_dir: str | Path, aio: bool = False) -> Clients:
+    def from_state_dir(cls, state_dir: str | Path, aio: bool = False, access: Access | None = None) -> Clients:
         path = Path(state_dir) / "endpoints.json"
         if not path.is_file():
             raise FileNotFoundError(f"no running system found: {path} is missing (start one with `lfr up`)")
-        return cls.connect(json.loads(path.read_text()), aio=aio)
+        return cls.connect(json.loads(path.read_text()), aio=aio, access=access)
 
     def close(self) -> None:
         for ch in self.channels:
@@ -72,3 +73,30 @@ def subject_images(folder: str | Path) -> dict[str, list[Path]]:
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             out.setdefault(p.stem, []).append(p)
     return out
+
+
+def state_dir_of(args) -> Path:
+    return Path(getattr(args, "state_dir", "") or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
+
+
+def cli_access(args) -> Access:
+    """The CLI's credentials. With a production token (LFR_TOKEN / LFR_TOKEN_FILE, plus LFR_TLS_DIR) the token
+    names the caller and ``--as`` is refused; against an embedded system, ``--as NAME`` (or $LFR_ACTOR) obtains
+    a short-lived token for a user of its development identity provider. Raises AccessError saying what to do."""
+    actor = getattr(args, "actor", None)
+    if os.environ.get("LFR_TOKEN") or os.environ.get("LFR_TOKEN_FILE"):
+        if actor:
+            raise AccessError("--as is refused with an identity provider's token: the token names the caller")
+        return Access.from_env()
+    state = state_dir_of(args)
+    if (state / "security").is_dir():
+        actor = actor or os.environ.get("LFR_ACTOR") or None
+        if actor is None:
+            from lfr.runtime.devidp import find_dev_idp
+
+            idp = find_dev_idp(state)
+            names = ", ".join(sorted(idp.users())) if idp else "?"
+            raise AccessError(f"say who is acting: --as NAME (development users: {names})")
+        args.actor = actor
+        return Access.dev(state, user=actor)
+    return Access.from_env()

@@ -43,7 +43,7 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
     print(f"[demo] starting the embedded system (nats-server, Qdrant local, six services) in {state_dir}", flush=True)
     with EmbeddedSystem(state_dir) as system:
         print(f"[demo] all services SERVING after {time.monotonic() - t0:.1f} s", flush=True)
-        c = Clients.connect(system.endpoints())
+        c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "demo deployment", ["camera-1"])
         print(f"[demo] deployment {d.id}: model {d.model_id} {d.model_version}, threshold {d.threshold:.3f}")
         for ref, resp in enroll(c, d.id, subjects).items():
@@ -55,7 +55,7 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
               f"{', '.join(a.actor for a in d.approvals)} (digest {d.authorised_digest[:12]}, policy "
               f"{d.policy_version})" + (f"; second authoriser: {'; '.join(d.second_authoriser_reasons)}"
                                         if d.authorisers_required > 1 else ""))
-        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="demo-operator"))
+        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
 
         def show(alert: match_pb2.Alert) -> None:
             latency = (alert.raised_at.ToNanoseconds() - alert.envelope.capture_time.ToNanoseconds()) / 1e6
@@ -70,7 +70,7 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
         time.sleep(2.0)
         collector.close()
         stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
-        d = c.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="demo-operator"))
+        d = c.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
         by_subject: dict[str, int] = {}
         for a, _ in collector.alerts:
             if a.revision == 0:  # one alert per person per pass; revisions update it

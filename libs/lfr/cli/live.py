@@ -19,7 +19,7 @@ DEMO_SITE = "demo site"
 
 
 def create_deployment(c: Clients, name: str, cameras: list[str], threshold: float = 0.0,
-                      actor: str = "demo-builder", hours: float = 4.0) -> watchlist_pb2.Deployment:
+                      actor: str = "builder", hours: float = 4.0) -> watchlist_pb2.Deployment:
     """A deployment whose window opens now and lasts `hours`."""
     now = time.time_ns()
     return c.watchlist.CreateDeployment(watchlist_pb2.CreateDeploymentRequest(
@@ -45,19 +45,20 @@ def capture_date(path: Path) -> tuple[int, str]:
     return path.stat().st_mtime_ns, "file"
 
 
-def authorise(c: Clients, deployment_id: str, officer: str = "demo-authoriser") -> watchlist_pb2.Deployment:
+def authorise(c: Clients, deployment_id: str, officer: str = "inspector",
+              second: str = "superintendent") -> watchlist_pb2.Deployment:
     """Have the watchlist authorised by `officer` (not its builder), and by a second officer where the policy
     asks for one (an unapproved site, an entry under 18)."""
     d = c.watchlist.AuthoriseDeployment(watchlist_pb2.AuthoriseRequest(deployment_id=deployment_id, actor=officer),
                                         timeout=30)
     if d.status == watchlist_pb2.DEPLOYMENT_STATUS_DRAFT and len(d.approvals) < d.authorisers_required:
         d = c.watchlist.AuthoriseDeployment(watchlist_pb2.AuthoriseRequest(
-            deployment_id=deployment_id, actor=officer + "-second"), timeout=30)
+            deployment_id=deployment_id, actor=second), timeout=30)
     return d
 
 
-def enroll(c: Clients, deployment_id: str, subjects: dict[str, list[Path]], actor: str = "demo-builder",
-           category=watchlist_pb2.CATEGORY_WANTED_BY_POLICE, authorise_as: str = "demo-authoriser"
+def enroll(c: Clients, deployment_id: str, subjects: dict[str, list[Path]], actor: str = "builder",
+           category=watchlist_pb2.CATEGORY_WANTED_BY_POLICE, authorise_as: str = "inspector"
            ) -> dict[str, watchlist_pb2.EnrollEntryResponse]:
     """Enroll one entry per subject; then, unless `authorise_as` is empty, have the list authorised by that
     officer (as a force must before the start)."""

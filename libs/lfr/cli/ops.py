@@ -1,15 +1,15 @@
 """Operator commands: `lfr deployment …`, `lfr watchlist …`, `lfr reference …`, `lfr policy …`.
 
 They talk gRPC to the watchlist service of a running system, found through the state folder `lfr up` used
-(--state-dir, else $LFR_STATE_DIR, else ./state) or named with --target HOST:PORT. The acting person is
---as NAME (default $LFR_ACTOR, else the login name) until authentication arrives. --json prints machine
-output; a refusal exits non-zero with a one-line reason on stderr.
+(--state-dir, else $LFR_STATE_DIR, else ./state) or named with --target HOST:PORT. Every call is mutual
+TLS plus a bearer token: against an embedded system `--as NAME` (default $LFR_ACTOR) obtains a short-lived token
+for a user of its development identity provider; in production LFR_TLS_DIR and LFR_TOKEN (or LFR_TOKEN_FILE)
+are used and `--as` is refused. --json prints machine output; a refusal exits non-zero with a one-line reason on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import re
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import grpc
 
-from lfr.cli.client import IMAGE_SUFFIXES, subject_images
+from lfr.cli.client import IMAGE_SUFFIXES, cli_access, subject_images
 from lfr.cli.live import capture_date
 from lfr.pb import watchlist_pb2 as pb
 from lfr.pb import watchlist_pb2_grpc
+from lfr.runtime.access import AccessError
 from lfr.runtime.events import ts_from_ns
 from lfr.watchlist.policy import CATEGORY_BY_VALUE, CATEGORY_NAMES
 
@@ -60,13 +61,6 @@ def category(text: str) -> int:
     return CATEGORIES[text]
 
 
-def default_actor() -> str:
-    try:
-        return os.environ.get("LFR_ACTOR") or getpass.getuser()
-    except Exception:  # no login name (some containers)
-        return ""
-
-
 def watchlist_stub(args) -> watchlist_pb2_grpc.WatchlistServiceStub:
     target = args.target
     if not target:
@@ -76,7 +70,11 @@ def watchlist_stub(args) -> watchlist_pb2_grpc.WatchlistServiceStub:
             raise Failure(f"no running system found: {path} is missing (start one with `lfr up`, or pass --target)")
         target = json.loads(path.read_text())["watchlist"]
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    return watchlist_pb2_grpc.WatchlistServiceStub(grpc.insecure_channel(target, options=opts))
+    try:
+        access = cli_access(args)
+    except AccessError as exc:
+        raise Failure(str(exc)) from None
+    return watchlist_pb2_grpc.WatchlistServiceStub(access.channel(target, options=opts))
 
 
 # Output ----------------------------------------------------------------------------------------------
@@ -400,8 +398,9 @@ def _common() -> argparse.ArgumentParser:
     g = c.add_argument_group("connection and identity")
     g.add_argument("--state-dir", default="", help="state folder of the running system (default $LFR_STATE_DIR or ./state)")
     g.add_argument("--target", default="", help="watchlist service HOST:PORT (instead of --state-dir)")
-    g.add_argument("--as", dest="actor", default=default_actor(),
-                   help="the acting person (default $LFR_ACTOR or the login name)")
+    g.add_argument("--as", dest="actor", default=None,
+                   help="the acting person, a user of the embedded system's development identity provider "
+                   "(default $LFR_ACTOR); refused with a production token (LFR_TOKEN), which names the caller")
     g.add_argument("--json", action="store_true", help="machine output (JSON)")
     return c
 

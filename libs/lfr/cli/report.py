@@ -9,8 +9,8 @@
 - `lfr alerts list DEPLOYMENT`, `lfr alerts show ALERT [--probe FILE]`, `lfr alerts adjudicate ALERT ...`.
 
 They talk gRPC to the audit (or match) service of a running system, found through the state folder `lfr up`
-used (--state-dir, else $LFR_STATE_DIR, else ./state) or named with --target HOST:PORT. The caller is --as NAME
-(default $LFR_ACTOR, else the login name) until authentication arrives.
+used (--state-dir, else $LFR_STATE_DIR, else ./state) or named with --target HOST:PORT. The caller is
+authenticated as for the other commands (lfr.cli.ops): --as NAME on an embedded system, LFR_TOKEN in production.
 """
 
 from __future__ import annotations
@@ -43,12 +43,6 @@ class Failure(Exception):
 
 
 # Connection ------------------------------------------------------------------------------------------
-def default_actor() -> str:
-    from lfr.cli.ops import default_actor as actor
-
-    return actor()
-
-
 def target_of(args, service: str) -> str:
     if args.target:
         return args.target
@@ -60,12 +54,19 @@ def target_of(args, service: str) -> str:
 
 
 def channel(args, service: str) -> grpc.Channel:
+    from lfr.cli.client import cli_access
+    from lfr.runtime.access import AccessError
+
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    return grpc.insecure_channel(target_of(args, service), options=opts)
+    target = target_of(args, service)
+    try:
+        return cli_access(args).channel(target, options=opts)
+    except AccessError as exc:
+        raise Failure(str(exc)) from None
 
 
 def metadata(args) -> list[tuple[str, str]]:
-    return [("lfr-actor", args.actor)] if args.actor else []
+    return []  # the caller is the token's subject (kept for call sites; no self-declared identity)
 
 
 # Published records -------------------------------------------------------------------------------------
@@ -355,7 +356,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="", help="state folder of the running system (default $LFR_STATE_DIR "
                    "or ./state)")
     p.add_argument("--target", default="", help="HOST:PORT of the service, instead of the state folder")
-    p.add_argument("--as", dest="actor", default=default_actor(), help="who is acting (default $LFR_ACTOR or login)")
+    p.add_argument("--as", dest="actor", default=None, help="who is acting: a development user of an embedded "
+                   "system (default $LFR_ACTOR); refused with a production token (LFR_TOKEN)")
     return p
 
 

@@ -77,6 +77,27 @@ class Config:
     job_fps: float = _opt(2.0, "retrospective jobs: default video sampling rate (frames per second examined)")
     job_batch: int = _opt(8, "retrospective jobs: frames per batch sent through detection and embedding")
     grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
+    cuda_tf32: bool = _opt(False, "CUDA: allow TF32 convolutions (about 1.3-2x faster on Hopper; scores move ~1e-4 "
+                           "from the CPU's)")
+    # security (#8) ------------------------------------------------------------------------------------------
+    insecure: bool = _opt(False, "development only: plaintext gRPC, and callers unauthenticated unless "
+                          "LFR_AUTH_KEYS_DIR is set (logs a warning); otherwise LFR_TLS_DIR and LFR_AUTH_KEYS_DIR are required")
+    tls_dir: str = _opt("", "TLS material: ca.pem (the CA callers and services are checked against) and "
+                        "<service>.pem / <service>.key (this service's certificate, server and client)")
+    auth_keys_dir: str = _opt("", "JWT verification keys: <kid>.pem public keys (EC P-256 or RSA); a token names "
+                              "its key by kid, so keys rotate by adding a file")
+    auth_issuer: str = _opt("lfr-dev-idp", "required JWT issuer (iss)")
+    auth_audience: str = _opt("lfr", "required JWT audience (aud)")
+    rate_limit_rps: float = _opt(50.0, "requests per second allowed per caller and service (token bucket)")
+    rate_limit_burst: int = _opt(100, "burst size of the per-caller rate limit")
+    rpc_timeout_s: float = _opt(120.0, "longest a unary RPC may run on the server (DEADLINE_EXCEEDED after)")
+    max_image_bytes: int = _opt(20 * 1024 * 1024, "largest encoded image accepted, checked before decoding")
+    media_roots: str = _opt("", "folders (os.pathsep separated) that file inputs (retrospective media, file "
+                            "sources) must lie in, after resolving links; empty = none accepted")
+    source_hosts: str = _opt("", "camera hosts that rtsp:// / rtsps:// sources may name (comma separated; "
+                             "empty = no network sources)")
+    nats_user: str = _opt("", "NATS user name of this service (the server gives it only its own subjects)")
+    nats_password: str = _opt("", "NATS password (use LFR_NATS_PASSWORD_FILE)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Config:
@@ -132,6 +153,9 @@ class Config:
             raise ConfigError("LFR_JOB_FPS: must be above 0 and at most 30")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
+        for name in ("rate_limit_rps", "rate_limit_burst", "rpc_timeout_s", "max_image_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("LFR_DEVICE: must be cpu, cuda, cuda:N or empty")
         return self

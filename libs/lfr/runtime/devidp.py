@@ -32,6 +32,7 @@ ALGORITHM = "ES256"
 DEFAULT_USERS: dict[str, list[str]] = {
     "builder": ["watchlist_manager"],
     "inspector": ["authorising_officer"],
+    "superintendent": ["authorising_officer"],  # the second officer where a policy asks for two
     "operator": ["operator", "engagement_officer"],
     "investigator": ["investigator"],
     "auditor": ["auditor"],
@@ -101,6 +102,14 @@ class DevIdP:
     def users(self) -> dict[str, list[str]]:
         """User name -> roles, from users.json."""
         return {name: list(roles) for name, roles in self._config()["users"].items()}
+
+    def add_user(self, user: str, roles: Iterable[str]) -> None:
+        """Add (or change) a development user in users.json."""
+        config = self._config()
+        config["users"][user] = sorted(set(roles))
+        tmp = self.folder / "users.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.folder / "users.json")
 
     def mint(self, user: str, ttl_s: int = 900, roles: Iterable[str] | None = None) -> str:
         """A signed token for user, valid ttl_s seconds, with the roles users.json gives the user. Explicit

@@ -24,10 +24,13 @@ TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_
 
 
 class EmbeddedSystem:
-    def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+    def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 insecure: bool = False):
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.extra_env = dict(env or {})
+        self.insecure = insecure  # plaintext and unauthenticated: only when asked for explicitly
+        self.security: dict[str, str] = {}
         ports = free_ports(2 * len(SERVICES) + 1, host)
         self.nats = NatsServer(self.state_dir / "nats", port=ports.pop())
         self.ports = {s: ports.pop() for s in SERVICES}
@@ -44,6 +47,11 @@ class EmbeddedSystem:
             "LFR_GRPC_PORT": str(self.ports[service]), "LFR_METRICS_PORT": str(self.metrics_ports[service]),
         })
         env.update({key: self.endpoint(s) for s, key in TARGET_KEYS.items()})
+        if self.insecure:
+            env["LFR_INSECURE"] = "1"
+        else:
+            env.update({"LFR_TLS_DIR": self.security["tls_dir"], "LFR_AUTH_KEYS_DIR": self.security["auth_keys_dir"],
+                        "LFR_AUTH_ISSUER": "lfr-dev-idp", "LFR_AUTH_AUDIENCE": "lfr"})
         env.setdefault("LFR_THREADS", "1" if (os.cpu_count() or 1) <= 2 else "")
         # torch threads spin between layers by default; several model processes on few cores then stall.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -61,6 +69,10 @@ class EmbeddedSystem:
 
     def start(self, timeout_s: float = 180.0) -> EmbeddedSystem:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.insecure:  # a development CA, certificates and identity provider under <state>/security
+            from lfr.runtime.devidp import create_dev_security
+
+            self.security = create_dev_security(self.state_dir, SERVICES, hosts=("localhost", self.host))
         self.nats.start()
         try:
             for s in SERVICES:
@@ -85,7 +97,7 @@ class EmbeddedSystem:
                 if proc.poll() is not None:
                     tail = (self.state_dir / "logs" / f"{s}.log").read_text()[-2000:]
                     raise RuntimeError(f"service {s} exited with {proc.returncode}:\n{tail}")
-            if check_health(self.endpoint(pending[0])) == "SERVING":
+            if check_health(self.endpoint(pending[0]), access=self.access()) == "SERVING":
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
@@ -113,6 +125,22 @@ class EmbeddedSystem:
             self.stop_service(s)
         self.nats.stop()
 
+    def access(self, user: str | None = None, follow_actor: bool = False, roles=None):
+        """How a client reaches this system (see lfr.runtime.access): mTLS + dev-IdP tokens, or plaintext."""
+        from lfr.runtime.access import Access
+
+        if self.insecure:
+            return Access.insecure()
+        return Access.dev(self.state_dir, user=user, follow_actor=follow_actor, roles=roles)
+
+    def add_dev_user(self, name: str, roles=None) -> str:
+        """Add a user to the development identity provider (default: every human role); returns the name."""
+        from lfr.runtime.devidp import find_dev_idp
+        from lfr.runtime.security import HUMAN_ROLES
+
+        find_dev_idp(self.state_dir).add_user(name, HUMAN_ROLES if roles is None else roles)
+        return name
+
     def __enter__(self) -> EmbeddedSystem:
         return self.start()
 
@@ -120,9 +148,10 @@ class EmbeddedSystem:
         self.stop()
 
 
-def check_health(target: str, service: str = "", timeout: float = 1.0) -> str:
+def check_health(target: str, service: str = "", timeout: float = 1.0, access=None) -> str:
+    """Health status name of a service; ``access`` supplies the TLS client certificate (health needs no token)."""
     try:
-        with grpc.insecure_channel(target) as ch:
+        with (access.channel(target) if access is not None else grpc.insecure_channel(target)) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                        timeout=timeout)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

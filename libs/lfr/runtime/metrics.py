@@ -33,3 +33,5 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
         return -1
     server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     return server.server_address[1]
+AUTH = Counter("lfr_auth_decisions_total", "Caller authorisation decisions (ALLOWED, DENIED, UNAUTHENTICATED, "
+               "RATE_LIMITED)", ["service", "decision"], registry=REGISTRY)

@@ -8,11 +8,14 @@ from lfr.runtime.config import Config
 
 
 def channel(target: str, config: Config | None = None) -> grpc.aio.Channel:
+    """A service's channel to another service: mutual TLS with its own certificate (it calls as `service`)."""
     limit = config.max_message_bytes if config else 8 * 1024 * 1024
-    return grpc.aio.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-    ])
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    if config is not None and config.tls_dir:
+        from lfr.runtime.security import channel_credentials
+
+        return grpc.aio.secure_channel(target, channel_credentials(config.tls_dir, config.service), options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 async def abort(context: grpc.aio.ServicerContext, code: str, message: str):

@@ -23,10 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from lfr.runtime import metrics
+from lfr.runtime import events, metrics, subjects
 from lfr.runtime.bus import Bus
 from lfr.runtime.config import Config, ConfigError
 from lfr.runtime.logs import get_logger, setup_logging
+from lfr.runtime.security import AuthInterceptor, Guard, Identity, server_credentials
 
 
 class Service:
@@ -169,12 +170,20 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         import torch  # only services that use it pay for the import
 
         torch.set_num_threads(config.threads)
+    if config.cuda_tf32:
+        from lfr.models.device import allow_tf32
 
+        allow_tf32(True)
+
+    guard = Guard(config)  # fails fast on missing TLS/auth settings, before anything is opened
     metrics_port = metrics.start_metrics_server(config.metrics_port, config.grpc_host)
     health = HealthServicer()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(config.service)], options=grpc_options(config))
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(config.service), AuthInterceptor(guard)],
+                             options=grpc_options(config))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+    creds = server_credentials(config)
+    address = f"{config.grpc_host}:{config.grpc_port}"
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"LFR_GRPC_PORT: cannot bind {config.grpc_host}:{config.grpc_port}")
 
@@ -188,6 +197,7 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
             await bus.connect()
             stack.push_async_callback(bus.drain)
             await bus.ensure_streams(replicas=config.stream_replicas)
+            guard.publish = access_recorder(bus, config.service)
         rt = Runtime(config, bus, server, health)
         service.rt = rt
         stack.callback(rt.executor.shutdown, wait=True)
@@ -216,6 +226,23 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
             await asyncio.sleep(0.05)
         await server.stop(config.grace_s)
     log.info("service.stopped")
+
+
+def access_recorder(bus: Bus, service: str) -> Callable[..., None]:
+    """Every authorisation decision becomes a durable AccessEvent (the outbox retries until JetStream acks)."""
+    from lfr.pb import audit_pb2
+
+    decisions = audit_pb2.AccessDecision
+
+    def record(method: str, ident: Identity | None, decision: str, reason: str, peer: str) -> None:
+        ev = audit_pb2.AccessEvent(
+            envelope=events.envelope(service), service=service, method=method,
+            actor=ident.subject if ident else "", peer=peer, reason=reason,
+            decision=decisions.Value(f"ACCESS_DECISION_{decision}"),
+            roles=sorted(ident.roles) if ident else [], credential=ident.credential if ident else "")
+        bus.publish_durable(subjects.access(service), ev, ev.envelope.event_id)
+
+    return record
 
 
 def main(service_cls: type[Service]) -> None:
