@@ -150,7 +150,7 @@ class TokenVerifier:
             raise ConfigError("LFR_AUTH_KEYS_DIR: not a folder of <kid>.pem public keys")
         self.issuer, self.audience, self.leeway_s = issuer, audience, leeway_s
         self._keys: dict[str, object] = {}
-        self._scanned = 0.0
+        self._dir_mtime = -1
         self._cache: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._scan()
@@ -161,16 +161,23 @@ class TokenVerifier:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
         keys = {}
+        self._dir_mtime = self._mtime()
         for p in sorted(self.keys_dir.glob("*.pem")):
             try:
                 keys[p.stem] = load_pem_public_key(p.read_bytes())
             except (ValueError, OSError):
                 get_logger().warning("auth.key_unreadable", key_id=p.stem)
-        self._keys, self._scanned = keys, time.monotonic()
+        self._keys = keys
+
+    def _mtime(self) -> int:
+        try:
+            return self.keys_dir.stat().st_mtime_ns
+        except OSError:
+            return -1
 
     def _key(self, kid: str):
-        if kid not in self._keys and time.monotonic() - self._scanned > 1.0:
-            self._scan()  # a rotated-in key appears without a restart
+        if kid not in self._keys and self._mtime() != self._dir_mtime:
+            self._scan()  # a rotated-in key appears without a restart (one stat per unknown kid)
         return self._keys.get(kid)
 
     def verify(self, token: str) -> Identity:
