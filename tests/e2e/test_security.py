@@ -15,8 +15,7 @@ import jwt
 import pytest
 from google.protobuf import descriptor_pool
 
-from lfr.pb import audit_pb2, match_pb2, watchlist_pb2  # noqa: F401  (registers the descriptors)
-from lfr.pb import detection_pb2, embedding_pb2, ingest_pb2  # noqa: F401
+from lfr.pb import audit_pb2, detection_pb2, embedding_pb2, ingest_pb2, match_pb2, watchlist_pb2  # noqa: F401  (registers the descriptors)  # noqa: F401
 from lfr.runtime.access import Access
 from lfr.runtime.devidp import find_dev_idp
 from lfr.runtime.pki import create_dev_pki
@@ -38,9 +37,12 @@ def _methods():
 METHODS = sorted(_methods())
 
 
+def ident(b: bytes) -> bytes:
+    return b
+
+
 def call_raw(channel, method: str, client_streaming: bool, server_streaming: bool, metadata=(), timeout=20.0):
     """Call a method with an empty message (bytes in, bytes out); return the status code."""
-    ident = (lambda b: b)
     try:
         if client_streaming:
             channel.stream_unary(method, ident, ident)(iter([]), timeout=timeout, metadata=metadata)
