@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+import pytest
+
 from lfr.runtime.access import Access
 from lfr.runtime.embedded import SERVICES, check_health
 from lfr.runtime.natsserver import NatsServer, free_port
@@ -58,9 +61,9 @@ def test_lfr_up_starts_all_services_and_sigterm_leaves_no_orphan(tmp_path):
 
 def test_lfr_serve_runs_one_service_against_an_existing_nats(tmp_path):
     with NatsServer(tmp_path / "nats") as nats:
-        port = free_port()
+        port, probe_port = free_port(), free_port()
         env = dict(os.environ, LFR_NATS_URL=nats.url, LFR_GRPC_PORT=str(port), LFR_STATE_DIR=str(tmp_path),
-                   LFR_METRICS_PORT="-1", LFR_INSECURE="1")
+                   LFR_METRICS_PORT="-1", LFR_INSECURE="1", LFR_HEALTH_PORT=str(probe_port))
         proc = subprocess.Popen([*LFR, "serve", "audit"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
@@ -69,6 +72,12 @@ def test_lfr_serve_runs_one_service_against_an_existing_nats(tmp_path):
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(0.2)
             assert check_health(f"127.0.0.1:{port}", "lfr.audit.v1.AuditService") == "SERVING"
+            # the probe port answers health and nothing else
+            assert check_health(f"127.0.0.1:{probe_port}", "lfr.audit.v1.AuditService") == "SERVING"
+            with grpc.insecure_channel(f"127.0.0.1:{probe_port}") as ch:
+                with pytest.raises(grpc.RpcError) as err:
+                    ch.unary_unary("/lfr.audit.v1.AuditService/Query", lambda b: b, lambda b: b)(b"", timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=30)

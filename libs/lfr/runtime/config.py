@@ -30,6 +30,8 @@ class Config:
     grpc_host: str = _opt("127.0.0.1", "gRPC listen address (0.0.0.0 in a container)")
     grpc_port: int = _opt(0, "gRPC listen port (0 = pick a free port and report it)")
     metrics_port: int = _opt(0, "Prometheus metrics port (0 = pick a free port, -1 = off)")
+    health_port: int = _opt(-1, "plaintext gRPC port serving only grpc.health.v1 (status, no data) for Kubernetes "
+                            "probes, which cannot present a client certificate (-1 = off)")
     log_level: str = _opt("info", "debug, info, warning or error")
     state_dir: str = _opt("", "folder for the embedded default's state (NATS store, Qdrant, audit DB)")
     model: str = _opt("", "live model id (empty = the library default)")
@@ -125,6 +127,8 @@ class Config:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"LFR_{name.upper()}: {port} is not a port number")
+        if not -1 <= self.health_port <= 65535:
+            raise ConfigError("LFR_HEALTH_PORT: must be -1 (off), 0 (any) or a port number")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("LFR_METRICS_PORT: must be -1 (off), 0 (any) or a port number")
         for name in ("freshness_ms", "max_message_bytes", "max_image_pixels", "detect_max_side",

@@ -186,6 +186,12 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"LFR_GRPC_PORT: cannot bind {config.grpc_host}:{config.grpc_port}")
+    probe_server = None
+    if config.health_port >= 0:  # status only, for probes that cannot do mutual TLS
+        probe_server = grpc.aio.server(options=grpc_options(config))
+        health_pb2_grpc.add_HealthServicer_to_server(health, probe_server)
+        if probe_server.add_insecure_port(f"{config.grpc_host}:{config.health_port}") == 0:
+            raise ConfigError(f"LFR_HEALTH_PORT: cannot bind {config.grpc_host}:{config.health_port}")
 
     bus = None
     service = service_cls(config)
@@ -193,7 +199,8 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         # Exit runs in reverse: executor -> NATS drain (outbox flushed, consumers done) -> close stores.
         stack.push_async_callback(service.close)
         if service.uses_nats:
-            bus = Bus(config.nats_url, name=f"lfr-{config.service}", service=config.service)
+            bus = Bus(config.nats_url, name=f"lfr-{config.service}", service=config.service, user=config.nats_user,
+                      password=config.nats_password, tls_dir=config.tls_dir)
             await bus.connect()
             stack.push_async_callback(bus.drain)
             await bus.ensure_streams(replicas=config.stream_replicas)
@@ -207,6 +214,8 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
             await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
+        if probe_server is not None:
+            await probe_server.start()
         t0 = time.monotonic()
         await service.warmup()
         for name in rt.service_names:
@@ -225,6 +234,8 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         while rt.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await server.stop(config.grace_s)
+        if probe_server is not None:
+            await probe_server.stop(0)
     log.info("service.stopped")
 
 
