@@ -108,16 +108,28 @@ async def test_stage_batches_by_weight_and_drops_what_cannot_finish_in_budget():
     await task
     assert batches == [[0, 1], [2], [3], [4]]  # never over 4 faces, except a single heavy item
     assert dropped == [] and 40 < stage.batch_ms < 200
-    # an item whose age plus the stage's batch time exceeds the budget is dropped, not started
+    assert 10 < stage.unit_ms < 60  # 50 ms batches of 1-5 faces
+    # an item whose age plus its predicted processing time exceeds the budget is dropped, not started
     stage = Stage("t", "late", maxsize=10, batch=1, process=process, age_ms=lambda it: it[2], budget_ms=100,
                   on_drop=lambda it, why: dropped.append((it[0], why)))
-    stage.batch_ms = 50.0
+    stage.unit_ms = 50.0
     stage.offer((7, 1, 60.0))
     stage.offer((8, 1, 10.0))
     task = asyncio.create_task(stage.run())
     await stage.drain(2.0)
     await task
     assert dropped == [(7, "stale")] and batches[-1] == [8]
+    # by weight: a 1-face frame fits where a 4-face frame of the same age does not (10 ms per face)
+    dropped.clear()
+    stage = Stage("t", "cost", maxsize=10, batch=8, process=process, age_ms=lambda it: it[2], budget_ms=100,
+                  on_drop=lambda it, why: dropped.append((it[0], why)), weight=lambda it: it[1])
+    stage.unit_ms = 10.0
+    stage.offer((20, 4, 70.0))  # 70 + 4 x 10 > 100
+    stage.offer((21, 1, 70.0))  # 70 + 1 x 10 <= 100
+    task = asyncio.create_task(stage.run())
+    await stage.drain(2.0)
+    await task
+    assert dropped == [(20, "stale")] and batches[-1] == [21]
 
 
 def test_readme_documents_every_config_key():

@@ -45,6 +45,25 @@ def metric_sum(samples: dict, name: str, **labels) -> float:
                if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
 
 
+def cpu_seconds(system) -> dict[str, float]:
+    """user + system CPU seconds of each service process and nats-server so far (Linux /proc)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = {name: p.pid for name, p in system.procs.items()}
+    pids["bench_client"] = os.getpid()
+    if system.nats.proc is not None:
+        pids["nats"] = system.nats.proc.pid
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 1) if values else 0.0
 
@@ -60,6 +79,7 @@ def run(args) -> dict:
         enrolled = enroll(c, d.id, subjects)
         c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
         collector = AlertCollector(c, d.id)
+        cpu0 = cpu_seconds(system)
         t0 = time.monotonic()
         frames_in = 0
         for _ in range(max(1, args.loops)):
@@ -74,6 +94,7 @@ def run(args) -> dict:
                 timer.cancel()
             frames_in += src.frames_published
         wall = time.monotonic() - t0
+        cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(system).items()}
         time.sleep(1.5)  # let the last frames through
         stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
         deadline = time.monotonic() + 10
@@ -114,6 +135,7 @@ def run(args) -> dict:
         "nonmatch_disposal_ms": {"p50": round(disposal_p50, 1), "max": round(stats.disposal_ms_max, 1)},
         "fps": round(processed / wall, 2) if wall else 0.0,
         "seconds": round(wall, 2),
+        "cpu_s": cpu,  # CPU seconds each process used while the video streamed (2 cores = 2 s per second)
         "alert_updates": len(collector.alerts) - len(raised),
         "alert_list": [{"subject": a.subject_ref, "video_time_s": round(a.video_time_s, 2),
                         "score": round(a.score, 4)} for a, _ in raised],

@@ -15,8 +15,10 @@ from lfr.runtime.logs import get_logger
 T = TypeVar("T")
 
 # Share of the freshness budget (LFR_FRESHNESS_MS) by which each stage must have finished with a message. A
-# stage starts on a message only if its age plus the stage's recent batch time fits in its share, and drops
-# (and counts) what cannot, so whatever is still unmatched when the budget runs out has been disposed of.
+# stage starts on a message only if its age, plus the rest of the batch in progress, plus its own predicted
+# processing time (the stage's recent cost per unit of weight, e.g. per face, times the weight of the batch
+# it joins) fits in its share, and drops (and counts) what cannot, so whatever is still unmatched when the
+# budget runs out has been disposed of.
 BUDGET_SHARE = {"detect": 0.4, "embed": 0.65, "match": 0.8}
 REAP_INTERVAL_S = 0.05
 
@@ -39,10 +41,17 @@ class Stage(Generic[T]):
         self.log = get_logger(stage=name)
         self._depth = metrics.QUEUE_DEPTH.labels(service, name)
         self.batch_ms = 0.0  # moving average of a batch's processing time
+        self.unit_ms = 0.0  # moving average of processing time per unit of weight (per item without `weight`)
+        self._busy_end = 0.0  # when the batch in progress is expected to finish (monotonic seconds)
 
-    def _late(self, item: T) -> bool:
-        """True if the item cannot be finished within its budget any more."""
-        return self.age_ms(item) + self.batch_ms > self.budget_ms
+    def _w(self, item: T) -> int:
+        return self.weight(item) if self.weight else 1
+
+    def _late(self, item: T, ahead: int = 0) -> bool:
+        """True if the item cannot be finished within its budget any more, joining a batch that already holds
+        `ahead` units of weight (and after the batch in progress, if any)."""
+        wait_ms = max(0.0, self._busy_end - time.monotonic()) * 1000 if self.busy else 0.0
+        return self.age_ms(item) + wait_ms + self.unit_ms * (ahead + self._w(item)) > self.budget_ms
 
     def _drop(self, item: T, reason: str) -> None:
         metrics.DROPPED.labels(self.service, self.name, reason).inc()
@@ -100,16 +109,17 @@ class Stage(Generic[T]):
                 if batch and self.weight and total + self.weight(self.queue[0]) > self.batch:
                     break
                 item = self.queue.popleft()
-                if self._late(item):
+                if self._late(item, total):
                     self._drop(item, "stale")
                 else:
                     batch.append(item)
-                    total += self.weight(item) if self.weight else 1
+                    total += self._w(item)
             self._depth.set(len(self.queue))
             if not batch:
                 continue
             self.busy = True
             t0 = time.perf_counter()
+            self._busy_end = time.monotonic() + self.unit_ms * total / 1000
             try:
                 await self.process(batch)
                 metrics.PROCESSED.labels(self.service, self.name).inc(len(batch))
@@ -123,6 +133,8 @@ class Stage(Generic[T]):
                 self.busy = False
                 elapsed = time.perf_counter() - t0
                 self.batch_ms = 0.7 * self.batch_ms + 0.3 * elapsed * 1000 if self.batch_ms else elapsed * 1000
+                unit = elapsed * 1000 / max(1, total)
+                self.unit_ms = 0.7 * self.unit_ms + 0.3 * unit if self.unit_ms else unit
                 metrics.LATENCY.labels(self.service, self.name).observe(elapsed)
 
     async def drain(self, timeout_s: float) -> None:
