@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from lfr.detection.core import detect_images
-from lfr.models.images import ImageError, decode_image
 from lfr.pb import detection_pb2 as pb
 from lfr.pb import detection_pb2_grpc, ingest_pb2
-from lfr.runtime import events, subjects
+from lfr.runtime import events, limits, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -22,11 +21,10 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
 
     async def Detect(self, request, context):
         cfg = self.svc.config
-        try:
-            image = await self.svc.rt.run_cpu(decode_image, request.image, cfg.max_message_bytes,
-                                              cfg.max_image_pixels)
-        except ImageError as exc:
-            await abort(context, "INVALID_ARGUMENT", f"image refused ({exc.reason}): {exc.message}")
+        try:  # size, then the header's dimensions, before any pixel is decompressed
+            image = await self.svc.rt.run_cpu(limits.decode, request.image, cfg)
+        except limits.InputError as exc:
+            await abort(context, exc.code, exc.message)
         faces = await self.svc.rt.run_cpu(detect_images, self.svc.engine, [image], cfg.detect_max_side,
                                           request.include_chips, request.include_crops)
         return pb.DetectResponse(faces=faces[0], width=image.shape[1], height=image.shape[0],
@@ -60,9 +58,9 @@ class DetectionService(Service):
         images, kept = [], []
         for f in frames:
             try:
-                images.append(decode_image(f.image, cfg.max_message_bytes, cfg.max_image_pixels))
+                images.append(limits.decode(f.image, cfg))
                 kept.append(f)
-            except ImageError:
+            except limits.InputError:
                 self.stage._drop(f, "bad_image")
         if not images:
             return kept, []

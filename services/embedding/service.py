@@ -7,7 +7,7 @@ import asyncio
 from lfr.embedding.core import ChipError, embed_chips
 from lfr.pb import detection_pb2, embedding_pb2_grpc
 from lfr.pb import embedding_pb2 as pb
-from lfr.runtime import events, metrics, subjects
+from lfr.runtime import events, limits, metrics, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -34,8 +34,10 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def Embed(self, request, context):
         if not request.chips:
             await abort(context, "INVALID_ARGUMENT", "at least one chip is required")
-        if len(request.chips) > 256:
-            await abort(context, "INVALID_ARGUMENT", "at most 256 chips per call")
+        try:  # each chip's size is checked against the model's before any array is built (ChipError)
+            limits.check_count(len(request.chips), limits.MAX_CHIPS_PER_REQUEST, "chips")
+        except limits.InputError as exc:
+            await abort(context, exc.code, exc.message)
         try:
             vectors = await self.svc.rt.run_cpu(embed_chips, self.svc.engine, list(request.chips))
         except ChipError as exc:

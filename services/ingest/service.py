@@ -14,9 +14,11 @@ from lfr.pb import ingest_pb2 as pb
 from lfr.pb import ingest_pb2_grpc, watchlist_pb2_grpc
 from lfr.runtime import events, metrics, subjects
 from lfr.runtime.deployments import DeploymentCache, is_live
+from lfr.runtime.limits import MAX_SOURCES, InputError, InputInvalid, InputTooLarge, check_source_url
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
 
+FINISHED_SOURCES_KEPT = 256  # ended sources still listed by ListSources
 STATES = {"RUNNING": pb.SOURCE_STATE_RUNNING, "STOPPED": pb.SOURCE_STATE_STOPPED,
           "FINISHED": pb.SOURCE_STATE_FINISHED, "FAILED": pb.SOURCE_STATE_FAILED}
 
@@ -48,9 +50,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         async for req in request_iterator:
             await self._check_live(req.deployment_id, req.camera_id, context)
             try:
-                w, h = check_frame(req.image, cfg.max_message_bytes, cfg.max_image_pixels)
-            except ValueError as exc:
-                await abort(context, "INVALID_ARGUMENT", f"frame {req.frame_index}: {exc}")
+                w, h = check_frame(req.image, cfg.max_image_bytes, cfg.max_image_pixels)
+            except InputError as exc:
+                await abort(context, exc.code, f"frame {req.frame_index}: {exc.message}")
             capture_ns = req.capture_time.ToNanoseconds() if req.capture_time.seconds else time.time_ns()
             await self.svc.publish(req.deployment_id, req.camera_id, req.image, w, h, capture_ns,
                                    req.video_time_s, req.frame_index)
@@ -59,18 +61,26 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     async def StartSource(self, request, context):
         await self._check_live(request.deployment_id, request.camera_id, context)
-        url = request.url
-        if not url:
+        cfg = self.svc.config
+        if not request.url:
             await abort(context, "INVALID_ARGUMENT", "url is required")
-        if not url.startswith("rtsp://") and not os.path.isfile(url):
-            await abort(context, "INVALID_ARGUMENT", f"not an rtsp:// URL or a readable file: {url}")
-        fps = request.target_fps or self.svc.config.ingest_fps
+        try:  # rtsp(s):// on an allowed host, or a file inside the media roots (links resolved)
+            url = check_source_url(request.url, cfg.source_hosts, cfg.media_roots)
+            if "://" not in url and not os.path.isfile(url):
+                raise InputInvalid(f"{request.url} is not a file")
+            running = sum(s.state == "RUNNING" for s in self.svc.sources.values())
+            if running >= MAX_SOURCES:
+                raise InputTooLarge(f"{running} sources are running; at most {MAX_SOURCES} at once (stop one)")
+        except InputError as exc:
+            await abort(context, exc.code, exc.message)
+        fps = request.target_fps or cfg.ingest_fps
         if not 0 < fps <= 60:
             await abort(context, "INVALID_ARGUMENT", "target_fps must be in (0, 60]")
         src = SourceState(events.new_id()[:12], request.deployment_id, request.camera_id, url, fps,
                           request.realtime)
-        self.svc.sources[src.source_id] = src
-        await start_thread(asyncio.get_running_loop(), src, self.svc.config.jpeg_quality, self.svc.emitter(src))
+        self.svc.add_source(src)
+        await start_thread(asyncio.get_running_loop(), src, cfg.jpeg_quality, self.svc.emitter(src),
+                           cfg.max_image_pixels)
         return source_pb(src)
 
     async def StopSource(self, request, context):
@@ -99,6 +109,13 @@ class IngestService(Service):
 
     async def warmup(self) -> None:
         await self.deployments.follow(self.rt.bus)
+
+    def add_source(self, src: SourceState) -> None:
+        """Keep the source; the oldest ended ones are forgotten beyond FINISHED_SOURCES_KEPT (a bounded list)."""
+        self.sources[src.source_id] = src
+        ended = [k for k, s in self.sources.items() if s.state != "RUNNING"]
+        for k in ended[: max(0, len(ended) - FINISHED_SOURCES_KEPT)]:
+            del self.sources[k]
 
     async def publish(self, deployment_id, camera_id, image, w, h, capture_ns, video_time_s, index) -> None:
         env = events.envelope(self.name, deployment_id, camera_id, capture_ns)

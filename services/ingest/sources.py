@@ -1,4 +1,5 @@
-"""Pulled sources: a file path or rtsp:// URL decoded with PyAV in a thread, sampled to a target fps."""
+"""Pulled sources: a file path or rtsp(s):// URL (checked by the caller) decoded with PyAV in a thread, sampled
+to a target fps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 import av
 
 from lfr.ingest.core import Sampler
+from lfr.models.images import DEFAULT_MAX_PIXELS
+from lfr.runtime.limits import check_pixels
 
 
 @dataclass
@@ -28,17 +31,31 @@ class SourceState:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def open_container(url: str):
-    options = {"rtsp_transport": "tcp", "stimeout": "5000000"} if url.startswith("rtsp://") else {}
-    return av.open(url, options=options, timeout=10)
+def open_container(url: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Open a checked location (see `lfr.runtime.limits.check_source_url`): an rtsp(s):// URL, or a file that
+    ffmpeg may read only as a file (no network or pseudo-protocol it could name, e.g. from a playlist). A
+    video stream whose frames would exceed `max_pixels` is refused before anything is decoded."""
+    if url.startswith(("rtsp://", "rtsps://")):
+        options = {"rtsp_transport": "tcp", "stimeout": "5000000"}
+    else:
+        options = {"protocol_whitelist": "file"}
+    container = av.open(url, options=options, timeout=10)
+    try:
+        if container.streams.video:
+            cc = container.streams.video[0].codec_context
+            check_pixels(cc.width, cc.height, max_pixels)
+    except BaseException:
+        container.close()
+        raise
+    return container
 
 
 def run_source(src: SourceState, jpeg_quality: int,
-               emit: Callable[[bytes, int, int, int, float, int], None]) -> None:
+               emit: Callable[[bytes, int, int, int, float, int], None], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Decode, sample and hand frames to `emit(jpeg, w, h, capture_ns, video_time_s, index)` until the end
     of the source or `src.stop`. Files are paced at their own frame rate when `realtime` is set."""
     try:
-        with open_container(src.url) as container:
+        with open_container(src.url, max_pixels) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             sampler = Sampler(src.target_fps)
@@ -56,6 +73,7 @@ def run_source(src: SourceState, jpeg_quality: int,
                     delay = t_start + t - time.monotonic()
                     if delay > 0:
                         src.stop.wait(delay)
+                check_pixels(frame.width, frame.height, max_pixels)  # a stream may change size midway
                 capture_ns = time.time_ns()
                 buf = io.BytesIO()
                 frame.to_image().save(buf, format="JPEG", quality=jpeg_quality)
@@ -67,8 +85,9 @@ def run_source(src: SourceState, jpeg_quality: int,
         src.error = f"{type(exc).__name__}: {exc}"[:300]
 
 
-async def start_thread(loop: asyncio.AbstractEventLoop, src: SourceState, jpeg_quality: int, emit) -> threading.Thread:
-    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit), name=f"source-{src.source_id}",
-                              daemon=True)
+async def start_thread(loop: asyncio.AbstractEventLoop, src: SourceState, jpeg_quality: int, emit,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> threading.Thread:
+    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit, max_pixels),
+                              name=f"source-{src.source_id}", daemon=True)
     thread.start()
     return thread

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from lfr.models.images import DEFAULT_MAX_PIXELS
 from lfr.pb import common_pb2, detection_pb2, embedding_pb2
 from lfr.pb import watchlist_pb2 as pb
-from lfr.runtime import events, subjects
+from lfr.runtime import events, limits, subjects
 from lfr.watchlist import jobs as J
 from lfr.watchlist.core import Refused
 from lfr.watchlist.gallery import (
@@ -81,35 +82,71 @@ class JobCancelled(Exception):
 
 
 # Media -------------------------------------------------------------------------------------------------------
-def resolve_items(media: list[dict], fps: float) -> list[J.Item]:
-    """The items of a job: videos and images, folders searched recursively (sorted), durations probed."""
+def check_media(media: list[dict], roots: str, hosts: str) -> None:
+    """At submission: every path inside the media roots (links resolved), every URL rtsp(s):// on an allowed
+    host; raises `lfr.runtime.limits.InputError`. Checked again when the job runs (`resolve_items`)."""
+    limits.check_count(len(media), limits.MAX_MEDIA_PER_JOB, "media sources")
+    for m in media:
+        if "url" in m:  # validate_job has checked it is a URL (files are given as paths)
+            limits.check_source_url(m["url"], hosts)
+        else:
+            limits.confine_path(m["path"], roots)
+
+
+def resolve_items(media: list[dict], fps: float, roots: str = "", hosts: str = "",
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[J.Item]:
+    """The items of a job: videos and images, folders searched recursively (sorted), durations probed. Paths
+    are confined to `roots` (each file found in a folder too: a link out of the roots is an item error), URLs
+    to rtsp(s):// on `hosts`; at most MAX_ITEMS_PER_JOB items."""
     items: list[J.Item] = []
     for m in media:
         if "url" in m:
-            items.append(_video_item(m["url"], fps))
+            try:
+                items.append(_video_item(limits.check_source_url(m["url"], hosts), fps, max_pixels))
+            except limits.InputError as exc:
+                items.append(J.Item(m["url"], True, 0, error=exc.message[:200]))
             continue
-        p = Path(m["path"])
-        if not p.is_absolute():
-            items.append(J.Item(str(p), False, 0, error="give an absolute path (read by the watchlist service)"))
-        elif p.is_dir():
-            for f in sorted(x for x in p.rglob("*") if x.is_file()):
-                suffix = f.suffix.lower()
-                if suffix in J.IMAGE_SUFFIXES:
-                    items.append(J.Item(str(f), False, 1))
-                elif suffix in J.VIDEO_SUFFIXES:
-                    items.append(_video_item(str(f), fps))
-        elif p.is_file():
-            items.append(J.Item(str(p), False, 1) if p.suffix.lower() in J.IMAGE_SUFFIXES else _video_item(str(p), fps))
-        else:
-            items.append(J.Item(str(p), False, 0, error="not found"))
+        try:
+            p = limits.confine_path(m["path"], roots)
+        except limits.InputError as exc:
+            items.append(J.Item(m["path"], False, 0, error=exc.message[:200]))
+            continue
+        files = [p]
+        if not p.is_dir() and not p.is_file():
+            items.append(J.Item(m["path"], False, 0, error="not a regular file or folder"))
+            continue
+        if p.is_dir():
+            files = []
+            for x in p.rglob("*"):  # does not descend into linked folders; linked files are confined below
+                if len(files) > limits.MAX_ITEMS_PER_JOB:
+                    break
+                if x.suffix.lower() in J.IMAGE_SUFFIXES | J.VIDEO_SUFFIXES and x.is_file():
+                    files.append(x)
+            files.sort()
+        for f in files:
+            if len(items) >= limits.MAX_ITEMS_PER_JOB:
+                items.append(J.Item(str(p), False, 0, error=f"more than {limits.MAX_ITEMS_PER_JOB} media files: "
+                                    "the rest are not examined"))
+                return items
+            try:
+                real = limits.confine_path(f, roots)
+            except limits.InputError as exc:
+                items.append(J.Item(str(f), False, 0, error=exc.message[:200]))
+                continue
+            if not real.is_file():
+                items.append(J.Item(str(f), False, 0, error="not a regular file"))
+            elif f.suffix.lower() in J.IMAGE_SUFFIXES:
+                items.append(J.Item(str(real), False, 1))
+            else:
+                items.append(_video_item(str(real), fps, max_pixels))
     return items
 
 
-def _video_item(location: str, fps: float) -> J.Item:
+def _video_item(location: str, fps: float, max_pixels: int = DEFAULT_MAX_PIXELS) -> J.Item:
     from lfr.ingest.sources import open_container
 
     try:
-        with open_container(location) as c:
+        with open_container(location, max_pixels) as c:
             stream = c.streams.video[0]
             if stream.duration and stream.time_base:
                 duration = float(stream.duration * stream.time_base)
@@ -123,11 +160,12 @@ def _video_item(location: str, fps: float) -> J.Item:
 class FrameReader:
     """Sampled frames of one video as JPEG, from just after `after_s` (resume); used from worker threads."""
 
-    def __init__(self, location: str, fps: float, after_s: float):
+    def __init__(self, location: str, fps: float, after_s: float, max_pixels: int = DEFAULT_MAX_PIXELS):
         from lfr.ingest.core import Sampler
         from lfr.ingest.sources import open_container
 
-        self.container = open_container(location)
+        self.max_pixels = max_pixels
+        self.container = open_container(location, max_pixels)
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"
         rate = self.stream.average_rate
@@ -147,6 +185,7 @@ class FrameReader:
             t = float(frame.time or 0.0)
             if t <= self.after_s + 1e-6 or not self.sampler.keep(t):
                 continue
+            limits.check_pixels(frame.width, frame.height, self.max_pixels)  # a stream may change size midway
             buf = io.BytesIO()
             frame.to_image().save(buf, format="JPEG", quality=90)
             out.append((t, int(round(t * self.rate)), buf.getvalue()))
@@ -282,10 +321,15 @@ class Identification:
                     results.append(r)
                     continue
                 try:
+                    limits.check_image(image, self.svc.config)  # size and declared pixels, before detection
                     det = await self.svc.detection.Detect(
                         detection_pb2.DetectRequest(image=image, include_chips=True), timeout=60)
+                except limits.InputError as exc:
+                    r.reason = exc.message
+                    results.append(r)
+                    continue
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    if exc.code().name not in limits.IMAGE_REFUSALS:
                         raise
                     r.reason = exc.details()
                     results.append(r)
@@ -403,6 +447,7 @@ class Identification:
 
     # Operator-initiated identification ------------------------------------------------------------------------
     async def identify(self, req: pb.IdentifyRequest) -> pb.IdentifyResponse:
+        limits.check_image(req.image, self.svc.config, what="probe image")  # size and pixels, before anything
         target, default_thr, size, model_id, model_version = await self.target(req.gallery, req.deployment_id)
         k = req.k or 10
         threshold = req.threshold or default_thr
@@ -411,8 +456,8 @@ class Identification:
             det = await self.svc.detection.Detect(detection_pb2.DetectRequest(
                 image=req.image, include_chips=True, include_crops=True), timeout=60)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise Refused("INVALID_ARGUMENT", exc.details()) from None
+            if exc.code().name in limits.IMAGE_REFUSALS:
+                raise Refused(exc.code().name, exc.details()) from None
             raise
         faces = [pb.FoundFace(face=i + 1, box=f.box, quality=f.quality, crop_jpeg=f.crop_jpeg)
                  for i, f in enumerate(det.faces)]
@@ -493,8 +538,13 @@ class Identification:
         error = J.validate_job(req)
         if error:
             raise Refused("INVALID_ARGUMENT", error)
-        _target, default_thr, _size, model_id, model_version = await self.target(req.gallery, req.deployment_id)
+        cfg = self.svc.config
         media = [{"url": m.url} if m.WhichOneof("source") == "url" else {"path": m.path} for m in req.media]
+        await asyncio.to_thread(check_media, media, cfg.media_roots, cfg.source_hosts)
+        if self.queue.qsize() >= limits.MAX_QUEUED_JOBS:
+            raise limits.InputTooLarge(f"{self.queue.qsize()} jobs are waiting to run; at most "
+                                       f"{limits.MAX_QUEUED_JOBS} may wait (submit later)")
+        _target, default_thr, _size, model_id, model_version = await self.target(req.gallery, req.deployment_id)
         job = J.JobRecord(job_id=events.new_id()[:16], media=media, gallery=req.gallery,
                           deployment_id=req.deployment_id, case_reference=req.case_reference,
                           justification=req.justification, actor=req.actor, k=req.k or 5,
@@ -575,7 +625,9 @@ class Identification:
         job.started_at_ns = job.started_at_ns or self.svc.now_ns()
         target, *_ = await self.target(job.gallery, job.deployment_id)
         if job.items is None:
-            job.items = await asyncio.to_thread(resolve_items, job.media, job.fps)
+            cfg = self.svc.config
+            job.items = await asyncio.to_thread(resolve_items, job.media, job.fps, cfg.media_roots,
+                                                cfg.source_hosts, cfg.max_image_pixels)
             job.progress.items_total = len(job.items)
             job.progress.frames_total = sum(i.frames_est for i in job.items)
             bad = [f"{i.location}: {i.error}" for i in job.items if i.error]
@@ -603,9 +655,15 @@ class Identification:
                     batch.append(batch[-1] + 1)
                 frames = []
                 for i in batch:
-                    data = await asyncio.to_thread(Path(job.items[i].location).read_bytes)
+                    try:
+                        data = await asyncio.to_thread(limits.read_image_file, job.items[i].location,
+                                                       self.svc.config)
+                    except (limits.InputError, OSError) as exc:
+                        self._item_failed(job, job.items[i], exc.message if isinstance(exc, limits.InputError)
+                                          else f"cannot read: {type(exc).__name__}")
+                        continue
                     frames.append((i, 0.0, 0, data))
-                found = await self._frames(job, target, frames, tracker, images=True)
+                found = await self._frames(job, target, frames, tracker, images=True) if frames else []
                 self._advance(job, batch[-1] + 1, tracker, found)
         if job.items and all(i.error for i in job.items):
             self._finish(job, J.FAILED, job.error or "no media item could be read")
@@ -632,16 +690,21 @@ class Identification:
     async def _video(self, job: J.JobRecord, target, idx: int, item: J.Item, tracker: J.AppearanceTracker):
         after = job.cursor.item_time_s
         try:
-            reader = await asyncio.to_thread(FrameReader, item.location, job.fps, after)
+            reader = await asyncio.to_thread(FrameReader, item.location, job.fps, after,
+                                             self.svc.config.max_image_pixels)
         except Exception as exc:
-            item.error = f"cannot open: {type(exc).__name__}: {exc}"[:200]
-            job.error = "; ".join(x for x in (job.error, f"{item.location}: {item.error}") if x)[:500]
+            self._item_failed(job, item, exc.message if isinstance(exc, limits.InputError)
+                              else f"cannot open: {type(exc).__name__}: {exc}")
             self._advance(job, idx + 1, tracker, [])
             return
         try:
             while True:
                 self._check(job)
-                batch = await asyncio.to_thread(reader.next_batch, self.svc.config.job_batch)
+                try:
+                    batch = await asyncio.to_thread(reader.next_batch, self.svc.config.job_batch)
+                except limits.InputError as exc:  # frames over the pixel limit part way through
+                    self._item_failed(job, item, exc.message)
+                    break
                 if not batch:
                     break
                 frames = [(idx, t, fi, data) for t, fi, data in batch]
@@ -652,6 +715,11 @@ class Identification:
         finally:
             await asyncio.to_thread(reader.close)
         self._advance(job, idx + 1, tracker, self._report(job, tracker.close_all()))
+
+    @staticmethod
+    def _item_failed(job: J.JobRecord, item: J.Item, error: str) -> None:
+        item.error = error[:200]
+        job.error = "; ".join(x for x in (job.error, f"{item.location}: {item.error}") if x)[:500]
 
     def _advance(self, job: J.JobRecord, next_index: int, tracker: J.AppearanceTracker, found: list) -> None:
         job.progress.items_done += next_index - job.cursor.item_index
@@ -684,7 +752,7 @@ class Identification:
                                                       timeout=120)
                 faces = [f for f in det.faces if f.quality.inter_eye_px >= self.svc.config.min_face_px]
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                if exc.code().name not in limits.IMAGE_REFUSALS:
                     raise
                 faces = []
                 if images:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import math
 import re
 import time
@@ -32,7 +31,7 @@ from lfr.pb import (
 from lfr.pb import (
     watchlist_pb2 as pb,
 )
-from lfr.runtime import events, subjects
+from lfr.runtime import events, limits, subjects
 from lfr.runtime.config import ConfigError
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
@@ -108,13 +107,14 @@ def entry_pb(e: EntryRecord) -> pb.Entry:
 
 
 def refusals(method):
-    """gRPC adapter: a Refused from the core becomes its status and message."""
+    """gRPC adapter: a Refused from the core, or refused input (`lfr.runtime.limits`), becomes its status and
+    message."""
 
     @wraps(method)
     async def inner(self, request, context):
         try:
             return await method(self, request, context)
-        except Refused as exc:
+        except (Refused, limits.InputError) as exc:
             await abort(context, exc.code, exc.message)
 
     return inner
@@ -184,6 +184,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         self._entry_fields(request.subject_ref, request.category)
         if not request.images:
             raise Refused("INVALID_ARGUMENT", "at least one image is required")
+        limits.check_count(len(request.images), limits.MAX_IMAGES_PER_REQUEST, "images")
         captured = _captured(request.captured_at, len(request.images))
         if captured is None:
             raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
@@ -197,6 +198,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         d = await self.svc.current(request.deployment_id)
         if not request.subject_refs:
             raise Refused("INVALID_ARGUMENT", "at least one subject_ref is required")
+        limits.check_count(len(request.subject_refs), limits.MAX_REFS_PER_REQUEST, "subject_refs")
         self._entry_fields(request.subject_refs[0], request.category)
         out = []
         for ref in request.subject_refs:
@@ -225,6 +227,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
                 raise Refused("INVALID_ARGUMENT", f"{name} is required")
         if not request.images:
             raise Refused("INVALID_ARGUMENT", "at least one image is required")
+        limits.check_count(len(request.images), limits.MAX_IMAGES_PER_REQUEST, "images")
         captured = _captured(request.captured_at, len(request.images))
         if captured is None:
             raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
@@ -251,6 +254,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         d = await self.svc.current(request.deployment_id)
         if not request.probes:
             raise Refused("INVALID_ARGUMENT", "at least one probe is required")
+        limits.check_count(len(request.probes), limits.MAX_PROBES_PER_REQUEST, "probes")
         k = request.k or 1
         if not 1 <= k <= 100:
             raise Refused("INVALID_ARGUMENT", "k must be between 1 and 100")
@@ -266,6 +270,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
                 raise Refused("INVALID_ARGUMENT", f"{name} is required")
         if not request.images:
             raise Refused("INVALID_ARGUMENT", "at least one image is required")
+        limits.check_count(len(request.images), limits.MAX_IMAGES_PER_REQUEST, "images")
         captured = _captured(request.captured_at, len(request.images))
         if captured is None:
             raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
@@ -273,6 +278,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
 
     @refusals
     async def FindGalleryImages(self, request, context):
+        limits.check_count(len(request.sha256), limits.MAX_DIGESTS_PER_REQUEST, "digests")
         g = self.svc.ident.gallery(request.gallery)
         present = self.svc.ident.store.known_sha256(g.name, list(request.sha256))
         return pb.FindGalleryImagesResponse(present=[x for x in request.sha256 if x in present])
@@ -604,10 +610,14 @@ class WatchlistService(Service):
         now = self.now_ns()
         for i, image in enumerate(images):
             try:
+                limits.check_image(image, self.config)  # size and declared pixels, before detection decodes
                 det = await self.detection.Detect(detection_pb2.DetectRequest(image=image, include_chips=True),
                                                   timeout=30)
+            except limits.InputError as exc:
+                results.append(pb.ImageResult(index=i, accepted=False, reason=exc.message))
+                continue
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                if exc.code().name not in limits.IMAGE_REFUSALS:
                     raise
                 results.append(pb.ImageResult(index=i, accepted=False, reason=exc.details()))
                 continue
@@ -756,20 +766,15 @@ class WatchlistService(Service):
 
     # Reference collection --------------------------------------------------------------------------
     async def add_reference(self, req: pb.AddReferenceRequest, captured: list[int]) -> pb.AddReferenceResponse:
-        from PIL import Image
-
         record = self.meta.get_reference(req.subject_ref) or {"subject_ref": req.subject_ref, "under_18": False,
                                                               "images": []}
         record["under_18"] = record["under_18"] or req.under_18
         results = []
         for i, data in enumerate(req.images):
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    if im.format not in ("JPEG", "PNG"):
-                        raise ValueError(f"{im.format} images are not accepted (JPEG or PNG)")
-                    im.verify()
-            except Exception as exc:
-                results.append(pb.ImageResult(index=i, accepted=False, reason=f"image refused: {exc}"))
+            try:  # decoded in full under the limits (a stored reference must be a whole, sane image)
+                await self.rt.run_cpu(limits.decode, data, self.config, ("JPEG", "PNG"))
+            except limits.InputError as exc:
+                results.append(pb.ImageResult(index=i, accepted=False, reason=exc.message))
                 continue
             name = await self.rt.run_cpu(self.images.put, None, data)
             record["images"].append({"file": name, "sha256": hashlib.sha256(data).hexdigest(),

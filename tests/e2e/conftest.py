@@ -3,6 +3,7 @@ models) per test module, and a video with exact ground truth built from LFW imag
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from lfr.bench.synthvideo import Segment, make_video
 from lfr.cli.client import Clients
 from lfr.runtime.embedded import EmbeddedSystem
+from lfr.runtime.paths import data_dir
 from lfr.runtime.security import ROLES
 
 # The functional tests act as whoever their requests name, with every role: the role table itself is tested
@@ -89,9 +91,16 @@ def ground_truth(data, tmp_path_factory) -> GroundTruth:
     return GroundTruth(enrolled, segments, strangers, engine.info.threshold, video)
 
 
+def media_env(tmp_path_factory) -> dict[str, str]:
+    """LFR_MEDIA_ROOTS of a test system: pytest's temporary folder (the videos and stills fixtures build, the
+    state folder) and the shared data; anything else (/etc, another temporary folder) is outside."""
+    roots = [tmp_path_factory.getbasetemp(), data_dir(required=False)]
+    return {"LFR_MEDIA_ROOTS": os.pathsep.join(str(r) for r in roots if r)}
+
+
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    with EmbeddedSystem(tmp_path_factory.mktemp("state")) as s:
+    with EmbeddedSystem(tmp_path_factory.mktemp("state"), env=media_env(tmp_path_factory)) as s:
         yield s
 
 

@@ -84,11 +84,13 @@ def system(tmp_path_factory, clock_file):
 
 
 @pytest.fixture(scope="module")
-def walk(ground_truth, tmp_path_factory):
-    """(subject, enrolled photo, video) of the first enrolled person, shown with their other photo."""
+def walk(ground_truth, system):
+    """(subject, enrolled photo, video) of the first enrolled person, shown with their other photo. The video is
+    in the system's media folder (<state>/media, a default media root): ingest reads only inside the roots."""
     subject = sorted(ground_truth.enrolled)[0]
     shown = next(s.image for s in ground_truth.segments if s.subject == subject)
-    video = tmp_path_factory.mktemp("walk") / "walk.mp4"
+    video = system.state_dir / "media" / "walk.mp4"
+    video.parent.mkdir(parents=True, exist_ok=True)
     make_walk_video(video, shown)
     return subject, ground_truth.enrolled[subject], video
 

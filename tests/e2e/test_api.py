@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import struct
+import tempfile
 import time
+import zlib
+from pathlib import Path
 
 import grpc
 import pytest
@@ -49,7 +54,7 @@ def code_of(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def test_bad_input_gets_precise_status(system, clients, data):
+def test_bad_input_gets_precise_status(system, clients, data, tmp_path):
     C = grpc.StatusCode
     jpeg = (data / "faces/misc/obama.jpg").read_bytes()
     push = clients.ingest.PushFrames
@@ -97,9 +102,12 @@ def test_bad_input_gets_precise_status(system, clients, data):
     code, _ = code_of(clients.watchlist.Search, watchlist_pb2.SearchRequest(deployment_id=d.id, probes=[
         watchlist_pb2.Probe(vectors=[common_pb2.Vector(model_id="x", values=[1.0])])]))
     assert code == C.INVALID_ARGUMENT
-    code, _ = code_of(clients.ingest.StartSource, ingest_pb2.StartSourceRequest(
+    code, msg = code_of(clients.ingest.StartSource, ingest_pb2.StartSourceRequest(
         deployment_id=d.id, camera_id="c1", url="/no/such/file.mp4"))
-    assert code == C.INVALID_ARGUMENT
+    assert code == C.PERMISSION_DENIED and "LFR_MEDIA_ROOTS" in msg  # outside the media roots: never looked at
+    code, _ = code_of(clients.ingest.StartSource, ingest_pb2.StartSourceRequest(
+        deployment_id=d.id, camera_id="c1", url=str(tmp_path / "no-such-file.mp4")))
+    assert code == C.NOT_FOUND  # inside them, but missing
     code, _ = code_of(clients.ingest.StopSource, ingest_pb2.StopSourceRequest(source_id="nope"))
     assert code == C.NOT_FOUND
     code, _ = code_of(lambda **kw: next(clients.match.StreamAlerts(match_pb2.StreamAlertsRequest(), **kw)))
@@ -114,7 +122,61 @@ def test_bad_input_gets_precise_status(system, clients, data):
         timeout=60)
     assert [x.accepted for x in r.results] == [True, False, False]
     assert "faces found" in r.results[1].reason and r.entry_id
+    hostile_input(clients, d.id, tmp_path)
     # every service is still serving
     for s in SERVICES:
         assert system.procs[s].poll() is None
         assert check_health(system.endpoint(s), access=system.access()) == "SERVING"
+
+
+def png_bomb(width: int, height: int, rows: int) -> bytes:
+    """A greyscale PNG declaring width x height, with only `rows` zero rows compressed: a few KB."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(b"\0" * (width + 1)) for _ in range(rows)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def hostile_input(clients, live_deployment: str, tmp_path) -> None:
+    """Over-limit images, too many items, paths outside LFR_MEDIA_ROOTS and disallowed URLs: each refused with
+    its precise status (the system runs with pytest's temporary folder and the shared data as media roots)."""
+    C = grpc.StatusCode
+    bomb = png_bomb(50_000, 50_000, 64)  # 2.5 Gpx declared in a few KB: refused from its header
+    code, msg = code_of(clients.detection.Detect, detection_pb2.DetectRequest(image=bomb))
+    assert code == C.RESOURCE_EXHAUSTED and "too_many_pixels" in msg and "limit of 40000000 pixels" in msg
+    code, msg = code_of(clients.ingest.PushFrames, iter([ingest_pb2.PushFrameRequest(
+        deployment_id=live_deployment, camera_id="c1", image=bomb)]))
+    assert code == C.RESOURCE_EXHAUSTED and "pixels" in msg
+    code, msg = code_of(clients.watchlist.Identify, watchlist_pb2.IdentifyRequest(
+        image=bomb, gallery="g", case_reference="C-1", justification="test", actor="op"))
+    assert code == C.RESOURCE_EXHAUSTED and "probe image refused (too_many_pixels)" in msg
+    d = create_deployment(clients, "bomb", ["c1"])
+    r = clients.watchlist.EnrollEntry(watchlist_pb2.EnrollEntryRequest(
+        deployment_id=d.id, subject_ref="S9", category=watchlist_pb2.CATEGORY_WANTED_BY_POLICE, images=[bomb],
+        source_system="test", legal_basis="test", actor="builder"), timeout=60)
+    assert not r.entry_id and "too_many_pixels" in r.results[0].reason
+    chips = [common_pb2.Chip(model_id="sface-2021dec", size=3, rgb=b"\0" * 27)] * 100_000
+    code, msg = code_of(clients.embedding.Embed, embedding_pb2.EmbedRequest(chips=chips))
+    assert code == C.RESOURCE_EXHAUSTED and "100000 chips" in msg
+    # file inputs: outside the roots, or a link inside them pointing outside; URLs: only rtsp(s) on allowed hosts
+    outside = Path(tempfile.mkdtemp(prefix="lfr-outside-"))  # not under pytest's temporary folder
+    try:
+        (outside / "secret.mp4").write_bytes(b"not for you")
+        (tmp_path / "escape.mp4").symlink_to(outside / "secret.mp4")
+        for url, why in [("/etc/passwd", "outside the media roots"), (str(tmp_path / "escape.mp4"), "link"),
+                         (f"{tmp_path}/../../../etc/passwd", "'..'"), ("http://example.com/v.mp4", "not allowed"),
+                         ("rtsp://camera.example/live", "LFR_SOURCE_HOSTS")]:
+            code, msg = code_of(clients.ingest.StartSource, ingest_pb2.StartSourceRequest(
+                deployment_id=live_deployment, camera_id="c1", url=url))
+            assert code == C.PERMISSION_DENIED and why in msg, (url, code, msg)
+        job = dict(gallery="g", case_reference="C-1", justification="test", actor="op")
+        for media, why in [(watchlist_pb2.MediaSource(path=str(outside)), "outside the media roots"),
+                           (watchlist_pb2.MediaSource(path=str(tmp_path / "escape.mp4")), "link"),
+                           (watchlist_pb2.MediaSource(url="ftp://example.com/v.mp4"), "not allowed")]:
+            code, msg = code_of(clients.watchlist.SubmitJob, watchlist_pb2.SubmitJobRequest(media=[media], **job))
+            assert code == C.PERMISSION_DENIED and why in msg, (media, code, msg)
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)

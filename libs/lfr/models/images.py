@@ -7,9 +7,12 @@ reason             meaning
 =================  ==========================================================================
 ``empty``          no bytes at all
 ``too_large``      more bytes than ``max_bytes`` (checked before anything is parsed)
-``not_an_image``   Pillow recognises no image format in the bytes
+``not_an_image``   no accepted image format (JPEG, PNG, WebP, BMP, GIF, TIFF) recognised in the bytes;
+                   other formats (EPS, ICNS, ...) are never parsed at all
+``wrong_format``   a recognised format that the caller does not accept (``formats``)
 ``too_many_pixels`` the *declared* width × height exceeds ``max_pixels`` (a decompression bomb);
-                   refused from the header, before any pixel data is decompressed
+                   refused from the header, before any pixel data is decompressed (Pillow's own bomb
+                   error or warning, for limits above Pillow's, is reported the same way)
 ``too_small``      width or height below ``min_side``
 ``truncated``      the pixel data ends early or is corrupt
 ``unsupported``    a pixel mode we cannot turn into RGB
@@ -32,6 +35,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_BYTES = 20_000_000
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 16
+# The only formats whose parsers see untrusted bytes (Pillow names). Others, some of which hand the data to
+# external programs (EPS -> Ghostscript) or hold many images (ICNS, ICO), are refused as not an image.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageError(ValueError):
@@ -75,33 +81,30 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         raise ImageError("unsupported", f"cannot convert pixel mode {mode!r} to RGB: {exc}") from exc
 
 
-def decode_image(
-    data: bytes,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = DEFAULT_MIN_SIDE,
-) -> np.ndarray:
-    """Decode ``data`` into an (H, W, 3) uint8 RGB array, or raise :class:`ImageError`.
-
-    The byte size is checked first, then the header is parsed and the declared dimensions are checked
-    against ``max_pixels`` and ``min_side``; only then is pixel data decompressed.
-    """
+def _open(data: bytes, max_bytes: int, max_pixels: int, min_side: int, formats) -> Image.Image:
+    """Check the size, parse the header only (no pixel data is decompressed) and check the declared
+    dimensions; returns the opened, not yet loaded image (the caller closes it)."""
     if data is None or len(data) == 0:
         raise ImageError("empty", "no image data")
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        # Image.open parses the header only; pixel data is decoded lazily by load().
-        im = Image.open(io.BytesIO(bytes(data)))
-    except Image.DecompressionBombError as exc:  # Pillow's own (larger) bomb limit, hit while opening
-        raise ImageError("too_many_pixels", str(exc)) from exc
+        # Image.open parses the header only; pixel data is decoded lazily by load(). Only the accepted
+        # formats' parsers ever see the bytes.
+        im = Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own limit
+        raise ImageError("too_many_pixels", f"the declared size is over the limit of {max_pixels} pixels "
+                         f"(and Pillow's own decompression-bomb limit: {exc})") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", "no known image format in the data") from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # malformed header of a recognised format
-        raise ImageError("truncated", f"cannot parse image header: {exc}") from exc
-    with im:
-        w, h = im.size
-        fmt = im.format or "image"
+        raise ImageError("not_an_image", "not a decodable image: no known image format in the data "
+                         f"(accepted: {', '.join(ACCEPTED_FORMATS)})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # malformed header of a recognised format
+        raise ImageError("truncated", f"not a decodable image: cannot parse its header: {exc}") from exc
+    w, h = im.size
+    fmt = im.format or "image"
+    try:
+        if formats is not None and fmt not in formats:
+            raise ImageError("wrong_format", f"{fmt} images are not accepted (only {' or '.join(formats)})")
         if w * h > max_pixels:
             raise ImageError(
                 "too_many_pixels",
@@ -109,12 +112,50 @@ def decode_image(
             )
         if w < min_side or h < min_side:
             raise ImageError("too_small", f"{fmt} is {w}x{h}; both sides must be at least {min_side} px")
+    except ImageError:
+        im.close()
+        raise
+    return im
+
+
+def image_header(
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 1,
+    formats: tuple[str, ...] | None = None,
+) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone, after the same checks as :func:`decode_image`;
+    nothing is decompressed. ``formats`` narrows the accepted formats (Pillow names: "JPEG", "PNG")."""
+    with _open(data, max_bytes, max_pixels, min_side, formats) as im:
+        return im.format or "image", im.size[0], im.size[1]
+
+
+def decode_image(
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+    formats: tuple[str, ...] | None = None,
+) -> np.ndarray:
+    """Decode ``data`` into an (H, W, 3) uint8 RGB array, or raise :class:`ImageError`.
+
+    The byte size is checked first, then the header is parsed and the declared dimensions are checked
+    against ``max_pixels`` and ``min_side``; only then is pixel data decompressed.
+    """
+    im = _open(data, max_bytes, max_pixels, min_side, formats)
+    with im:
+        fmt = im.format or "image"
         try:
             im.load()
-        except Image.DecompressionBombError as exc:
-            raise ImageError("too_many_pixels", str(exc)) from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError("too_many_pixels", f"over Pillow's decompression-bomb limit: {exc}") from exc
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise ImageError("truncated", f"{fmt} pixel data is truncated or corrupt: {exc}") from exc
+            raise ImageError("truncated", f"not a decodable image: {fmt} pixel data is truncated or corrupt: "
+                             f"{exc}") from exc
+        if im.size[0] * im.size[1] > max_pixels:  # a format whose loaded frame differs from its header
+            raise ImageError("too_many_pixels", f"{fmt} decodes to {im.size[0]}x{im.size[1]} pixels, over the "
+                             f"limit of {max_pixels}")
         try:
             im = ImageOps.exif_transpose(im) or im
         except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a good image unusable

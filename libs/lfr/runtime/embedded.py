@@ -55,6 +55,9 @@ class EmbeddedSystem:
         env.setdefault("LFR_THREADS", "1" if (os.cpu_count() or 1) <= 2 else "")
         # torch threads spin between layers by default; several model processes on few cores then stall.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from lfr.runtime.paths import data_dir  # file inputs must lie in LFR_MEDIA_ROOTS; unless set: these
+        roots = (self.state_dir / "media", data_dir(required=False))
+        env.setdefault("LFR_MEDIA_ROOTS", os.pathsep.join(str(r) for r in roots if r))
         env.update(self.extra_env)
         return env
 
