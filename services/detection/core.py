@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -66,17 +67,25 @@ def face_pb(image: np.ndarray, face: Face, chips: dict[str, np.ndarray] | None, 
     return out
 
 
+def inter_eye_px(face: Face) -> float:
+    lm = np.asarray(face.landmarks, dtype=np.float64).reshape(5, 2)
+    return float(np.hypot(*(lm[1] - lm[0])))
+
+
 def detect_images(engine, images: list[np.ndarray], max_side: int, with_chips: bool, with_crops: bool,
-                  min_face_px: float = 0.0) -> list[list[detection_pb2.DetectedFace]]:
+                  min_face_px: float = 0.0, select: Callable[[int, list[Face]], list[bool]] | None = None
+                  ) -> list[list[detection_pb2.DetectedFace]]:
     """Detect on (downscaled) copies, align and crop from the full-resolution images. Faces with fewer than
-    `min_face_px` between the eyes (full resolution) are dropped before any chip or crop is made."""
+    `min_face_px` between the eyes (full resolution) are dropped before their quality, chip or crop is made;
+    `select(image index, faces)`, if given, then says which of the rest to keep (the live face sampler)."""
     small = [downscale(im, max_side) for im in images]
     found = engine.detect([s for s, _ in small])
     out = []
-    for image, (_, factor), faces in zip(images, small, found, strict=True):
-        faces = [rescale_face(f, factor) for f in faces]
+    for k, (image, (_, factor), faces) in enumerate(zip(images, small, found, strict=True)):
+        faces = [f for f in (rescale_face(f, factor) for f in faces) if inter_eye_px(f) >= min_face_px]
+        if select is not None and faces:
+            faces = [f for f, keep in zip(faces, select(k, faces), strict=True) if keep]
         if factor != 1.0:
             faces = [replace(f, quality=face_quality(image, f)) for f in faces]
-        faces = [f for f in faces if f.quality.inter_eye_px >= min_face_px]
         out.append([face_pb(image, f, engine.chips(image, f) if with_chips else None, with_crops) for f in faces])
     return out

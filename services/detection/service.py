@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from lfr.detection.core import detect_images
+from lfr.detection.core import detect_images, inter_eye_px
+from lfr.detection.tracks import FaceSampler
 from lfr.pb import detection_pb2 as pb
 from lfr.pb import detection_pb2_grpc, ingest_pb2
-from lfr.runtime import events, limits, subjects
+from lfr.runtime import events, limits, metrics, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -41,6 +42,8 @@ class DetectionService(Service):
         self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
+        self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000)
+        self.skipped = metrics.SKIPPED.labels(self.name, "tracked")
         rt.add_servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(self),
                         pb.DESCRIPTOR.services_by_name["DetectionService"])
 
@@ -64,7 +67,18 @@ class DetectionService(Service):
                 self.stage._drop(f, "bad_image")
         if not images:
             return kept, []
-        return kept, detect_images(self.engine, images, cfg.detect_max_side, True, True, cfg.min_face_px)
+
+        def select(k: int, faces) -> list[bool]:  # the live face sampler: a tracked face every interval
+            env = kept[k].envelope
+            t = env.capture_time.ToNanoseconds() / 1e9
+            keep = self.sampler.select((env.deployment_id, env.camera_id), t, [f.box for f in faces],
+                                       [inter_eye_px(f) * f.score for f in faces])
+            self.skipped.inc(keep.count(False))
+            return keep
+
+        out = detect_images(self.engine, images, cfg.detect_max_side, True, True, cfg.min_face_px, select)
+        self.sampler.forget(older_than=max(f.envelope.capture_time.ToNanoseconds() for f in kept) / 1e9 - 5.0)
+        return kept, out
 
     async def _process(self, frames: list[ingest_pb2.FrameEvent]) -> None:
         kept, results = await self.rt.run_cpu(self._decode_batch, frames)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-Box = tuple[float, float, float, float]
+from lfr.models.boxes import Box, iou  # noqa: F401  (iou is part of this module's interface)
 
 
 @dataclass
@@ -67,14 +67,6 @@ class Track:
 class Action:
     kind: str  # "raise" or "update"
     alert: AlertState
-
-
-def iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def unit(vector: Sequence[float] | None) -> tuple[float, ...] | None:

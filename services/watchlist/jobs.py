@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lfr.models.boxes import Box, iou
 from lfr.pb import watchlist_pb2 as pb
 
 J = pb.JobState
@@ -141,17 +142,6 @@ def validate_job(req: pb.SubmitJobRequest) -> str:
 
 
 # Appearance tracking -----------------------------------------------------------------------------------------
-Box = tuple[float, float, float, float]
-
-
-def iou(a: Box, b: Box) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 @dataclass
 class Hit:
     """One candidate for one face: `key` identifies the candidate (subject or watchlist entry)."""

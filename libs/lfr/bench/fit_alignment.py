@@ -31,17 +31,10 @@ import numpy as np
 
 from lfr.bench.lfw import pair_images, read_pairs
 from lfr.bench.pipeline import DlibReference, data_dir, load_rgb, set_threads
+from lfr.models.boxes import iou
 from lfr.models.engines import _CENTRE_LANDMARKS, apply_transform, central_face, similarity_transform
 
 OUT_NAME = "dlib_align_v1.json"
-
-
-def _iou(a, b) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / ua if ua > 0 else 0.0
 
 
 def _calibrate(box, c):
@@ -70,7 +63,7 @@ def fit(root: Path, rels: list[str], quiet: bool = False) -> dict:
         img = load_rgb(root, rel)
         yf = central_face(img, det.detect([img])[0])
         df = central_face(img, ref.detect(img))
-        if yf is None or df is None or _iou(yf.box, df.box) < 0.3:
+        if yf is None or df is None or iou(yf.box, df.box) < 0.3:
             continue
         ybox.append(yf.box)
         dbox.append(df.box)

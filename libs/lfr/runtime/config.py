@@ -48,6 +48,9 @@ class Config:
     queue_size: int = _opt(8, "bounded queue per stage; the oldest item is dropped (and counted) when full")
     ingest_fps: float = _opt(10.0, "default sampling rate of pulled sources")
     jpeg_quality: int = _opt(90, "JPEG quality of frames published by ingest")
+    live_embed_interval_ms: float = _opt(300.0, "live: a face tracked from frame to frame (by box overlap, per "
+                                         "camera) is embedded at most this often, or sooner when clearly better; "
+                                         "0 = embed every face of every frame")
     min_face_px: float = _opt(16.0, "faces with a smaller inter-eye distance (px) are not embedded or matched live")
     detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
     embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
@@ -146,6 +149,8 @@ class Config:
                      "alert_sweep_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if self.live_embed_interval_ms < 0:
+            raise ConfigError("LFR_LIVE_EMBED_INTERVAL_MS: must be 0 or more")
         if self.realert_window_s < 0:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
         if self.flip not in ("on", "off", "model"):

@@ -35,3 +35,5 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
     return server.server_address[1]
 AUTH = Counter("lfr_auth_decisions_total", "Caller authorisation decisions (ALLOWED, DENIED, UNAUTHENTICATED, "
                "RATE_LIMITED)", ["service", "decision"], registry=REGISTRY)
+SKIPPED = Counter("lfr_faces_skipped_total", "Faces deliberately not embedded (reason: tracked = their track was "
+                  "embedded within LFR_LIVE_EMBED_INTERVAL_MS)", ["service", "reason"], registry=REGISTRY)

@@ -1,0 +1,37 @@
+"""The live face sampler: a tracked face is embedded at most every interval, unless it gets clearly better."""
+
+from __future__ import annotations
+
+from lfr.detection.tracks import FaceSampler
+
+
+def walk(x: float) -> tuple[float, float, float, float]:
+    return (x, 100.0, x + 60.0, 170.0)
+
+
+def test_a_walking_face_is_embedded_at_the_interval_and_new_faces_at_once():
+    s = FaceSampler(interval_s=0.3, expire_s=1.0)
+    kept = [s.select("cam", i * 0.1, [walk(100 + 5 * i)], [30.0])[0] for i in range(10)]
+    assert kept == [True, False, False, True, False, False, True, False, False, True]
+    # a second person appears beside the first: embedded at once, the first stays on its schedule
+    assert s.select("cam", 1.0, [walk(150), walk(600)], [30.0, 30.0]) == [False, True]
+
+
+def test_a_clearly_better_face_is_embedded_early():
+    s = FaceSampler(interval_s=0.3, better=1.25)
+    assert s.select("cam", 0.0, [walk(100)], [20.0]) == [True]
+    assert s.select("cam", 0.1, [walk(102)], [24.0]) == [False]  # 20 % better: not enough
+    assert s.select("cam", 0.2, [walk(104)], [26.0]) == [True]  # 30 % better than the best embedded
+    assert s.select("cam", 0.3, [walk(106)], [26.0]) == [False]  # interval restarts at the last embedding
+
+
+def test_cameras_are_separate_tracks_expire_and_interval_zero_embeds_everything():
+    s = FaceSampler(interval_s=0.3, expire_s=1.0)
+    assert s.select("a", 0.0, [walk(100)], [30.0]) == [True]
+    assert s.select("b", 0.05, [walk(100)], [30.0]) == [True]  # same place, another camera
+    assert s.select("a", 2.0, [walk(100)], [30.0]) == [True]  # its track expired: a new face
+    s.forget(older_than=1.5)
+    assert set(s.tracks) == {"a"}
+    every = FaceSampler(interval_s=0.0)
+    assert all(every.select("a", i * 0.1, [walk(100)], [30.0])[0] for i in range(5))
+    assert every.tracks == {}
