@@ -58,7 +58,7 @@ EXTERNAL_API = ("ingest", "watchlist", "match", "audit")
 # Who calls whom over gRPC inside the platform (callee -> callers).
 INTERNAL_CALLERS = {"watchlist": {"ingest", "match"}, "detection": {"watchlist"}, "embedding": {"watchlist"}}
 # Secrets the prod overlay expects to exist already (deploy/k8s/README.md says what each holds).
-EXTERNAL_SECRETS = ("qdrant-api-key", "qdrant-read-only-api-key")
+EXTERNAL_SECRETS = ("qdrant-api-key", "qdrant-read-only-api-key", "nats-users")
 GATEWAY_LABEL = ("lfr/api-gateway", "true")
 MONITORING_LABEL = ("lfr/monitoring", "true")
 NAME = "app.kubernetes.io/name"
@@ -381,6 +381,13 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
                 err(f"{where}: the Qdrant API key must come from a Secret file (LFR_QDRANT_API_KEY_FILE)")
         elif cfg.qdrant_url:
             err(f"{where}: only watchlist talks to Qdrant (LFR_QDRANT_URL is set)")
+        # NATS: as its own user, with its own password only (lfr.runtime.natsauth)
+        if cfg.nats_user != name or "LFR_NATS_PASSWORD_FILE" not in env:
+            err(f"{where}: must connect to NATS as the user {name!r} (LFR_NATS_USER) with LFR_NATS_PASSWORD_FILE")
+        for v in pod.get("volumes", []):
+            if _base_name(v.get("secret", {}).get("secretName", "")) == "nats-users" and [
+                    i["key"] for i in v["secret"].get("items", [])] != [name]:
+                err(f"{where}: may mount only its own key {name!r} of the Secret nats-users")
         if name in SINGLETONS:
             # where the service keeps its SQLite store (see services/<name>/service.py)
             store = {"audit": ("LFR_AUDIT_DB", cfg.audit_db), "match": ("LFR_ALERT_DB", cfg.alert_db)}.get(name)
@@ -551,6 +558,11 @@ def _nats_errors(objects, index, stream_names) -> list[str]:
         problems.append("nats.conf: max_payload must be an integer >= LFR_MAX_MESSAGE_BYTES")
     if "include ./permissions.conf" not in text:
         problems.append("nats.conf: must include ./permissions.conf")
+    from lfr.runtime import natsauth
+
+    if natsauth.k8s_authorization() not in perms or "no_auth_user" in perms + text:
+        problems.append("permissions.conf: the users must be exactly lfr.runtime.natsauth's (python -m "
+                        "lfr.runtime.natsauth), with no anonymous user")
     denied = set(re.findall(r"\$JS\.API\.STREAM\.(DELETE|PURGE|MSG\.DELETE)\.([A-Z_]+)", perms))
     for stream in sorted(stream_names):
         for op in ("DELETE", "PURGE", "MSG.DELETE"):

@@ -24,7 +24,7 @@ from nats.js import api
 from lfr import deploy_check as dc
 from lfr.bench import capacity
 from lfr.pb import common_pb2
-from lfr.runtime import subjects
+from lfr.runtime import natsauth, subjects
 from lfr.runtime.bus import Bus
 from lfr.runtime.natsserver import free_port, nats_server_binary
 
@@ -160,6 +160,20 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
         o, "ConfigMap", "nats-config")["data"]["permissions.conf"].replace('"$JS.API.STREAM.MSG.DELETE.LFR_AUDIT"',
                                                                           "")}),
      "denied MSG.DELETE of stream LFR_AUDIT"),
+    # NATS: each service as its own user, with its own password only, and no anonymous user
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_NATS_USER="audit"),
+     "Deployment/match: must connect to NATS as the user 'match'"),
+    (lambda o: find(o, "ConfigMap", "lfr-detection")["data"].pop("LFR_NATS_PASSWORD_FILE"),
+     "Deployment/detection: must connect to NATS as the user 'detection'"),
+    (lambda o: next(v for v in find(o, "Deployment", "ingest")["spec"]["template"]["spec"]["volumes"]
+                    if v["name"] == "nats-password")["secret"].pop("items"),
+     "Deployment/ingest: may mount only its own key 'ingest' of the Secret nats-users"),
+    (lambda o: find(o, "ConfigMap", "nats-config")["data"].update({"permissions.conf": find(
+        o, "ConfigMap", "nats-config")["data"]["permissions.conf"] + "no_auth_user: admin\n"}),
+     "permissions.conf: the users must be exactly lfr.runtime.natsauth's"),
+    (lambda o: find(o, "ConfigMap", "nats-config")["data"].update({"permissions.conf": find(
+        o, "ConfigMap", "nats-config")["data"]["permissions.conf"].replace('"lfr.v1.faces.*.*", ', '"lfr.v1.>", ')}),
+     "permissions.conf: the users must be exactly lfr.runtime.natsauth's"),
     # the watchlist's policy file
     (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_POLICY_FILE="/var/lib/lfr/policy.json"),
      "Deployment/watchlist: LFR_POLICY_FILE=/var/lib/lfr/policy.json is not a file of a mounted ConfigMap"),
@@ -212,22 +226,33 @@ def test_the_watchlist_policy_is_the_shipped_example_mounted_from_a_configmap(re
         assert json.loads(find(objects, "ConfigMap", "lfr-watchlist-policy")["data"]["policy.json"]) == shipped
 
 
+def nats_env(prefix: str = "k8s-test-password-") -> dict[str, str]:
+    """The NATS pods' environment: their name and the users' passwords (from the Secret nats-users)."""
+    return {"SERVER_NAME": "nats-0", **{natsauth.password_variable(u)[1:]: prefix + u for u in natsauth.PERMISSIONS}}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_nats_server_accepts_the_rendered_configuration(rendered, overlay, tmp_path):
     data = find(rendered[overlay], "ConfigMap", "nats-config")["data"]
     for name, text in data.items():
         (tmp_path / name).write_text(text)
     out = subprocess.run([nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"], capture_output=True,
-                         text=True, timeout=30, env={"SERVER_NAME": "nats-0"})
+                         text=True, timeout=30, env=nats_env())
     assert out.returncode == 0, out.stdout + out.stderr
     assert "is valid" in out.stdout + out.stderr
+    # every password the configuration names comes from the Secret, through the NATS pods' environment
+    env = find(rendered[overlay], "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0]["env"]
+    from_secret = {e["name"]: (dc._base_name(e["valueFrom"]["secretKeyRef"]["name"]), e["valueFrom"]["secretKeyRef"]["key"])
+                   for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    assert from_secret == {natsauth.password_variable(u)[1:]: ("nats-users", u) for u in natsauth.PERMISSIONS}
 
 
 async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(rendered, tmp_path):
-    """permissions.conf on a real nats-server: the platform's own Bus does everything it does in production
-    (declares streams, publishes durably, consumes as audit, appends to and reads back the audit chain as audit
-    does, replays as match, core queue groups), and no client can delete or purge a stream or delete a message
-    of one."""
+    """permissions.conf on a real nats-server: each service, as its own user with the password the server takes
+    from its environment, does what it does in production (the audit declares the streams, appends to and reads
+    back its chain and consumes every fact; match publishes alerts durably and replays them; watchlist its
+    events; the biometric flow in queue groups), and no user can delete or purge a stream or delete a message
+    of one; nobody connects without a password."""
     data = find(rendered["prod"], "ConfigMap", "nats-config")["data"]
     (tmp_path / "permissions.conf").write_text(data["permissions.conf"])
     payload = re.search(r"^max_payload:.*$", data["nats.conf"], re.M).group(0)
@@ -235,31 +260,38 @@ async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(re
     (tmp_path / "nats.conf").write_text(f"listen: 127.0.0.1:{port}\n{payload}\n"
                                         f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
                                         "include ./permissions.conf\n")
+    env = nats_env()
     proc = subprocess.Popen([nats_server_binary(), "-c", str(tmp_path / "nats.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    bus = Bus(f"nats://127.0.0.1:{port}", "k8s-permissions", service="k8s-test")
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    url = f"nats://127.0.0.1:{port}"
+    buses = {u: Bus(url, f"k8s-{u}", service=u, user=u, password=env[natsauth.password_variable(u)[1:]])
+             for u in ("audit", "match", "watchlist", "ingest", "detection")}
+    audit, match = buses["audit"], buses["match"]
     try:
-        await bus.connect(timeout_s=10)
-        await bus.ensure_streams()
-        await bus.ensure_streams()  # idempotent, as every service does at start
+        for b in buses.values():
+            await b.connect(timeout_s=10)
+        for b in buses.values():
+            await b.ensure_streams(replicas=1)  # as every service does at start
+            await b.ensure_streams(replicas=1)  # idempotent
         for _ in range(2):  # the audit service declares its chain at every start
-            await bus.ensure_streams((subjects.AUDIT,))
+            await audit.ensure_streams((subjects.AUDIT,))
         # the audit chain, as services/audit/service.py appends to and reads it
         for seq, dep in ((1, "dep1"), (2, subjects.NO_DEPLOYMENT)):
-            ack = await bus.js.publish(subjects.audit(dep), b"record", timeout=2, headers={
+            ack = await audit.js.publish(subjects.audit(dep), b"record", timeout=2, headers={
                 "Nats-Msg-Id": f"audit-{seq}", "Nats-Expected-Last-Sequence": str(seq - 1)})
             assert ack.seq == seq
-        assert (await bus.js.stream_info(subjects.AUDIT.name)).state.last_seq == 2
-        psub = await bus.js.pull_subscribe(subjects.audit(), stream=subjects.AUDIT.name, config=api.ConsumerConfig(
+        assert (await audit.js.stream_info(subjects.AUDIT.name)).state.last_seq == 2
+        psub = await audit.js.pull_subscribe(subjects.audit(), stream=subjects.AUDIT.name, config=api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=2,
             inactive_threshold=30.0))
         assert [m.metadata.sequence.stream for m in await psub.fetch(256, timeout=5)] == [2]
         await psub.unsubscribe()
-        env = common_pb2.Envelope(event_id="e1")
-        bus.publish_durable(subjects.alerts("dep1", "cam1"), env, "a1")
-        bus.publish_durable(subjects.lifecycle("dep1"), env, "l1")
-        bus.publish_durable(subjects.matchstats("dep1"), env, "m1")
-        assert await bus.flush_outbox(5)
+        env_ = common_pb2.Envelope(event_id="e1")
+        match.publish_durable(subjects.alerts("dep1", "cam1"), env_, "a1")
+        buses["watchlist"].publish_durable(subjects.lifecycle("dep1"), env_, "l1")
+        match.publish_durable(subjects.matchstats("dep1"), env_, "m1")
+        for b in buses.values():
+            assert await b.flush_outbox(5)
 
         got: list[str] = []
 
@@ -269,31 +301,40 @@ async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(re
         for stream in subjects.STREAMS:  # audit's durable consumers
             for subject in stream.subjects:
                 durable = "audit-" + stream.name.lower() + "-" + subject.split(".")[2]
-                await bus.consume_durable(stream.name, subject, durable, handle)
-        faces: list[str] = []
-        await bus.subscribe(subjects.frames(), common_pb2.Envelope, lambda m, s: faces.append(m.event_id),
-                            queue=subjects.QUEUE["detection"], stage="k8s")
-        await bus.publish(subjects.frames("dep1", "cam1"), common_pb2.Envelope(event_id="f1"))
+                await audit.consume_durable(stream.name, subject, durable, handle)
+        frames: list[str] = []
+        await buses["detection"].subscribe(subjects.frames(), common_pb2.Envelope,
+                                           lambda m, s: frames.append(m.event_id),
+                                           queue=subjects.QUEUE["detection"], stage="k8s")
+        await buses["detection"].nc.flush()
+        await buses["ingest"].publish(subjects.frames("dep1", "cam1"), common_pb2.Envelope(event_id="f1"))
         replayed = []
-        async for seq, _data in bus.replay(subjects.ALERTS.name, subjects.alerts("dep1", "*"), True):
+        async for seq, _data in match.replay(subjects.ALERTS.name, subjects.alerts("dep1", "*"), True):
             replayed.append(seq)
             break
         for _ in range(50):
-            if len(got) == 3 and faces:
+            if len(got) == 3 and frames:
                 break
             await asyncio.sleep(0.1)
         assert sorted(got) == sorted([subjects.alerts("dep1", "cam1"), subjects.lifecycle("dep1"),
                                       subjects.matchstats("dep1")])
-        assert faces == ["f1"] and replayed == [1]
+        assert frames == ["f1"] and replayed == [1]
+        assert not any("violation" in b.last_error.lower() for b in buses.values())
 
         for stream in (*subjects.STREAMS, subjects.AUDIT):
             for op, body in (("DELETE", b""), ("PURGE", b""), ("MSG.DELETE", b'{"seq": 1}')):
-                with pytest.raises(NatsTimeout):  # the server drops the denied request: no reply comes
-                    await bus.nc.request(f"$JS.API.STREAM.{op}.{stream.name}", body, timeout=0.3)
-            info = await bus.js.stream_info(stream.name)
+                for b in (audit, match):
+                    with pytest.raises(NatsTimeout):  # the server drops the denied request: no reply comes
+                        await b.nc.request(f"$JS.API.STREAM.{op}.{stream.name}", body, timeout=0.3)
+            info = await audit.js.stream_info(stream.name)
             assert info.state.messages >= 1 and info.state.first_seq == 1
+        assert "permissions violation" in audit.last_error.lower()
+        anonymous = Bus(url, "k8s-anonymous")
+        with pytest.raises(ConnectionError, match="Authorization Violation"):
+            await anonymous.connect(timeout_s=2)
     finally:
-        await bus.drain()
+        for b in buses.values():
+            await b.drain()
         proc.terminate()
         proc.wait(10)
 

@@ -5,16 +5,20 @@
 - JetStream streams declared idempotently from `subjects.STREAMS`;
 - durable publishes go through an outbox that retries until the server acknowledges them, de-duplicated by
   message id, so a NATS restart loses no alert or audit fact;
-- durable consumers are pull consumers that survive reconnects and server restarts.
+- durable consumers are pull consumers that survive reconnects and server restarts;
+- with a user, a password and TLS material when given: the server then lets the user do only what
+  `natsauth.PERMISSIONS` allows, and replies come on the user's own inbox prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import nats
@@ -22,17 +26,27 @@ from google.protobuf.message import DecodeError, Message
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 
-from lfr.runtime import metrics, subjects
+from lfr.runtime import metrics, natsauth, subjects
 from lfr.runtime.logs import get_logger
 
 M = TypeVar("M", bound=Message)
 
 
 class Bus:
-    def __init__(self, url: str, name: str, service: str = ""):
+    def __init__(self, url: str, name: str, service: str = "", *, user: str = "", password: str = "",
+                 tls_dir: str | Path = "", tls_cert: str = ""):
+        """`user`/`password`: NATS credentials (none = anonymous). `tls_dir`: ca.pem to check the server with, and
+        <tls_cert>.pem/.key (default: the service's) as the client certificate if present; TLS is used whenever
+        the server asks for it, and required with tls:// URLs."""
         self.servers = [u.strip() for u in url.split(",") if u.strip()]
         self.name = name
         self.service = service or name
+        self.user = user
+        self._password = password
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.tls_cert = tls_cert or self.service
+        self._last_error = ""
+        self._auth_error = ""  # the server refused the credentials: kept, a later reset must not hide it
         self.nc: nats.NATS | None = None
         self.js = None
         self.log = get_logger(component="bus")
@@ -43,8 +57,29 @@ class Bus:
         self._closing = False
 
     # Connection -------------------------------------------------------------------------------------
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.tls_dir is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
+        cert, key = self.tls_dir / f"{self.tls_cert}.pem", self.tls_dir / f"{self.tls_cert}.key"
+        if cert.is_file() and key.is_file():
+            ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    def _tls_in_use(self) -> bool:
+        writer = getattr(getattr(self.nc, "_transport", None), "_io_writer", None)
+        if writer is not None:
+            return writer.get_extra_info("ssl_object") is not None
+        return bool(getattr(self.nc, "_server_info", {}).get("tls_required"))
+
     async def connect(self, timeout_s: float = 30.0) -> None:
         """Connect, retrying until `timeout_s`; afterwards the client reconnects by itself, forever."""
+        extra: dict = {}
+        if self.user:
+            extra.update(user=self.user, password=self._password, inbox_prefix=natsauth.inbox_prefix(self.user))
+        tls = self._tls_context()
+        if tls is not None:
+            extra["tls"] = tls
         try:
             self.nc = await asyncio.wait_for(nats.connect(
                 servers=self.servers,
@@ -58,10 +93,17 @@ class Bus:
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnect,
                 reconnected_cb=self._on_reconnect,
+                **extra,
             ), timeout_s)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            last = self._auth_error or self._last_error
+            why = f"; last error: {last}" if last else ""
             raise ConnectionError(f"cannot connect to NATS at {self.servers} within {timeout_s:.0f} s"
-                                  f" ({type(exc).__name__})") from None
+                                  f" ({type(exc).__name__}{why})") from None
+        if any(s.startswith("tls://") for s in self.servers) and not self._tls_in_use():
+            self._closing = True
+            await self.nc.close()
+            raise ConnectionError(f"NATS at {self.servers}: a tls:// URL, but the connection is not encrypted")
         self.js = self.nc.jetstream(timeout=5)
         self._outbox_task = asyncio.create_task(self._run_outbox(), name="bus-outbox")
         self.log.info("nats.connected", servers=self.servers)
@@ -70,8 +112,16 @@ class Bus:
     def connected(self) -> bool:
         return bool(self.nc and self.nc.is_connected)
 
+    @property
+    def last_error(self) -> str:
+        """The last error the client reported (a refused connection, a permissions violation, ...), or ''."""
+        return self._last_error
+
     async def _on_error(self, exc: Exception) -> None:
-        self.log.warning("nats.error", error=str(exc) or type(exc).__name__)
+        self._last_error = str(exc) or type(exc).__name__  # e.g. "Permissions Violation for Publish to ..."
+        if "authorization violation" in self._last_error.lower():
+            self._auth_error = self._last_error
+        self.log.warning("nats.error", error=self._last_error)
 
     async def _on_disconnect(self) -> None:
         if not self._closing:
@@ -82,8 +132,10 @@ class Bus:
         self._outbox_event.set()
 
     async def ensure_streams(self, streams=subjects.STREAMS, replicas: int = 1) -> None:
-        """Declare the platform's JetStream streams; safe to call from every service at every start."""
-        for s in streams:
+        """Declare the platform's JetStream streams; safe to call from every service at every start.
+
+        A service user declares only the streams its permissions name (the audit service's, all of them)."""
+        for s in natsauth.declarable(self.user, streams):
             cfg = api.StreamConfig(
                 name=s.name,
                 subjects=list(s.subjects),

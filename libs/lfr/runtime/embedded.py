@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lfr.runtime import natsauth
+from lfr.runtime.bus import Bus
 from lfr.runtime.natsserver import NatsServer, free_ports
 
 SERVICES = ("watchlist", "embedding", "detection", "match", "ingest", "audit")
@@ -33,6 +35,7 @@ class EmbeddedSystem:
         self.security: dict[str, str] = {}
         ports = free_ports(2 * len(SERVICES) + 1, host)
         self.nats = NatsServer(self.state_dir / "nats", port=ports.pop())
+        self.nats_secrets = self.state_dir / "security" / "nats"  # a password per service (and admin), 0600
         self.ports = {s: ports.pop() for s in SERVICES}
         self.metrics_ports = {s: ports.pop() for s in SERVICES}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -45,6 +48,7 @@ class EmbeddedSystem:
         env.update({
             "LFR_NATS_URL": self.nats.url, "LFR_STATE_DIR": str(self.state_dir), "LFR_GRPC_HOST": self.host,
             "LFR_GRPC_PORT": str(self.ports[service]), "LFR_METRICS_PORT": str(self.metrics_ports[service]),
+            "LFR_NATS_USER": service, "LFR_NATS_PASSWORD_FILE": str(natsauth.password_file(self.nats_secrets, service)),
         })
         env.update({key: self.endpoint(s) for s, key in TARGET_KEYS.items()})
         if self.insecure:
@@ -76,6 +80,10 @@ class EmbeddedSystem:
             from lfr.runtime.devidp import create_dev_security
 
             self.security = create_dev_security(self.state_dir, SERVICES, hosts=("localhost", self.host))
+        # NATS: a user per service with only its own subjects; mutual TLS with the development CA unless insecure
+        files = natsauth.write_credentials(self.nats_secrets, natsauth.PERMISSIONS)
+        self.nats.auth = natsauth.server_auth_config(natsauth.read_passwords(files))
+        self.nats.tls_dir = None if self.insecure else Path(self.security["tls_dir"])
         self.nats.start()
         try:
             for s in SERVICES:
@@ -127,6 +135,16 @@ class EmbeddedSystem:
         for s in STOP_ORDER:
             self.stop_service(s)
         self.nats.stop()
+
+    def nats_admin_credentials(self) -> tuple[str, str]:
+        """(user, password) of the NATS admin user: reads the durable facts, never the biometric flow."""
+        return natsauth.ADMIN, natsauth.password_file(self.nats_secrets, natsauth.ADMIN).read_text().strip()
+
+    def nats_admin_bus(self, name: str = "admin") -> Bus:
+        """A Bus (not connected) as the NATS admin user, with the 'client' certificate when TLS is on."""
+        user, password = self.nats_admin_credentials()
+        return Bus(self.nats.url, name, service=user, user=user, password=password,
+                   tls_dir=self.nats.tls_dir or "", tls_cert="client")
 
     def access(self, user: str | None = None, follow_actor: bool = False, roles=None):
         """How a client reaches this system (see lfr.runtime.access): mTLS + dev-IdP tokens, or plaintext."""

@@ -40,26 +40,44 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    """One nats-server process on loopback with JetStream storing under `store_dir`."""
+    """One nats-server process on loopback with JetStream storing under `store_dir`.
 
-    def __init__(self, store_dir: str | Path, port: int = 0, host: str = "127.0.0.1", max_payload: int = 8 << 20):
+    `auth`: an `authorization { ... }` block (`natsauth.server_auth_config`); empty = no authentication.
+    `tls_dir`: a folder with ca.pem, nats.pem and nats.key; the server then requires TLS, and with
+    `tls_verify` (the default) a client certificate signed by that CA as well (mutual TLS): a password that
+    leaks, or is sent to an impostor, is then useless without a workload's key."""
+
+    def __init__(self, store_dir: str | Path, port: int = 0, host: str = "127.0.0.1", max_payload: int = 8 << 20,
+                 auth: str = "", tls_dir: str | Path | None = None, tls_verify: bool = True):
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port(host)
         self.max_payload = max_payload
+        self.auth = auth
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.tls_verify = tls_verify
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls_dir else 'nats'}://{self.host}:{self.port}"
+
+    def config(self) -> str:
+        text = (f"listen: {self.host}:{self.port}\nmax_payload: {self.max_payload}\n"
+                f"jetstream {{ store_dir: \"{self.store_dir / 'jetstream'}\" }}\n")
+        if self.tls_dir:
+            d = self.tls_dir.resolve()
+            text += (f"tls {{\n  cert_file: \"{d / 'nats.pem'}\"\n  key_file: \"{d / 'nats.key'}\"\n"
+                     f"  ca_file: \"{d / 'ca.pem'}\"\n  verify: {str(self.tls_verify).lower()}\n  timeout: 2\n}}\n")
+        return text + self.auth
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
-        conf.write_text(
-            f"listen: {self.host}:{self.port}\nmax_payload: {self.max_payload}\n"
-            f"jetstream {{ store_dir: \"{self.store_dir / 'jetstream'}\" }}\n"
-        )
+        conf.unlink(missing_ok=True)  # written readable by its owner only: it may hold the users' passwords
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config())
         log = open(self.store_dir / "nats-server.log", "ab")
         self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
