@@ -129,6 +129,7 @@ def run(args) -> dict:
                         / max(1.0, metric_sum(m, "lfr_stage_seconds_count", stage=stage)), 1)
             for name, m, stage in (("detection", det, "detect"), ("embedding", emb, "embed"), ("match", match, "match"))},
         "faces": stats.faces_seen,
+        "faces_skipped_tracked": int(metric_sum(det, "lfr_faces_skipped_total", reason="tracked")),
         "alerts": stats.alerts,
         "alert_latency_ms": {"p50": pct(latencies, 50), "p95": pct(latencies, 95),
                              "max": round(max(latencies), 1) if latencies else 0.0},
