@@ -73,7 +73,7 @@ def run(args) -> dict:
     video = args.video or str(data / "video/pedestrians-1080p25.mp4")
     subjects = subject_images(args.enroll or data / "faces/knn_examples/train")
     state = args.state_dir or tempfile.mkdtemp(prefix="lfr-bench-")
-    with EmbeddedSystem(state) as system:
+    with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent]) as system:
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "bench", [CAMERA])
         enrolled = enroll(c, d.id, subjects)

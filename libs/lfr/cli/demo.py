@@ -41,7 +41,7 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
     video, subjects = default_inputs(video, watchlist)
     t0 = time.monotonic()
     print(f"[demo] starting the embedded system (nats-server, Qdrant local, six services) in {state_dir}", flush=True)
-    with EmbeddedSystem(state_dir) as system:
+    with EmbeddedSystem(state_dir, media_roots=[Path(video).resolve().parent]) as system:
         print(f"[demo] all services SERVING after {time.monotonic() - t0:.1f} s", flush=True)
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "demo deployment", ["camera-1"])

@@ -27,11 +27,12 @@ TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_
 
 class EmbeddedSystem:
     def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 insecure: bool = False):
+                 insecure: bool = False, media_roots=()):
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.extra_env = dict(env or {})
         self.insecure = insecure  # plaintext and unauthenticated: only when asked for explicitly
+        self.media_roots = [Path(r).resolve() for r in media_roots]  # beyond <state>/media and the shared data
         self.security: dict[str, str] = {}
         ports = free_ports(2 * len(SERVICES) + 1, host)
         self.nats = NatsServer(self.state_dir / "nats", port=ports.pop())
@@ -60,7 +61,7 @@ class EmbeddedSystem:
         # torch threads spin between layers by default; several model processes on few cores then stall.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from lfr.runtime.paths import data_dir  # file inputs must lie in LFR_MEDIA_ROOTS; unless set: these
-        roots = (self.state_dir / "media", data_dir(required=False))
+        roots = (self.state_dir / "media", data_dir(required=False), *self.media_roots)
         env.setdefault("LFR_MEDIA_ROOTS", os.pathsep.join(str(r) for r in roots if r))
         env.update(self.extra_env)
         return env
