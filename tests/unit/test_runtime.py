@@ -58,6 +58,14 @@ def test_log_processor_strips_images_vectors_and_names(capsys):
     assert line["chip"] == "[stripped]" and line["deployment_id"] == "d1" and line["service"] == "test"
 
 
+def test_log_processor_strips_secrets_and_tokens_inside_messages():
+    jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJidWlsZGVyIn0.c2lnbmF0dXJl"
+    event = strip_biometrics(None, "info", {"event": "x", "authorization": f"Bearer {jwt}", "password": "pw",
+                                            "detail": f"bad header Bearer {jwt} from peer", "ok": "plain"})
+    assert event["authorization"] == event["password"] == "[stripped]"
+    assert jwt not in event["detail"] and "[token stripped]" in event["detail"] and event["ok"] == "plain"
+
+
 def test_subjects_are_versioned_and_tokens_validated():
     assert subjects.frames("d1", "c1") == "lfr.v1.frames.d1.c1"
     assert subjects.alerts("d1") == "lfr.v1.alerts.d1.*"

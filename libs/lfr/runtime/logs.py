@@ -1,4 +1,4 @@
-"""structlog JSON logging to stdout, with a processor that strips biometric data.
+"""structlog JSON logging to stdout, with a processor that strips biometric data and secrets.
 
 Logging is not audit: audit events are protobuf messages on their stream.
 """
@@ -6,13 +6,17 @@ Logging is not audit: audit events are protobuf messages on their stream.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
 
 # Keys whose values are biometric or personal and must never reach a log line.
 _REDACT = {"image", "images", "frame", "chip", "chips", "crop", "crop_jpeg", "probe_jpeg", "vector",
-           "vectors", "embedding", "embeddings", "values", "rgb", "name", "names", "token", "password"}
+           "vectors", "embedding", "embeddings", "values", "rgb", "name", "names", "token", "password",
+           "authorization", "secret", "api_key", "private_key", "credentials"}
+# A JWT anywhere in a string (e.g. an exception message quoting a header): three base64url parts, "eyJ..." first.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 
 def strip_biometrics(_logger, _method, event_dict: dict) -> dict:
@@ -26,6 +30,8 @@ def strip_biometrics(_logger, _method, event_dict: dict) -> dict:
             event_dict[key] = "[array stripped]"
         elif isinstance(value, (list, tuple)) and len(value) > 16:
             event_dict[key] = f"[{len(value)} items stripped]"
+        elif isinstance(value, str) and "eyJ" in value:
+            event_dict[key] = _JWT.sub("[token stripped]", value)
     return event_dict
 
 
