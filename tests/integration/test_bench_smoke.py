@@ -1,4 +1,5 @@
-"""Quick end-to-end runs of `lfr bench verify` / `identify` on a slice of LFW View 1 (SFace, ours only)."""
+"""Quick end-to-end runs of `lfr bench verify` / `identify` on a slice of LFW View 1 (SFace, ours only), and a
+few seconds of `lfr bench abuse` against an embedded system."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from lfr.bench import identify, verify
+from lfr.bench import abuse, identify, verify
 from lfr.bench.pipeline import default_data_dir
 
 LFW = default_data_dir() / "lfw-dev"
@@ -79,3 +80,29 @@ def test_identify_sface_small_gallery():
     assert r["gallery"] > 5 and r["mated_probes"] > 5 and r["nonmated_probes"] > 5
     assert r["rank1"] > 0.8
     assert 0.0 <= r["at_threshold"]["fpir"] <= 1.0 and 0.0 <= r["at_threshold"]["tpir"] <= 1.0
+
+
+def test_abuse_few_seconds(tmp_path):
+    r = abuse.run(_args(abuse, "--seconds", "3", "--state-dir", str(tmp_path / "state"), "--json"))
+    for key in (
+        "requests",
+        "status_counts",
+        "categories",
+        "unauthenticated_allowed",
+        "wrong_role_allowed",
+        "rate_limited",
+        "healthy_after",
+        "rss_mb_before",
+        "rss_mb_after",
+        "elapsed_s",
+        "ok",
+    ):
+        assert key in r, key
+    assert r["unauthenticated_allowed"] == 0, r["examples"]
+    assert r["wrong_role_allowed"] == 0, r["examples"]
+    assert r["healthy_after"] is True and r["ok"] is True
+    assert r["requests"] > 100 and r["rate_limited"] > 0  # the one flooding caller was limited
+    assert r["client_errors"] == 0 and r["bombs_accepted"] == 0, r["examples"]
+    assert {"malformed", "bomb", "oversized", "wrong_role", "flood"} <= set(r["categories"])
+    assert any(k.startswith("unauthenticated/") for k in r["categories"])
+    assert r["rss_mb_before"] > 0 and r["rss_mb_after"] > 0

@@ -22,6 +22,7 @@ BENCHES = {
     "capacity": "lfr.bench.capacity",
     "gallery": "lfr.bench.gallery",
     "identify-oifr": "lfr.bench.oifr",
+    "abuse": "lfr.bench.abuse",
 }
 
 
@@ -68,6 +69,8 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     result = args.bench_run(args)
     print(json.dumps(result, indent=None if args.json else 2))
+    if isinstance(result, dict) and result.get("ok") is False:  # a benchmark that checks something failed it
+        sys.exit(1)
 
 
 def build_parser(bench: str | None = None) -> argparse.ArgumentParser:

@@ -18,9 +18,22 @@ def channel(target: str, config: Config | None = None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=options)
 
 
+# A status message travels in a trailer, percent-encoded; a client refuses trailers over 8 KiB (at random between
+# its soft and hard limits), which would turn a refusal that echoes a caller's huge id into RESOURCE_EXHAUSTED.
+MAX_DETAILS_BYTES = 1024
+
+
+def bounded(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """The message, cut to at most `limit` bytes of UTF-8 (plus a marker) if longer."""
+    raw = message.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return message
+    return raw[:limit].decode("utf-8", "ignore") + " ... (truncated)"
+
+
 async def abort(context: grpc.aio.ServicerContext, code: str, message: str):
     """Abort an RPC with a status named by string (the cores speak in names, not grpc objects)."""
-    await context.abort(getattr(grpc.StatusCode, code), message)
+    await context.abort(getattr(grpc.StatusCode, code), bounded(message))
 
 
 def require(value, what: str) -> None:

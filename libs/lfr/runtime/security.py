@@ -11,7 +11,9 @@ identify the caller (token, else a service certificate, else UNAUTHENTICATED); l
 ``POLICY`` (a method missing from the table is refused: deny by default); apply the caller's rate limit; bind
 the caller to the request's ``actor`` field (a person cannot act in another's name); run the handler under a
 deadline. Every decision, allowed or refused, is published as an ``AccessEvent`` for the audit. Tokens and
-their claims never reach a log, an error message or the audit; only the subject, roles and key id do.
+their claims never reach a log, an error message or the audit; only the subject, roles and key id do. A request
+body that is not a valid protobuf message is answered INVALID_ARGUMENT, after the caller has been checked (gRPC's
+own answer would be UNKNOWN, naming the parser's exception, to anyone).
 """
 
 from __future__ import annotations
@@ -408,6 +410,34 @@ def bind_actor(request, ident: Identity) -> None:
     request.actor = ident.subject
 
 
+class _Malformed:
+    """Stands for a request body that did not parse as the method's message type."""
+
+    def __repr__(self) -> str:
+        return "<malformed request>"
+
+
+MALFORMED = _Malformed()
+
+
+def lenient(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """The method's deserializer, returning MALFORMED instead of raising on bytes that are not its message."""
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception:  # DecodeError (bad wire format, invalid UTF-8, too deep), or anything a parser raises
+            return MALFORMED
+    return parse
+
+
+async def _refuse_malformed(context, method: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request is not a valid protobuf message for {method}")
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Runs the Guard before every handler, binds the caller, and bounds unary calls by LFR_RPC_TIMEOUT_S."""
 
@@ -431,9 +461,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             CALLER.set(ident)
             return ident
 
+        async def checked(request_iterator, context):
+            async for item in request_iterator:
+                if item is MALFORMED:
+                    await _refuse_malformed(context, method)
+                yield item
+
         def unary(fn):
             async def inner(request, context):
-                await admit(request, context)
+                await admit(None if request is MALFORMED else request, context)
+                if request is MALFORMED:
+                    await _refuse_malformed(context, method)
                 try:
                     return await asyncio.wait_for(fn(request, context), timeout)
                 except TimeoutError:
@@ -444,17 +482,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         def client_stream(fn):
             async def inner(request_iterator, context):
                 await admit(None, context)
-                return await fn(request_iterator, context)
+                return await fn(checked(request_iterator, context), context)
             return inner
 
         def server_stream(fn):
             async def inner(request, context):
-                await admit(request, context)
+                await admit(None if request is MALFORMED else request, context)
+                if request is MALFORMED:
+                    await _refuse_malformed(context, method)
                 async for item in fn(request, context):
                     yield item
             return inner
 
-        ser, de = handler.response_serializer, handler.request_deserializer
+        ser, de = handler.response_serializer, lenient(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
         if handler.stream_unary:
@@ -466,7 +506,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def bidi(request_iterator, context):
                 await admit(None, context)
-                async for item in inner_fn(request_iterator, context):
+                async for item in inner_fn(checked(request_iterator, context), context):
                     yield item
             return grpc.stream_stream_rpc_method_handler(bidi, de, ser)
         return handler
