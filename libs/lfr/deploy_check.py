@@ -12,7 +12,10 @@
 3. Contract: the manifests agree with the code: a workload per service in services/, LFR_* names and values
    that `lfr.runtime.config` accepts, ports, gRPC targets, NATS subjects and JetStream streams from
    `lfr.runtime.subjects`, hardening, probes, NetworkPolicy reachability, Secrets, the stateful singletons
-   (one replica, Recreate, their state on a PersistentVolumeClaim, no autoscaler), the watchlist's policy file.
+   (one replica, Recreate, their state on a PersistentVolumeClaim, no autoscaler), the watchlist's policy file,
+   and the transport security: mutual TLS from a mounted Secret issued by a cert-manager Certificate (the
+   service's name as common name, its Service's DNS names), bearer-token keys mounted, probes on the plaintext
+   health port only, no LFR_INSECURE, media read only from read-only mounts.
 4. Dockerfile: one target per service, non-root, no build tools or pip in the final images, torch only in
    detection and embedding, pins equal to pyproject.toml, weights checked at build time.
 
@@ -43,7 +46,9 @@ DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 MIN_K8S = "1.31"
 
 # Custom resources: (apiVersion, kind) -> our schema file under deploy/k8s/schemas/.
-CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "keda.sh-v1alpha1-scaledobject.json"}
+CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "keda.sh-v1alpha1-scaledobject.json",
+               ("cert-manager.io/v1", "Certificate"): "cert-manager.io-v1-certificate.json",
+               ("cert-manager.io/v1", "Issuer"): "cert-manager.io-v1-issuer.json"}
 
 # Stateful services (SQLite on a volume, one writer; match also tracks each camera in memory, so every embedding
 # of a deployment must reach the same pod): exactly one replica, Recreate, their state on a PVC, no autoscaler.
@@ -57,8 +62,20 @@ STAGE_OF = {"detection": "detect", "embedding": "embed", "match": "match"}
 EXTERNAL_API = ("ingest", "watchlist", "match", "audit")
 # Who calls whom over gRPC inside the platform (callee -> callers).
 INTERNAL_CALLERS = {"watchlist": {"ingest", "match"}, "detection": {"watchlist"}, "embedding": {"watchlist"}}
-# Secrets the prod overlay expects to exist already (deploy/k8s/README.md says what each holds).
-EXTERNAL_SECRETS = ("qdrant-api-key", "qdrant-read-only-api-key", "nats-users")
+# Secrets the prod overlay expects to exist already (deploy/k8s/README.md says what each holds): lfr-ca is the CA
+# (tls.crt, tls.key) the Issuer lfr-ca signs the services' certificates with, from the force's PKI.
+EXTERNAL_SECRETS = ("qdrant-api-key", "qdrant-read-only-api-key", "nats-users", "lfr-ca")
+# ConfigMaps created outside the manifests: the identity provider's JWT public keys (<kid>.pem).
+EXTERNAL_CONFIGMAPS = ("lfr-auth-keys",)
+# Services that read media: retrospective job media (watchlist) and file sources (ingest), from LFR_MEDIA_ROOTS;
+# rtsp(s) media from LFR_SOURCE_HOSTS.
+MEDIA_READERS = ("ingest", "watchlist")
+RTSP_PORTS = (554, 8554)
+# The development identity provider's issuer (lfr.runtime.devidp): accepted only in an overlay labelled dev.
+DEV_ISSUER = "lfr-dev-idp"
+ENVIRONMENT_LABEL = "lfr/environment"
+# What a service's certificate must allow: it serves with it, and calls the other services with it.
+CERT_USAGES = ("server auth", "client auth")
 GATEWAY_LABEL = ("lfr/api-gateway", "true")
 MONITORING_LABEL = ("lfr/monitoring", "true")
 NAME = "app.kubernetes.io/name"
@@ -350,10 +367,23 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
         if cfg.metrics_port <= 0 or ports.get("metrics") != cfg.metrics_port:
             err(f"{where}: LFR_METRICS_PORT={cfg.metrics_port} but the container port 'metrics' is "
                 f"{ports.get('metrics')}")
+        # probes: the kubelet has no client certificate, so it probes the plaintext health port (grpc.health.v1
+        # only), never the mutual-TLS API port
+        if cfg.health_port <= 0 or ports.get("health") != cfg.health_port:
+            err(f"{where}: LFR_HEALTH_PORT={cfg.health_port} but the container port 'health' is {ports.get('health')}"
+                " (a fixed port for the probes)")
+        elif cfg.health_port in (cfg.grpc_port, cfg.metrics_port):
+            err(f"{where}: LFR_HEALTH_PORT={cfg.health_port} must differ from the gRPC and metrics ports")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            p = c.get(probe)
-            if not p or p.get("grpc", {}).get("port") != cfg.grpc_port:
-                err(f"{where}: {probe} must be a native gRPC probe on LFR_GRPC_PORT {cfg.grpc_port}")
+            p = c.get(probe) or {}
+            port = p.get("grpc", {}).get("port")
+            used = {v.get("port") for k, v in p.items() if k in ("grpc", "httpGet", "tcpSocket")}
+            if used & {cfg.grpc_port, "grpc"}:
+                err(f"{where}: {probe} uses the gRPC port {cfg.grpc_port}, which is mutual TLS: the kubelet has no "
+                    f"client certificate; probe the health port (LFR_HEALTH_PORT)")
+            elif not p or port != cfg.health_port or cfg.health_port <= 0:
+                err(f"{where}: {probe} must be a native gRPC probe on the health port LFR_HEALTH_PORT "
+                    f"{cfg.health_port}")
         startup = c.get("startupProbe") or {}
         budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
         if name in MODEL_SERVICES and budget < 180:
@@ -364,6 +394,16 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
             err(f"Service/{name}: does not expose gRPC port {cfg.grpc_port}")
         if svc and not selects({"matchLabels": svc["spec"]["selector"]}, _pod_labels(dep)):
             err(f"Service/{name}: its selector does not select Deployment/{name}'s pods")
+        for s in services_by_name.values():
+            if not selects({"matchLabels": s["spec"].get("selector", {})}, _pod_labels(dep)):
+                continue
+            for sp in s["spec"]["ports"]:
+                target = _port_number(sp.get("targetPort", sp["port"]), ports)
+                if cfg.health_port > 0 and target == cfg.health_port:
+                    err(f"{ref(s)}: exposes the health port {cfg.health_port}, which is for the kubelet only")
+                if target == cfg.grpc_port and sp.get("appProtocol") == "kubernetes.io/h2c":
+                    err(f"{ref(s)}: appProtocol kubernetes.io/h2c on the gRPC port, which is mutual TLS")
+        problems.extend(_security_errors(where, name, cfg, env, dep, index, objects))
         # gRPC targets resolve to a Service that selects the named service on the right port
         for key, target in (("LFR_DETECTION_TARGET", "detection"), ("LFR_EMBEDDING_TARGET", "embedding"),
                             ("LFR_WATCHLIST_TARGET", "watchlist")):
@@ -415,10 +455,16 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
 
     # Secrets referenced exist, or are the documented externally created ones.
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    issued = _issued_secrets(objects)
     for w in workloads:
         for secret in _secret_refs(w):
-            if ("Secret", secret) not in names and _base_name(secret) not in EXTERNAL_SECRETS:
-                err(f"{ref(w)}: Secret {secret!r} is neither rendered nor one of {EXTERNAL_SECRETS}")
+            if ("Secret", secret) not in names and secret not in issued and _base_name(secret) not in EXTERNAL_SECRETS:
+                err(f"{ref(w)}: Secret {secret!r} is neither rendered, nor issued by a rendered Certificate, nor one "
+                    f"of {EXTERNAL_SECRETS}")
+        for cm in _configmap_refs(w):
+            if ("ConfigMap", cm) not in names and _base_name(cm) not in EXTERNAL_CONFIGMAPS:
+                err(f"{ref(w)}: ConfigMap {cm!r} is neither rendered nor one of {EXTERNAL_CONFIGMAPS}")
+    problems.extend(_issuer_errors(objects, names, issued))
 
     problems.extend(_nats_errors(objects, index, stream_names))
     problems.extend(_qdrant_errors(index))
@@ -426,6 +472,171 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
     problems.extend(_keda_errors(objects, services, set(BUDGET_SHARE), stream_names))
     problems.extend(_network_errors(objects, deployments, index, services))
     return problems
+
+
+def _mount_of(path: str, mounts: list[dict]) -> dict | None:
+    """The deepest volumeMount that holds path, or None."""
+    return next((m for m in sorted(mounts, key=lambda m: len(m["mountPath"]), reverse=True)
+                 if _under(path, m["mountPath"])), None)
+
+
+def _issued_secrets(objects: list[dict]) -> dict[str, dict]:
+    """Secret name -> the rendered cert-manager Certificate that writes it."""
+    return {o["spec"]["secretName"]: o for o in objects if o["kind"] == "Certificate" and "secretName" in o["spec"]}
+
+
+def _security_errors(where: str, name: str, cfg, env: dict, dep: dict, index: dict, objects: list[dict]) -> list[str]:
+    """Transport security and caller authentication of one service's pod (lfr.runtime.security)."""
+    problems: list[str] = []
+    err = problems.append
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    mounts = c.get("volumeMounts", [])
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    dev = dep["metadata"].get("labels", {}).get(ENVIRONMENT_LABEL) == "dev"
+    for key in ("LFR_INSECURE", "LFR_INSECURE_FILE"):
+        if key in env or any(e.get("name") == key for e in c.get("env", [])):
+            err(f"{where}: sets {key}: plaintext, unauthenticated gRPC is for a developer's machine, never an "
+                f"overlay (every service runs mutual TLS and checks tokens)")
+
+    # mutual TLS: LFR_TLS_DIR is a read-only mount of the service's own Secret with ca.pem, <name>.pem, <name>.key
+    files = ("ca.pem", f"{name}.pem", f"{name}.key")
+    mount = next((m for m in mounts if m["mountPath"].rstrip("/") == cfg.tls_dir.rstrip("/")), None)
+    secret = vols.get(mount["name"], {}).get("secret") if mount else None
+    if not cfg.tls_dir:
+        err(f"{where}: LFR_TLS_DIR must be set: gRPC is mutual TLS (the service refuses to start without it)")
+    elif not secret:
+        err(f"{where}: LFR_TLS_DIR={cfg.tls_dir} is not the mount path of a Secret volume")
+    else:
+        if not mount.get("readOnly"):
+            err(f"{where}: the TLS Secret at {cfg.tls_dir} must be mounted readOnly")
+        items = {i["path"]: i for i in secret.get("items", [])}
+        rendered = index.get(("Secret", secret["secretName"]))
+        present = set(items) if items else set((rendered or {}).get("data", {})) | set(
+            (rendered or {}).get("stringData", {}))
+        if not set(files) <= present:
+            err(f"{where}: the TLS Secret {secret['secretName']!r} must provide {', '.join(files)} in LFR_TLS_DIR "
+                f"(has {', '.join(sorted(present)) or 'nothing known'}; map its keys with items)")
+        for fname in files:
+            mode = items.get(fname, {}).get("mode", secret.get("defaultMode", 0o644))
+            if mode & 0o037 or (mode & 0o040 and pod.get("securityContext", {}).get("fsGroup") is None):
+                err(f"{where}: TLS file {fname} has mode {mode:04o}: use 0400, or 0440 with the pod's fsGroup "
+                    "(no access for others)")
+        cert = _issued_secrets(objects).get(secret["secretName"])
+        if cert is None:
+            if ("Secret", secret["secretName"]) not in index:
+                err(f"{where}: the TLS Secret {secret['secretName']!r} is not issued by a rendered cert-manager "
+                    "Certificate")
+        else:
+            problems.extend(_certificate_errors(where, name, cert, items, dep, objects))
+    for other in (o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] != name):
+        theirs = {v["secret"]["secretName"] for v in other["spec"]["template"]["spec"].get("volumes", [])
+                  if "secret" in v}
+        if secret and secret["secretName"] in theirs:
+            err(f"{ref(other)}: mounts {name}'s TLS Secret {secret['secretName']!r} (its key is {name}'s identity)")
+
+    # callers' tokens: LFR_AUTH_KEYS_DIR is a read-only mount of the identity provider's public keys
+    if not cfg.auth_keys_dir:
+        err(f"{where}: LFR_AUTH_KEYS_DIR must be set: callers' bearer tokens are checked against its keys (the "
+            "service refuses to start with TLS and without it)")
+    else:
+        mount = next((m for m in mounts if m["mountPath"].rstrip("/") == cfg.auth_keys_dir.rstrip("/")), None)
+        vol = vols.get(mount["name"], {}) if mount else {}
+        if not ("configMap" in vol or "secret" in vol):
+            err(f"{where}: LFR_AUTH_KEYS_DIR={cfg.auth_keys_dir} is not the mount path of a ConfigMap or Secret "
+                "volume (the JWT public keys, <kid>.pem)")
+        elif not mount.get("readOnly"):
+            err(f"{where}: the JWT keys at {cfg.auth_keys_dir} must be mounted readOnly")
+    for key in ("LFR_AUTH_ISSUER", "LFR_AUTH_AUDIENCE"):
+        if not env.get(key, "").strip():
+            err(f"{where}: {key} must be set to the identity provider's (tokens are checked against it)")
+    if cfg.auth_issuer == DEV_ISSUER and not dev:
+        err(f"{where}: LFR_AUTH_ISSUER={DEV_ISSUER} is the development identity provider; only the dev overlay "
+            "may trust it")
+
+    # media: read only from read-only mounts, only by the services that read media
+    roots = [r for r in cfg.media_roots.split(":") if r.strip()]
+    if name not in MEDIA_READERS:
+        for key in ("LFR_MEDIA_ROOTS", "LFR_SOURCE_HOSTS"):
+            if env.get(key, "").strip():
+                err(f"{where}: sets {key}, but only {MEDIA_READERS} read media")
+    elif not roots:
+        err(f"{where}: LFR_MEDIA_ROOTS must name the evidence/media mount (empty = no file input accepted)")
+    for root in roots:
+        m = _mount_of(root, mounts)
+        if not root.startswith("/") or m is None or not m.get("readOnly"):
+            err(f"{where}: LFR_MEDIA_ROOTS entry {root!r} must lie on a readOnly volume mount (media are only "
+                "read; a root on a writable volume, such as the state volume, opens the service's own files to "
+                "callers' jobs and lets the service alter evidence)")
+    if name in MEDIA_READERS and cfg.source_hosts.strip() and not _egress_to(objects, dep, RTSP_PORTS):
+        err(f"{where}: LFR_SOURCE_HOSTS lists camera hosts but no NetworkPolicy lets it reach RTSP "
+            f"({'/'.join(map(str, RTSP_PORTS))})")
+    return problems
+
+
+def _certificate_errors(where, name, cert, items, dep, objects) -> list[str]:
+    """The cert-manager Certificate behind a service's TLS Secret: its identity and the names it is reached by."""
+    problems: list[str] = []
+    spec = cert["spec"]
+    what = f"{ref(cert)} (the TLS Secret of {where})"
+    if spec.get("commonName") != name:
+        problems.append(f"{what}: commonName must be {name!r}: the services know each other by it "
+                        f"(is {spec.get('commonName')!r})")
+    namespace = dep["metadata"].get("namespace") or cert["metadata"].get("namespace")
+    needed = []
+    for svc in (o for o in objects if o["kind"] == "Service"
+                and selects({"matchLabels": o["spec"].get("selector", {})}, _pod_labels(dep))):
+        host = svc["metadata"]["name"]
+        needed += [host] + ([f"{host}.{namespace}.svc", f"{host}.{namespace}.svc.cluster.local"] if namespace else [])
+    missing = [n for n in needed if n not in spec.get("dnsNames", [])]
+    if missing:
+        problems.append(f"{what}: dnsNames lack {', '.join(missing)} (callers reach {name} by its Service's names "
+                        "and check them against the certificate)")
+    usages = spec.get("usages") or []
+    if usages and not set(CERT_USAGES) <= set(usages):
+        problems.append(f"{what}: usages must include {' and '.join(CERT_USAGES)} (it serves and calls with it)")
+    if spec.get("isCA"):
+        problems.append(f"{what}: a service certificate must not be a CA")
+    mapping = {i["key"]: i["path"] for i in items.values()}
+    for key, path in (("ca.crt", "ca.pem"), ("tls.crt", f"{name}.pem"), ("tls.key", f"{name}.key")):
+        if mapping.get(key) != path:
+            problems.append(f"{where}: cert-manager writes {key}; mount it as {path} (items)")
+    return problems
+
+
+def _issuer_errors(objects, names, issued) -> list[str]:
+    """Each Certificate names a rendered Issuer; a CA Issuer's Secret is rendered, issued (a CA), or external."""
+    problems = []
+    issuers = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Issuer"}
+    for cert in (o for o in objects if o["kind"] == "Certificate"):
+        ref_ = cert["spec"].get("issuerRef", {})
+        if ref_.get("kind", "Issuer") == "Issuer" and ref_.get("name") not in issuers:
+            problems.append(f"{ref(cert)}: issuerRef names Issuer {ref_.get('name')!r}, which is not rendered")
+    for issuer in issuers.values():
+        ca = issuer["spec"].get("ca")
+        if not ca:
+            continue
+        name = ca["secretName"]
+        source = issued.get(name)
+        if source is not None and not source["spec"].get("isCA"):
+            problems.append(f"{ref(issuer)}: its CA Secret {name!r} is issued by {ref(source)}, which is not a CA")
+        elif source is None and ("Secret", name) not in names and name not in EXTERNAL_SECRETS:
+            problems.append(f"{ref(issuer)}: its CA Secret {name!r} is neither rendered, nor issued by a rendered "
+                            f"Certificate, nor one of {EXTERNAL_SECRETS}")
+    return problems
+
+
+def _egress_to(objects: list[dict], workload: dict, ports: Iterable[int]) -> bool:
+    """Whether some NetworkPolicy lets the workload's pods open connections to one of the ports."""
+    labels = _pod_labels(workload)
+    for pol in objects:
+        if pol["kind"] != "NetworkPolicy" or not selects(pol["spec"].get("podSelector"), labels):
+            continue
+        for rule in pol["spec"].get("egress", []):
+            allowed = [p.get("port") for p in rule.get("ports") or [{}]]
+            if any(p is None or p in ports for p in allowed):
+                return True
+    return False
 
 
 def _streams():
@@ -499,6 +710,14 @@ def _secret_refs(workload: dict) -> set[str]:
         for item in c.get("envFrom", []):
             if "secretRef" in item:
                 out.add(item["secretRef"]["name"])
+    return out
+
+
+def _configmap_refs(workload: dict) -> set[str]:
+    pod = workload["spec"]["template"]["spec"]
+    out = {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        out |= {i["configMapRef"]["name"] for i in c.get("envFrom", []) if "configMapRef" in i}
     return out
 
 
@@ -695,6 +914,9 @@ def _network_errors(objects, deployments, index, services) -> list[str]:
         metrics = _int(env.get("LFR_METRICS_PORT"))
         if metrics and metrics > 0:
             check(dep, metrics, set(), False, allow_monitoring=True)
+        health = _int(env.get("LFR_HEALTH_PORT"))
+        if health and health > 0:
+            check(dep, health, set(), False)  # the kubelet's probes only (they come from the node)
         if name in EXTERNAL_API and port and not any(
                 (p or {}).get("namespaceSelector", {}).get("matchLabels") == dict([GATEWAY_LABEL])
                 for p in ingress_peers(objects, dep, port)):

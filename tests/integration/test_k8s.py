@@ -84,6 +84,30 @@ def test_a_wrong_field_in_a_custom_resource_fails_validation(tmp_path):
     assert "minReplicas" in errors[0]
 
 
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("  commonName: detection\n", "  commonName: detection\n  dnsName: detection\n", "dnsName"),
+    ("  - client auth\n", "  - client authentication\n", "client authentication"),
+    ("    rotationPolicy: Always\n", "    rotationPolicy: always\n", "always"),
+])
+def test_a_wrong_field_in_a_certificate_fails_validation(tmp_path, old, new, expected):
+    tree = tmp_path / "k8s"
+    shutil.copytree(dc.K8S, tree)
+    certs = tree / "base" / "tls" / "certificates.yaml"
+    assert old in certs.read_text()
+    certs.write_text(certs.read_text().replace(old, new, 1))
+    errors = dc.schema_errors(dc.render(tree / "overlays" / "prod"), dc.MIN_K8S, root=tree)
+    assert len(errors) == 1 and errors[0].startswith("Certificate/lfr-tls-") and expected in errors[0], errors
+
+
+def test_an_issuer_of_two_kinds_fails_validation(tmp_path):
+    tree = tmp_path / "k8s"
+    shutil.copytree(dc.K8S, tree)
+    issuer = tree / "base" / "tls" / "issuer.yaml"
+    issuer.write_text(issuer.read_text() + "  selfSigned: {}\n")
+    errors = dc.schema_errors(dc.render(tree / "overlays" / "prod"), dc.MIN_K8S, root=tree)
+    assert len(errors) == 1 and errors[0].startswith("Issuer/lfr-ca: spec:"), errors
+
+
 def test_a_kind_without_a_schema_is_an_error_not_a_skip():
     monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "x"},
                "spec": {}}
@@ -98,6 +122,19 @@ def test_a_broken_kustomization_fails_to_render(tmp_path):
     k.write_text(k.read_text().replace("- path: storage.yaml", "- path: missing.yaml"))
     with pytest.raises(dc.RenderError, match="missing.yaml"):
         dc.render(tree / "overlays" / "dev")
+
+
+def containers(objects: list[dict], name: str) -> list[dict]:
+    return find(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+
+
+def volume(objects: list[dict], name: str, volume_name: str) -> dict:
+    return next(v for v in find(objects, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == volume_name)
+
+
+def mount(objects: list[dict], name: str, volume_name: str) -> dict:
+    return next(m for m in containers(objects, name)[0]["volumeMounts"] if m["name"] == volume_name)
 
 
 def scaled_as(autoscaler: dict, target: str) -> dict:
@@ -180,7 +217,86 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
     (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_POLICY_FILE="/etc/lfr/policy/other.json"),
      "ConfigMap lfr-watchlist-policy has no such file"),
     (lambda o: find(o, "ConfigMap", "lfr-watchlist-policy")["data"].update({"policy.json": "{}"}),
-     "the watchlist would refuse ConfigMap lfr-watchlist-policy"),
+     "the watchlist would refuse ConfigMap lfr-watchlist-policy"),    # mutual TLS: every service has LFR_TLS_DIR, a read-only mount of its own Secret, issued by a Certificate
+    # naming the service and its Service's DNS names
+    (lambda o: find(o, "ConfigMap", "lfr-detection")["data"].pop("LFR_TLS_DIR"),
+     "Deployment/detection: LFR_TLS_DIR must be set"),
+    (lambda o: find(o, "ConfigMap", "lfr-audit")["data"].update(LFR_TLS_DIR="/etc/tls"),
+     "Deployment/audit: LFR_TLS_DIR=/etc/tls is not the mount path of a Secret volume"),
+    (lambda o: containers(o, "match")[0]["volumeMounts"].remove(mount(o, "match", "tls")),
+     "Deployment/match: LFR_TLS_DIR=/run/secrets/tls is not the mount path of a Secret volume"),
+    (lambda o: mount(o, "ingest", "tls").pop("readOnly"), "Deployment/ingest: the TLS Secret at /run/secrets/tls "
+     "must be mounted readOnly"),
+    (lambda o: volume(o, "audit", "tls")["secret"].update(defaultMode=0o644),
+     "Deployment/audit: TLS file audit.key has mode 0644"),
+    (lambda o: volume(o, "match", "tls")["secret"]["items"][2].update(path="tls.key"),
+     "Deployment/match: the TLS Secret 'lfr-tls-match' must provide ca.pem, match.pem, match.key"),
+    (lambda o: volume(o, "watchlist", "tls")["secret"].update(secretName="lfr-tls-detection"),
+     "Deployment/watchlist: mounts detection's TLS Secret 'lfr-tls-detection'"),
+    (lambda o: o.remove(find(o, "Certificate", "lfr-tls-ingest")),
+     "Deployment/ingest: the TLS Secret 'lfr-tls-ingest' is not issued by a rendered cert-manager Certificate"),
+    (lambda o: find(o, "Certificate", "lfr-tls-embedding")["spec"].update(commonName="embedder"),
+     "Certificate/lfr-tls-embedding (the TLS Secret of Deployment/embedding): commonName must be 'embedding'"),
+    (lambda o: find(o, "Certificate", "lfr-tls-watchlist")["spec"]["dnsNames"].remove("watchlist"),
+     "Certificate/lfr-tls-watchlist (the TLS Secret of Deployment/watchlist): dnsNames lack watchlist "),
+    (lambda o: find(o, "Certificate", "lfr-tls-match")["spec"]["dnsNames"].remove("match.lfr.svc.cluster.local"),
+     "dnsNames lack match.lfr.svc.cluster.local"),
+    (lambda o: find(o, "Certificate", "lfr-tls-detection")["spec"]["usages"].remove("client auth"),
+     "Certificate/lfr-tls-detection (the TLS Secret of Deployment/detection): usages must include server auth and "
+     "client auth"),
+    (lambda o: find(o, "Certificate", "lfr-tls-audit")["spec"].update(isCA=True), "must not be a CA"),
+    (lambda o: find(o, "Certificate", "lfr-tls-audit")["spec"]["issuerRef"].update(name="lfr-other"),
+     "Certificate/lfr-tls-audit: issuerRef names Issuer 'lfr-other', which is not rendered"),
+    (lambda o: find(o, "Issuer", "lfr-ca")["spec"]["ca"].update(secretName="other-ca"),
+     "Issuer/lfr-ca: its CA Secret 'other-ca' is neither rendered"),
+    (lambda o: find(o, "Service", "audit")["spec"]["ports"][0].update(appProtocol="kubernetes.io/h2c"),
+     "Service/audit: appProtocol kubernetes.io/h2c on the gRPC port, which is mutual TLS"),
+    # probes on the plaintext health port, never on the mutual-TLS gRPC port; the health port closed to pods
+    (lambda o: containers(o, "watchlist")[0]["readinessProbe"]["grpc"].update(port=50054),
+     "Deployment/watchlist: readinessProbe uses the gRPC port 50054, which is mutual TLS"),
+    (lambda o: containers(o, "detection")[0]["livenessProbe"].update(grpc={"port": 9090}),
+     "Deployment/detection: livenessProbe must be a native gRPC probe on the health port LFR_HEALTH_PORT 8086"),
+    (lambda o: containers(o, "embedding")[0].update(startupProbe={"tcpSocket": {"port": "grpc"}}),
+     "Deployment/embedding: startupProbe uses the gRPC port 50053"),
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].pop("LFR_HEALTH_PORT"),
+     "Deployment/audit: LFR_HEALTH_PORT=-1 but the container port 'health' is 8086"),
+    (lambda o: containers(o, "audit")[0]["ports"].pop(),
+     "Deployment/audit: LFR_HEALTH_PORT=8086 but the container port 'health' is None"),
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_HEALTH_PORT="9090"),
+     "Deployment/match: LFR_HEALTH_PORT=9090 but the container port 'health' is 8086"),
+    (lambda o: find(o, "NetworkPolicy", "grpc-external")["spec"]["ingress"][0]["ports"].append(
+        {"port": "health", "protocol": "TCP"}), "Deployment/audit port 8086: reachable from"),
+    (lambda o: find(o, "NetworkPolicy", "metrics")["spec"]["ingress"][0].pop("ports"),
+     "Deployment/detection port 8086: reachable from"),
+    (lambda o: find(o, "Service", "match")["spec"]["ports"].append(
+        {"name": "health", "port": 8086, "targetPort": "health", "protocol": "TCP"}),
+     "Service/match: exposes the health port 8086"),
+    # callers' tokens: the identity provider's keys mounted, its issuer and audience set
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].pop("LFR_AUTH_KEYS_DIR"),
+     "Deployment/watchlist: LFR_AUTH_KEYS_DIR must be set"),
+    (lambda o: containers(o, "ingest")[0]["volumeMounts"].remove(mount(o, "ingest", "auth-keys")),
+     "Deployment/ingest: LFR_AUTH_KEYS_DIR=/etc/lfr/auth-keys is not the mount path of a ConfigMap or Secret"),
+    (lambda o: volume(o, "match", "auth-keys")["configMap"].update(name="other-keys"),
+     "Deployment/match: ConfigMap 'other-keys' is neither rendered nor one of ('lfr-auth-keys',)"),
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].pop("LFR_AUTH_AUDIENCE"),
+     "Deployment/audit: LFR_AUTH_AUDIENCE must be set"),
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_AUTH_ISSUER="lfr-dev-idp"),
+     "Deployment/match: LFR_AUTH_ISSUER=lfr-dev-idp is the development identity provider"),
+    # nobody runs plaintext and unauthenticated
+    (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_INSECURE="1"), "Deployment/audit: sets LFR_INSECURE"),
+    (lambda o: containers(o, "ingest")[0].setdefault("env", []).append({"name": "LFR_INSECURE", "value": "true"}),
+     "Deployment/ingest: sets LFR_INSECURE"),
+    # media: only from read-only mounts, only where media are read; camera hosts need a way to the cameras
+    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_MEDIA_ROOTS="/var/lib/lfr"),
+     "Deployment/watchlist: LFR_MEDIA_ROOTS entry '/var/lib/lfr' must lie on a readOnly volume mount"),
+    (lambda o: mount(o, "ingest", "media").pop("readOnly"),
+     "Deployment/ingest: LFR_MEDIA_ROOTS entry '/srv/lfr/media' must lie on a readOnly volume mount"),
+    (lambda o: find(o, "ConfigMap", "lfr-ingest")["data"].pop("LFR_MEDIA_ROOTS"),
+     "Deployment/ingest: LFR_MEDIA_ROOTS must name the evidence/media mount"),
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_SOURCE_HOSTS="cam-01.example"),
+     "Deployment/match: sets LFR_SOURCE_HOSTS, but only ('ingest', 'watchlist') read media"),
+    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_SOURCE_HOSTS="cam-01.example"),
+     "Deployment/watchlist: LFR_SOURCE_HOSTS lists camera hosts but no NetworkPolicy lets it reach RTSP"),
 ])
 def test_the_contract_check_catches(rendered, mutate, expected):
     objects = copy.deepcopy(rendered["prod-keda"])
@@ -224,6 +340,172 @@ def test_the_watchlist_policy_is_the_shipped_example_mounted_from_a_configmap(re
         objects = rendered[overlay]
         assert find(objects, "ConfigMap", "lfr-watchlist")["data"]["LFR_POLICY_FILE"] == "/etc/lfr/policy/policy.json"
         assert json.loads(find(objects, "ConfigMap", "lfr-watchlist-policy")["data"]["policy.json"]) == shipped
+
+
+# ------------------------------------------------------------------------------------------- security
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_runs_mutual_tls_with_its_own_certificate_and_probes_the_health_port(rendered, overlay):
+    objects = rendered[overlay]
+    namespace = "lfr-dev" if overlay == "dev" else "lfr"
+    common = find(objects, "ConfigMap", "lfr-common")["data"]
+    assert common["LFR_AUTH_KEYS_DIR"] == "/etc/lfr/auth-keys" and common["LFR_HEALTH_PORT"] == "8086"
+    assert common["LFR_AUTH_ISSUER"] == ("lfr-dev-idp" if overlay == "dev" else "https://idp.example/realms/lfr")
+    for name in ("ingest", "detection", "embedding", "watchlist", "match", "audit"):
+        data = find(objects, "ConfigMap", f"lfr-{name}")["data"]
+        assert data["LFR_TLS_DIR"] == "/run/secrets/tls" and "LFR_INSECURE" not in data | common
+        c = containers(objects, name)[0]
+        grpc_port = int(data["LFR_GRPC_PORT"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": 8086}, (overlay, name, probe)
+        assert {"name": "health", "containerPort": 8086, "protocol": "TCP"} in c["ports"]
+        assert all(p["targetPort"] != "health" for p in find(objects, "Service", name)["spec"]["ports"])
+        assert grpc_port != 8086
+        tls = volume(objects, name, "tls")["secret"]
+        assert tls["secretName"] == f"lfr-tls-{name}" and tls["defaultMode"] == 0o440
+        assert {i["key"]: i["path"] for i in tls["items"]} == {"ca.crt": "ca.pem", "tls.crt": f"{name}.pem",
+                                                               "tls.key": f"{name}.key"}
+        assert mount(objects, name, "tls") == {"name": "tls", "mountPath": "/run/secrets/tls", "readOnly": True}
+        assert volume(objects, name, "auth-keys")["configMap"]["name"] == "lfr-auth-keys"
+        assert mount(objects, name, "auth-keys")["readOnly"] is True
+        cert = find(objects, "Certificate", f"lfr-tls-{name}")["spec"]
+        assert cert["commonName"] == name and cert["secretName"] == f"lfr-tls-{name}"
+        assert cert["dnsNames"][:3] == [name, f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
+        assert cert["issuerRef"] == {"group": "cert-manager.io", "kind": "Issuer", "name": "lfr-ca"}
+    for name in ("ingest", "watchlist"):
+        assert find(objects, "ConfigMap", f"lfr-{name}")["data"]["LFR_MEDIA_ROOTS"] == "/srv/lfr/media"
+        assert mount(objects, name, "media") == {"name": "media", "mountPath": "/srv/lfr/media", "readOnly": True}
+    assert find(objects, "ConfigMap", "lfr-ingest")["data"]["LFR_SOURCE_HOSTS"] == ""
+    # the CA: the force's (an external Secret) in prod; a self-signed development CA from cert-manager in dev
+    assert find(objects, "Issuer", "lfr-ca")["spec"] == {"ca": {"secretName": "lfr-ca"}}
+    ca = [o for o in objects if o["kind"] == "Certificate" and o["spec"]["secretName"] == "lfr-ca"]
+    if overlay == "dev":
+        assert ca[0]["spec"]["isCA"] and ca[0]["spec"]["issuerRef"]["name"] == "lfr-self-signed"
+        assert find(objects, "Issuer", "lfr-self-signed")["spec"] == {"selfSigned": {}}
+    else:
+        assert ca == [] and not any(o["kind"] == "Secret" for o in objects)
+
+
+def test_dev_certificates_name_the_dev_namespace(rendered):
+    """base/tls names the namespace lfr; overlays/dev rewrites it (replacements), and the check would notice."""
+    objects = copy.deepcopy(rendered["dev"])
+    assert dc.contract_errors(objects) == []
+    cert = find(objects, "Certificate", "lfr-tls-watchlist")["spec"]
+    assert cert["dnsNames"] == ["watchlist", "watchlist.lfr-dev.svc", "watchlist.lfr-dev.svc.cluster.local",
+                                "localhost"]
+    cert["dnsNames"] = ["watchlist", "watchlist.lfr.svc", "watchlist.lfr.svc.cluster.local"]
+    errors = dc.contract_errors(objects)
+    assert any("dnsNames lack watchlist.lfr-dev.svc, watchlist.lfr-dev.svc.cluster.local" in e for e in errors), errors
+
+
+def _issue(spec: dict, ca: tuple | None = None):
+    """A certificate as cert-manager issues it from a Certificate spec (ECDSA P-256): (cert, key, PEMs)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"])])
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca[0].subject if ca else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1)))
+    if spec.get("isCA"):
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    if spec.get("dnsNames"):
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in spec["dnsNames"]]),
+                                        critical=False)
+    eku = {"server auth": ExtendedKeyUsageOID.SERVER_AUTH, "client auth": ExtendedKeyUsageOID.CLIENT_AUTH}
+    if spec.get("usages"):
+        builder = builder.add_extension(x509.ExtendedKeyUsage([eku[u] for u in spec["usages"] if u in eku]),
+                                        critical=False)
+    cert = builder.sign(ca[1] if ca else key, hashes.SHA256())
+    return cert, key, cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _mounted_tls(objects, name: str, ca: tuple, folder) -> str:
+    """The service's LFR_TLS_DIR as the kubelet lays it out: its Certificate issued, its Secret's keys mapped by
+    the Deployment's volume items."""
+    cert = find(objects, "Certificate", f"lfr-tls-{name}")["spec"]
+    _, _, crt, key = _issue(cert, ca)
+    from cryptography.hazmat.primitives import serialization
+
+    secret = {"tls.crt": crt, "tls.key": key, "ca.crt": ca[0].public_bytes(serialization.Encoding.PEM)}
+    folder.mkdir()
+    for item in volume(objects, name, "tls")["secret"]["items"]:
+        (folder / item["path"]).write_bytes(secret[item["key"]])
+    return str(folder)
+
+
+def test_the_rendered_certificates_carry_mutual_tls_between_the_services(rendered, tmp_path):
+    """A real TLS handshake with certificates made from the rendered Certificates and mounted as the Deployments
+    mount them: match reaches watchlist by each of its Service's names and is known to it as `match`; a name
+    the certificate does not carry, or a caller without a certificate, is refused."""
+    from concurrent import futures
+
+    import grpc
+
+    from lfr.runtime import security
+    from lfr.runtime.config import Config
+
+    objects = rendered["prod"]
+    ca_cert, ca_key, _, _ = _issue({"commonName": "test CA", "isCA": True})
+    ca = (ca_cert, ca_key)
+    server_dir = _mounted_tls(objects, "watchlist", ca, tmp_path / "watchlist")
+    client_dir = _mounted_tls(objects, "match", ca, tmp_path / "match")
+    config = Config.from_env({"LFR_TLS_DIR": server_dir}, service="watchlist")
+
+    def who(request, context):
+        return (security._peer_service(context) or "").encode()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "t.Test", {"Who": grpc.unary_unary_rpc_method_handler(who)})])
+    port = server.add_secure_port("127.0.0.1:0", security.server_credentials(config))
+    server.start()
+    try:
+        def call(name: str, creds) -> bytes:
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                     options=[("grpc.ssl_target_name_override", name)]) as ch:
+                return ch.unary_unary("/t.Test/Who")(b"", timeout=5)
+
+        names = find(objects, "Certificate", "lfr-tls-watchlist")["spec"]["dnsNames"]
+        target = find(objects, "ConfigMap", "lfr-common")["data"]["LFR_WATCHLIST_TARGET"].split(":")[0]
+        assert target in names
+        for name in names:
+            assert call(name, security.channel_credentials(client_dir, "match")) == b"match"
+        with pytest.raises(grpc.RpcError) as refused:
+            call("detection", security.channel_credentials(client_dir, "match"))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        anonymous = grpc.ssl_channel_credentials(root_certificates=(tmp_path / "match" / "ca.pem").read_bytes())
+        with pytest.raises(grpc.RpcError):
+            call("watchlist", anonymous)
+    finally:
+        server.stop(None)
+
+
+def test_a_forces_evidence_store_replaces_the_media_placeholder(tmp_path):
+    """The media patch in deploy/k8s/README.md (Security: media), in an overlay on prod, mounts the force's
+    evidence volume read-only in place of the empty placeholder, and the manifests stay valid."""
+    readme = (dc.K8S / "README.md").read_text()
+    patch = re.search(r"```yaml\n(# media\.yaml.*?)```", readme, re.S).group(1)
+    tree = tmp_path / "k8s"
+    shutil.copytree(dc.K8S, tree)
+    force = tree / "overlays" / "force"
+    force.mkdir()
+    (force / "media.yaml").write_text(patch)
+    (force / "kustomization.yaml").write_text(
+        "resources:\n- ../prod\npatches:\n"
+        + "".join(f"- path: media.yaml\n  target:\n    kind: Deployment\n    name: {n}\n" for n in ("ingest", "watchlist")))
+    objects = dc.render(force)
+    assert dc.schema_errors(objects, dc.MIN_K8S, root=tree) == []
+    assert dc.contract_errors(objects) == []
+    for name in ("ingest", "watchlist"):
+        vol = volume(objects, name, "media")
+        assert "emptyDir" not in vol and vol["persistentVolumeClaim"]["readOnly"] is True, vol
 
 
 def nats_env(prefix: str = "k8s-test-password-") -> dict[str, str]:
@@ -373,7 +655,8 @@ def test_the_dockerfile_check_catches(tmp_path, old, new, expected):
 def test_the_command_line_check_passes(capsys):
     assert dc.main([str(dc.K8S / "overlays" / "prod-keda"), "--k8s-version", dc.MIN_K8S]) == 0
     out = capsys.readouterr().out
-    assert "custom resources against deploy/k8s/schemas: ScaledObject" in out and "ERROR" not in out
+    assert "custom resources against deploy/k8s/schemas: Certificate, Issuer, ScaledObject" in out
+    assert "ERROR" not in out
 
 
 # ------------------------------------------------------------------------------------------- capacity
