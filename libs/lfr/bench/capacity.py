@@ -31,8 +31,12 @@ NATS_FILE_STORE_GB = 45  # deploy/k8s/base/nats/nats.conf: jetstream max_file_st
 SOURCES = {
     "detect_fps_per_core": "measured: YuNet (torch, CPU) on 1080p frames, lfr bench speed on a 2-core machine",
     "embed_faces_per_s": "measured: SFace (torch, CPU) batch 32 on 2 cores, lfr bench speed",
-    "detect_fps_per_gpu": "ASSUMED (no GPU measured): replace with lfr bench speed --device cuda",
-    "embed_faces_per_s_per_gpu": "ASSUMED (no GPU measured): replace with lfr bench speed --device cuda",
+    "detect_fps_per_gpu": "ASSUMED per replica: the YuNet model alone measured 770-800 frames/s at 960x540 in "
+                          "batches of 8-32 on an H200 (float32); a replica is bounded by its CPU side (1080p JPEG "
+                          "decode ~8 ms, downscale, chips per frame), not measured end to end on a GPU",
+    "embed_faces_per_s_per_gpu": "ASSUMED per replica: SFace alone measured 12,000 faces/s at batch 256 on an H200 "
+                                 "(float32); a replica is bounded by its CPU side (chip messages), not measured end "
+                                 "to end on a GPU",
     "match_events_per_s": "ASSUMED: the one match pod, one watchlist Search RPC per frame with faces, one at a"
                           " time; measure with lfr bench pipeline",
     "watchlist_searches_per_s": "ASSUMED: Qdrant k=1 search of a small watchlist through one watchlist pod",
