@@ -25,9 +25,9 @@ def _args(module, *argv: str) -> argparse.Namespace:
 
 def test_verify_view1_fusion_reports_pooled_cross_validation():
     r = verify.run(_args(verify, "--data", str(LFW), "--limit", "30", "--model", "fusion", "--json", "--quiet"))
-    assert r["train_pairs"] == 60 and r["pairs"] == 60
+    assert r["train_pairs"] == 30 and r["pairs"] == 30  # --limit: pairs per file, balanced
     pooled = r["pooled_10fold"]
-    assert pooled["pairs"] == 120 and pooled["refit_per_fold"] and len(pooled["fold_accuracies"]) == 10
+    assert pooled["pairs"] == 60 and pooled["refit_per_fold"] and len(pooled["fold_accuracies"]) == 10
     assert 0.5 <= pooled["accuracy"] <= 1.0
 
 
