@@ -29,6 +29,7 @@ def test_verify_view1_fusion_reports_pooled_cross_validation():
     pooled = r["pooled_10fold"]
     assert pooled["pairs"] == 60 and pooled["refit_per_fold"] and len(pooled["fold_accuracies"]) == 10
     assert 0.5 <= pooled["accuracy"] <= 1.0
+    assert set(pooled["component_accuracy"]) == {"sface-2021dec", "dlib-resnet-v1"}  # same folds, each engine
 
 
 def test_verify_sface_100_pairs():

@@ -91,8 +91,10 @@ def pooled_kfold(pipe: Pipeline, root, files: list[PairFile]) -> dict:
         z = np.where((x >= floors).all(1), z, np.minimum(z, 0.0))  # the same agreement rule as the model
         t, _ = metrics.best_threshold(z[tr], y[tr])
         accs.append(metrics.accuracy_at(z[te], y[te], t))
+    single = {c: metrics.kfold_accuracy(comp[c], y, folds)["accuracy"] for c in names}
     return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
-            "fold_accuracies": [float(a) for a in accs], "pairs": len(y), "refit_per_fold": True}
+            "fold_accuracies": [float(a) for a in accs], "pairs": len(y), "refit_per_fold": True,
+            "component_accuracy": single}
 
 
 def _rowwise(component: str, x: np.ndarray, z: np.ndarray) -> np.ndarray:
