@@ -58,7 +58,9 @@ def run_demo(state_dir: str, video: str = "", watchlist: str = "", fps: float = 
         c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
 
         def show(alert: match_pb2.Alert) -> None:
-            latency = (alert.raised_at.ToNanoseconds() - alert.envelope.capture_time.ToNanoseconds()) / 1e6
+            # capture of this revision's probe -> its publication (raised, or updated with a better probe)
+            sent = alert.updated_at if alert.revision else alert.raised_at
+            latency = (sent.ToNanoseconds() - alert.envelope.capture_time.ToNanoseconds()) / 1e6
             kind = "[alert] " if alert.revision == 0 else f"[update {alert.revision}]"  # same pass, better probe
             print(f"{kind} {alert.subject_ref:<20} score {alert.score:.3f} (threshold {alert.threshold:.3f}) "
                   f"at video {alert.video_time_s:5.2f} s, camera {alert.envelope.camera_id}, "
