@@ -52,7 +52,10 @@ def _record(domain: str, data: bytes, digest: str) -> RecordData | None:
         # reference_added -> reference.added (the reference collection); entry_added -> watchlist.entry_added
         typ = ("reference." + msg.action.removeprefix("reference_") if msg.action.startswith("reference_")
                else f"watchlist.{msg.action}")
-        actor, subj = msg.actor, msg.entry_id or msg.subject_ref or msg.envelope.deployment_id
+        # what it was about: the entry, an identification search or job, the subject, a gallery, the deployment
+        actor = msg.actor
+        subj = (msg.entry_id or msg.search_id or msg.job_id or msg.subject_ref or msg.gallery
+                or msg.envelope.deployment_id)
     elif domain == "matchstats":
         msg = match_pb2.MatchStats.FromString(data)
         typ, actor, subj = "match.stats", msg.envelope.producer, msg.envelope.deployment_id

@@ -157,12 +157,31 @@ class VectorIndex:
     """Qdrant: local mode under the state dir by default, a server by URL in production."""
 
     def __init__(self, path: str | Path | None = None, url: str = "", api_key: str = ""):
+        self.local = not url
         if url:
             self.client = QdrantClient(url=url, api_key=api_key or None)
         else:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.client = QdrantClient(path=str(path))
         self._known: set[str] = set()
+        self._secure_local()
+
+    def _local_db(self, name: str):
+        """Local mode keeps each collection's points (pickled vectors and payloads) in a SQLite file; its
+        connection, reached through qdrant-client's local internals (checked by tests/unit/test_watchlist_store.py)."""
+        collections = getattr(getattr(self.client, "_client", None), "collections", {})
+        return getattr(getattr(collections.get(name), "storage", None), "storage", None)
+
+    def _secure_local(self) -> None:
+        """SQLite leaves a deleted row's bytes in free pages: with secure_delete they are overwritten with zeros,
+        so a purged vector is not left in the file. Applied to every local collection's connection."""
+        if not self.local:
+            return
+        for name in self._collections():
+            db = self._local_db(name)
+            if db is None:
+                raise RuntimeError(f"Qdrant local mode: cannot reach the storage of {name} to secure deletes")
+            db.execute("PRAGMA secure_delete = ON")
 
     def ensure_collection(self, name: str, dim: int, metric: str) -> None:
         if name in self._known:
@@ -172,6 +191,7 @@ class VectorIndex:
             self.client.create_collection(name, vectors_config=models.VectorParams(size=dim, distance=distance))
             self.client.create_payload_index(name, "deployment_id", models.PayloadSchemaType.KEYWORD)
             self.client.create_payload_index(name, "entry_id", models.PayloadSchemaType.KEYWORD)
+            self._secure_local()
         self._known.add(name)
 
     def upsert(self, name: str, vectors: list[list[float]], payload: dict) -> list[str]:
@@ -217,6 +237,8 @@ class VectorIndex:
             if n:
                 self.client.delete(name, points_selector=models.FilterSelector(filter=flt), wait=True)
                 deleted += n
+                if self.local:  # zeroed already (secure_delete); VACUUM also gives the pages back
+                    self._local_db(name).execute("VACUUM")
         return deleted
 
     def close(self) -> None:

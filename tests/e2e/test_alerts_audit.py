@@ -25,6 +25,7 @@ from PIL import Image
 from lfr.cli.live import AlertCollector, create_deployment, enroll, stream_video
 from lfr.cli.report import FIELDS
 from lfr.pb import audit_pb2, match_pb2, watchlist_pb2
+from lfr.runtime import clock
 from lfr.runtime.embedded import EmbeddedSystem
 
 CAMERA = "cam-walk"
@@ -95,14 +96,7 @@ def walk(ground_truth, system):
     return subject, ground_truth.enrolled[subject], video
 
 
-def wait_for(predicate, timeout_s: float = 20.0, interval: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+wait_for = clock.wait_for
 
 
 def lfr(system, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter
 
 from lfr.pb import audit_pb2, ingest_pb2
 from lfr.pb import watchlist_pb2 as pb
+from lfr.runtime import clock
 from lfr.runtime.embedded import EmbeddedSystem
 from lfr.runtime.events import ts_from_ns
 
@@ -97,14 +98,7 @@ def push(clients, d, jpeg, camera="c1", timeout=30):
                                                                        image=jpeg)]), timeout=timeout)
 
 
-def wait_for(predicate, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    return predicate()
+wait_for = clock.wait_for
 
 
 def audit_types(clients, deployment_id) -> list[str]:

@@ -27,6 +27,7 @@ from lfr.bench.lfw import list_identities
 from lfr.bench.oifr import evaluate_oifr, library_flip
 from lfr.pb import audit_pb2
 from lfr.pb import watchlist_pb2 as pb
+from lfr.runtime import clock
 from lfr.watchlist.identification import central_index
 
 GALLERY = "custody"
@@ -85,14 +86,8 @@ def audit(clients, prefix: str) -> list[dict]:
     return [json.loads(r.summary_json) | {"_actor": r.actor, "_type": r.type} for r in recs]
 
 
-def wait_for(predicate, timeout_s=60.0, interval=0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+def wait_for(predicate, timeout_s=60.0, interval=0.3):  # jobs take longer than the default 20 s
+    return clock.wait_for(predicate, timeout_s, interval)
 
 
 def get_job(clients, job_id: str) -> pb.Job:

@@ -12,6 +12,7 @@ import pytest
 from lfr.cli.client import Clients
 from lfr.cli.live import AlertCollector, create_deployment, enroll, stream_video
 from lfr.pb import audit_pb2, match_pb2, watchlist_pb2
+from lfr.runtime import clock
 
 CAMERA = "cam-e2e"
 
@@ -34,14 +35,7 @@ def audit_alert_ids(clients: Clients, deployment_id: str) -> set[str]:
     return {r.subject for r in recs}
 
 
-def wait_for(predicate, timeout_s: float = 15.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+wait_for = clock.wait_for
 
 
 def test_enrolled_people_alert_and_strangers_do_not(system, clients, ground_truth):

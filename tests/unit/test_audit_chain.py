@@ -150,6 +150,17 @@ def test_alert_facts_become_records_without_images():
     assert record_from_event("lfr.v1.access.match", b"\xff\xff\xff").type == "event.malformed"
 
 
+def test_identification_facts_name_what_they_were_about():
+    env = events.envelope("watchlist")
+    cases = [(dict(action="identification_search", search_id="s1", case_reference="C/1"), "s1"),
+             (dict(action="identification_job_finished", job_id="j1", gallery="custody"), "j1"),
+             (dict(action="gallery_images_added", gallery="custody", subject_ref="P-7"), "P-7")]
+    for fields, subject in cases:
+        r = record_from_event("lfr.v1.watchlist._", watchlist_pb2.WatchlistEvent(envelope=env, actor="dc 9",
+                                                                                  **fields).SerializeToString())
+        assert (r.type, r.actor, r.subject) == (f"watchlist.{fields['action']}", "dc 9", subject)
+
+
 def test_adjudication_rules():
     ok = adjudication_refusal(match_pb2.OUTCOME_CONFIRMED_MATCH, match_pb2.ENGAGEMENT_ARREST, "", "pc", False, False)
     assert ok == ("", "")

@@ -69,3 +69,15 @@ class OffsetFileClock:
 
 def from_config(config) -> Clock:
     return OffsetFileClock(config.clock_offset_file) if config.clock_offset_file else SystemClock()
+
+
+def wait_for(predicate, timeout_s: float = 20.0, interval: float = 0.25):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout_s`` passes (then its last
+    value). For tests, tools and benchmarks that wait on a running system."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
