@@ -93,6 +93,8 @@ class Config:
                               "its key by kid, so keys rotate by adding a file")
     auth_issuer: str = _opt("lfr-dev-idp", "required JWT issuer (iss)")
     auth_audience: str = _opt("lfr", "required JWT audience (aud)")
+    access_summary_s: float = _opt(60.0, "allowed calls between the platform's own services are audited as one "
+                                   "summary per caller and method this often (people's calls: each one)")
     rate_limit_rps: float = _opt(50.0, "requests per second allowed per caller and service (token bucket)")
     rate_limit_burst: int = _opt(100, "burst size of the per-caller rate limit")
     rpc_timeout_s: float = _opt(120.0, "longest a unary RPC may run on the server (DEADLINE_EXCEEDED after)")
@@ -162,7 +164,7 @@ class Config:
             raise ConfigError("LFR_JOB_FPS: must be above 0 and at most 30")
         if self.ingest_fps <= 0:
             raise ConfigError("LFR_INGEST_FPS: must be positive")
-        for name in ("rate_limit_rps", "rate_limit_burst", "rpc_timeout_s", "max_image_bytes"):
+        for name in ("rate_limit_rps", "rate_limit_burst", "rpc_timeout_s", "max_image_bytes", "access_summary_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -345,6 +345,8 @@ class Guard:
             raise ConfigError("LFR_AUTH_KEYS_DIR: required with TLS (callers' tokens are checked against it)")
         self.limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
         self.publish: Callable[..., None] | None = None  # set once the bus is up
+        self.service_calls: dict[tuple[str, str], int] = {}  # (caller service, method) -> allowed calls
+        self.summary_since_ns = time.time_ns()
         self.log = get_logger(component="auth")
         if self.mode == "insecure":
             self.log.warning("security.insecure", detail="plaintext gRPC (LFR_INSECURE)"
@@ -390,12 +392,28 @@ class Guard:
         if decision != "ALLOWED":
             self.log.info("auth.refused", method=method, decision=decision, reason=reason,
                           caller=ident.subject if ident else "")
-        if self.publish is not None:
-            try:
-                self.publish(method=method, ident=ident, decision=decision, reason=reason,
-                             peer=context.peer() or "")
-            except Exception as exc:  # never lose the call over the record; the outbox retries publishes
-                self.log.error("auth.record_failed", error=type(exc).__name__)
+        if decision == "ALLOWED" and ident is not None and ident.is_service:
+            key = (ident.subject, method)  # summarised (see flush): never a per-frame trace
+            self.service_calls[key] = self.service_calls.get(key, 0) + 1
+            return
+        self._publish(method=method, ident=ident, decision=decision, reason=reason, peer=context.peer() or "")
+
+    def _publish(self, **record) -> None:
+        if self.publish is None:
+            return
+        try:
+            self.publish(**record)
+        except Exception as exc:  # never lose the call over the record; the outbox retries publishes
+            self.log.error("auth.record_failed", error=type(exc).__name__)
+
+    def flush(self) -> None:
+        """Record the summary of allowed service-to-service calls since the last flush (one per caller and
+        method), then start a new period."""
+        calls, since = self.service_calls, self.summary_since_ns
+        self.service_calls, self.summary_since_ns = {}, time.time_ns()
+        for (caller, method), n in sorted(calls.items()):
+            self._publish(method=method, ident=Identity(caller, frozenset({"service"}), "certificate"),
+                          decision="ALLOWED", reason="", peer="", count=n, since_ns=since)
 
 
 def bind_actor(request, ident: Identity) -> None:

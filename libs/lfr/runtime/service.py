@@ -205,6 +205,9 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
             stack.push_async_callback(bus.drain)
             await bus.ensure_streams(replicas=config.stream_replicas)
             guard.publish = access_recorder(bus, config.service)
+            summaries = asyncio.create_task(_summarise(guard, config.access_summary_s), name="access-summary")
+            stack.callback(guard.flush)  # the last period's summary, before the NATS drain publishes it
+            stack.callback(summaries.cancel)
         rt = Runtime(config, bus, server, health)
         service.rt = rt
         stack.callback(rt.executor.shutdown, wait=True)
@@ -239,18 +242,27 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
     log.info("service.stopped")
 
 
+async def _summarise(guard: Guard, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        guard.flush()
+
+
 def access_recorder(bus: Bus, service: str) -> Callable[..., None]:
     """Every authorisation decision becomes a durable AccessEvent (the outbox retries until JetStream acks)."""
     from lfr.pb import audit_pb2
 
     decisions = audit_pb2.AccessDecision
 
-    def record(method: str, ident: Identity | None, decision: str, reason: str, peer: str) -> None:
+    def record(method: str, ident: Identity | None, decision: str, reason: str, peer: str, count: int = 0,
+               since_ns: int = 0) -> None:
         ev = audit_pb2.AccessEvent(
             envelope=events.envelope(service), service=service, method=method,
             actor=ident.subject if ident else "", peer=peer, reason=reason,
             decision=decisions.Value(f"ACCESS_DECISION_{decision}"),
-            roles=sorted(ident.roles) if ident else [], credential=ident.credential if ident else "")
+            roles=sorted(ident.roles) if ident else [], credential=ident.credential if ident else "", count=count)
+        if since_ns:
+            ev.since.CopyFrom(events.ts_from_ns(since_ns))
         bus.publish_durable(subjects.access(service), ev, ev.envelope.event_id)
 
     return record
