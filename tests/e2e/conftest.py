@@ -95,7 +95,8 @@ def media_env(tmp_path_factory) -> dict[str, str]:
     """LFR_MEDIA_ROOTS of a test system: pytest's temporary folder (the videos and stills fixtures build, the
     state folder) and the shared data; anything else (/etc, another temporary folder) is outside."""
     roots = [tmp_path_factory.getbasetemp(), data_dir(required=False)]
-    return {"LFR_MEDIA_ROOTS": os.pathsep.join(str(r) for r in roots if r)}
+    # and service-to-service calls summarised in the audit every 2 s (60 s by default), so a test can see them
+    return {"LFR_MEDIA_ROOTS": os.pathsep.join(str(r) for r in roots if r), "LFR_ACCESS_SUMMARY_S": "2"}
 
 
 @pytest.fixture(scope="module")

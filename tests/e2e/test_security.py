@@ -224,6 +224,34 @@ def test_decisions_are_audited_with_the_caller_and_no_token(system, mtls_only, i
     assert token not in logs and token.split(".")[2] not in logs
 
 
+def test_service_calls_are_audited_as_summaries_not_one_by_one(system):
+    method = "/lfr.watchlist.v1.WatchlistService/GetPolicy"  # no other test calls it with this certificate
+    with Access(system.state_dir / "security" / "tls", "detection").channel(system.endpoint("watchlist")) as ch:
+        for _ in range(5):
+            assert call_raw(ch, method, False, False) == grpc.StatusCode.OK
+    auditor = Access.dev(system.state_dir, user="auditor")
+    with auditor.channel(system.endpoint("audit")) as ch:
+        stub = ch.unary_unary("/lfr.audit.v1.AuditService/Query", audit_pb2.QueryRequest.SerializeToString,
+                              audit_pb2.QueryResponse.FromString)
+
+        def records():
+            out, after = [], 0
+            while True:
+                recs = stub(audit_pb2.QueryRequest(type_prefix=f"access.watchlist.{method}", after_sequence=after),
+                            timeout=20).records
+                if not recs:
+                    return out
+                out += [json.loads(r.summary_json) for r in recs if r.actor == "detection"]
+                after = recs[-1].sequence
+
+        deadline, found = time.monotonic() + 30, []
+        while sum(int(r.get("count", 0)) for r in found) < 5 and time.monotonic() < deadline:
+            time.sleep(1.0)
+            found = records()
+    assert sum(int(r.get("count", 0)) for r in found) == 5, found  # all five, in summaries
+    assert all(int(r.get("count", 0)) >= 1 and r.get("since") for r in found)  # none recorded one by one
+
+
 def test_cli_as_needs_a_development_user_and_is_refused_with_a_real_token(system):
     env = dict(os.environ, LFR_STATE_DIR=str(system.state_dir))
     lfr = [sys.executable, "-m", "lfr.cli.main", "deployment", "list"]
