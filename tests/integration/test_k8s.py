@@ -594,13 +594,15 @@ async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(re
         async for seq, _data in match.replay(subjects.ALERTS.name, subjects.alerts("dep1", "*"), True):
             replayed.append(seq)
             break
-        for _ in range(50):
+        for i in range(50):
             if len(got) == 3 and frames:
                 break
+            if i % 10 == 9 and not frames:  # core NATS is at-most-once: a frame lost on a loaded machine is resent
+                await buses["ingest"].publish(subjects.frames("dep1", "cam1"), common_pb2.Envelope(event_id="f1"))
             await asyncio.sleep(0.1)
         assert sorted(got) == sorted([subjects.alerts("dep1", "cam1"), subjects.lifecycle("dep1"),
                                       subjects.matchstats("dep1")])
-        assert frames == ["f1"] and replayed == [1]
+        assert frames and set(frames) == {"f1"} and replayed == [1]
         assert not any("violation" in b.last_error.lower() for b in buses.values())
 
         for stream in (*subjects.STREAMS, subjects.AUDIT):
