@@ -470,12 +470,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         guard, timeout = self.guard, self.guard.config.rpc_timeout_s
 
         async def admit(request, context) -> Identity:
+            """The caller first (a stranger learns nothing, not even that the body was malformed), then the body."""
             try:
                 ident = guard.decide(method, context)
-                if request is not None:
+                if request is not None and request is not MALFORMED:
                     bind_actor(request, ident)
             except AuthError as exc:
                 await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            if request is MALFORMED:
+                await _refuse_malformed(context, method)
             CALLER.set(ident)
             return ident
 
@@ -487,9 +490,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(fn):
             async def inner(request, context):
-                await admit(None if request is MALFORMED else request, context)
-                if request is MALFORMED:
-                    await _refuse_malformed(context, method)
+                await admit(request, context)
                 try:
                     return await asyncio.wait_for(fn(request, context), timeout)
                 except TimeoutError:
@@ -505,9 +506,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         def server_stream(fn):
             async def inner(request, context):
-                await admit(None if request is MALFORMED else request, context)
-                if request is MALFORMED:
-                    await _refuse_malformed(context, method)
+                await admit(request, context)
                 async for item in fn(request, context):
                     yield item
             return inner
