@@ -65,10 +65,6 @@ def channel(args, service: str) -> grpc.Channel:
         raise Failure(str(exc)) from None
 
 
-def metadata(args) -> list[tuple[str, str]]:
-    return []  # the caller is the token's subject (kept for call sites; no self-declared identity)
-
-
 # Published records -------------------------------------------------------------------------------------
 def iso(ts) -> str:
     if not ts.seconds and not ts.nanos:
@@ -238,14 +234,14 @@ Generated {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}.</small></p>
 def report_deployments(args) -> None:
     stub = audit_pb2_grpc.AuditServiceStub(channel(args, "audit"))
     resp = stub.PublicRecords(audit_pb2.PeriodRequest(from_date=args.from_date, to_date=args.to_date),
-                              timeout=60, metadata=metadata(args))
+                              timeout=60)
     rows = [record_row(r) for r in resp.records]
     if args.format == "json":
         text = json.dumps(rows, indent=2) + "\n"
     elif args.format == "csv":
         text = to_csv(rows)
     else:
-        v = stub.Verify(audit_pb2.VerifyRequest(), timeout=120, metadata=metadata(args))
+        v = stub.Verify(audit_pb2.VerifyRequest(), timeout=120)
         chain = f"chain verified: {v.records} records, intact" if v.ok else \
             f"chain verification FAILED at record {v.first_bad_sequence}: {v.reason}"
         period = f"{args.from_date or 'the start'} to {args.to_date or 'today'}"
@@ -259,22 +255,20 @@ def report_deployments(args) -> None:
 
 def report_totals(args) -> None:
     stub = audit_pb2_grpc.AuditServiceStub(channel(args, "audit"))
-    t = stub.Totals(audit_pb2.PeriodRequest(from_date=args.from_date, to_date=args.to_date), timeout=60,
-                    metadata=metadata(args))
+    t = stub.Totals(audit_pb2.PeriodRequest(from_date=args.from_date, to_date=args.to_date), timeout=60)
     print(json.dumps(totals_row(t), indent=2))
 
 
 def report_deployment(args) -> None:
     stub = audit_pb2_grpc.AuditServiceStub(channel(args, "audit"))
-    r = stub.DeploymentReport(audit_pb2.DeploymentReportRequest(deployment_id=args.deployment), timeout=60,
-                              metadata=metadata(args))
+    r = stub.DeploymentReport(audit_pb2.DeploymentReportRequest(deployment_id=args.deployment), timeout=60)
     print(json.dumps(record_row(r), indent=2))
 
 
 # The audit ---------------------------------------------------------------------------------------------
 def audit_verify(args) -> None:
     stub = audit_pb2_grpc.AuditServiceStub(channel(args, "audit"))
-    v = stub.Verify(audit_pb2.VerifyRequest(index_only=args.index_only), timeout=300, metadata=metadata(args))
+    v = stub.Verify(audit_pb2.VerifyRequest(index_only=args.index_only), timeout=300)
     out = {"ok": v.ok, "records": v.records, "stream_records": v.stream_records,
            "first_bad_sequence": v.first_bad_sequence, "reason": v.reason, "head_hash": v.head_hash,
            "unrecorded": v.unrecorded}
@@ -293,7 +287,7 @@ def audit_query(args) -> None:
     stub = audit_pb2_grpc.AuditServiceStub(channel(args, "audit"))
     resp = stub.Query(audit_pb2.QueryRequest(deployment_id=args.deployment, type_prefix=args.type,
                                              after_sequence=args.after, limit=args.limit),
-                      timeout=60, metadata=metadata(args))
+                      timeout=60)
     for r in resp.records:
         print(json.dumps({"sequence": r.sequence, "time": iso(r.time), "type": r.type, "actor": r.actor,
                           "deployment_id": r.deployment_id, "subject": r.subject, "hash": r.hash}))

@@ -132,7 +132,7 @@ class AuthError(Exception):
         self.code = code
 
 
-def caller_name(context=None, default: str = "anonymous") -> str:
+def caller_name(default: str = "anonymous") -> str:
     """The authenticated caller of the current RPC (for audit records)."""
     ident = CALLER.get()
     return ident.subject if ident is not None else default
@@ -265,27 +265,6 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
 def channel_credentials(tls_dir: str | Path, name: str) -> grpc.ChannelCredentials:
     ca, cert, key = tls_files(tls_dir, name)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-
-
-class BearerAuth(grpc.AuthMetadataPlugin):
-    """Adds ``authorization: Bearer <token>`` to each call; ``get_token`` may refresh a short-lived token."""
-
-    def __init__(self, get_token: Callable[[], str]):
-        self.get_token = get_token
-
-    def __call__(self, context, callback):
-        try:
-            callback((("authorization", f"Bearer {self.get_token()}"),), None)
-        except Exception as exc:  # the call fails with UNAUTHENTICATED-like status on the client
-            callback((), exc)
-
-
-def client_credentials(tls_dir: str | Path, cert_name: str,
-                       get_token: Callable[[], str] | None = None) -> grpc.ChannelCredentials:
-    creds = channel_credentials(tls_dir, cert_name)
-    if get_token is None:
-        return creds
-    return grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(BearerAuth(get_token)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
