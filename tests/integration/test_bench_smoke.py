@@ -9,6 +9,7 @@ import time
 import pytest
 
 from lfr.bench import abuse, identify, verify
+from lfr.bench.lfw import limit_pairs, read_pairs
 from lfr.bench.pipeline import default_data_dir
 
 LFW = default_data_dir() / "lfw-dev"
@@ -30,6 +31,27 @@ def test_verify_view1_fusion_reports_pooled_cross_validation():
     assert pooled["pairs"] == 60 and pooled["refit_per_fold"] and len(pooled["fold_accuracies"]) == 10
     assert 0.5 <= pooled["accuracy"] <= 1.0
     assert set(pooled["component_accuracy"]) == {"sface-2021dec", "dlib-resnet-v1"}  # same folds, each engine
+
+    # every pair of the (limited) test split's images, counted here independently of the bench
+    ap = r["all_pairs"]
+    test_pairs = read_pairs(LFW / "pairsDevTest.txt")
+    rels = sorted({x for p in limit_pairs(test_pairs, 30).pairs for x in (p.a, p.b)})
+    names = [x.split("/")[0] for x in rels]
+    n = len(rels)
+    assert ap["images"] == n and ap["pairs"] == n * (n - 1) // 2
+    assert ap["genuine"] == sum(names[i] == names[j] for i in range(n) for j in range(i + 1, n))
+    assert set(ap["systems"]) == {"fusion-v1", "sface-2021dec", "dlib-resnet-v1"}
+    for d in ap["systems"].values():
+        wrong = d["false_rejects"] / ap["genuine"] + d["false_accepts"] / (ap["pairs"] - ap["genuine"])
+        assert d["balanced_accuracy"] == pytest.approx(1 - wrong / 2)
+        assert 0 <= d["eer"] <= 0.5
+    v = ap["vs_best_single"]
+    assert v["engine"] in {"sface-2021dec", "dlib-resnet-v1"}
+    assert v["ci95"][0] <= v["ci95"][1]
+    assert v["balanced_accuracy_diff"] == pytest.approx(
+        ap["systems"]["fusion-v1"]["balanced_accuracy"] - ap["systems"][v["engine"]]["balanced_accuracy"]
+    )
+    assert "every pair of the test images" in verify.format_text(r)
 
 
 def test_verify_sface_100_pairs():

@@ -22,11 +22,12 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------------------
 # verification
 # ---------------------------------------------------------------------------------------------------------
-def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+def best_threshold(scores: np.ndarray, labels: np.ndarray, balanced: bool = False) -> tuple[float, float]:
     """Threshold maximising accuracy of ``score >= t`` on (scores, labels); returns (t, accuracy).
 
     Candidates are the midpoints between consecutive distinct scores (and just beyond both ends);
-    among equally accurate thresholds the middle one of the best run is taken.
+    among equally accurate thresholds the middle one of the best run is taken. ``balanced``: maximise the mean
+    of the true accept and true reject rates instead (for sets with many more impostor than genuine pairs).
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
@@ -40,7 +41,10 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float
     # accepted positives = #pos >= t ; rejected negatives = #neg < t
     tp = len(pos_sorted) - np.searchsorted(pos_sorted, cands, side="left")
     tn = np.searchsorted(neg_sorted, cands, side="left")
-    acc = (tp + tn) / n
+    if balanced:
+        acc = 0.5 * (tp / max(1, len(pos_sorted)) + tn / max(1, len(neg_sorted)))
+    else:
+        acc = (tp + tn) / n
     best = acc.max()
     idx = np.flatnonzero(acc == best)
     return float(cands[idx[len(idx) // 2]]), float(best)
@@ -50,6 +54,57 @@ def accuracy_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> flo
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
     return float(np.mean((s >= threshold) == y))
+
+
+def balanced_accuracy_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
+    """Mean of the true accept rate and the true reject rate of ``score >= threshold``."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    return float(0.5 * (np.mean(s[y] >= threshold) + np.mean(s[~y] < threshold)))
+
+
+def equal_error_rate(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The error rate where false rejects and false accepts are equal (mean of the two at the closest threshold)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("equal error rate needs genuine and impostor scores")
+    cands = np.unique(s)
+    frr = np.searchsorted(pos, cands, side="left") / len(pos)  # genuine below t
+    far = (len(neg) - np.searchsorted(neg, cands, side="left")) / len(neg)  # impostors at or above t
+    k = int(np.argmin(np.abs(frr - far)))
+    return float((frr[k] + far[k]) / 2.0)
+
+
+def person_bootstrap(
+    images_per_person: np.ndarray, wrong: dict[str, tuple[np.ndarray, np.ndarray]], n_boot: int = 1000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Balanced accuracy over *every* pair of a set of images, recomputed on people resampled with replacement.
+
+    Pairs that share a person are not independent, so a confidence interval must resample people, not pairs.
+    ``images_per_person[p]`` = n_p; ``wrong[name]`` = (person of a, person of b) for each pair the system decided
+    wrongly (same person: a false reject; different: a false accept). A person drawn m times contributes their
+    genuine pairs m times and their impostor pairs with q m_p·m_q times. Row 0 of each result uses every person
+    once (the point estimate); the rest are the ``n_boot`` resamples, the same ones for every system (paired).
+    """
+    n = np.asarray(images_per_person, dtype=np.float64)
+    people = len(n)
+    rng = np.random.default_rng(seed)
+    draws = [np.ones(people)] + [np.bincount(rng.integers(0, people, people), minlength=people).astype(np.float64)
+                                 for _ in range(n_boot)]
+    m = np.stack(draws)  # (B+1, people)
+    genuine = m @ (n * (n - 1) / 2.0)
+    mn = m * n
+    impostor = (mn.sum(1) ** 2 - (mn**2).sum(1)) / 2.0
+    out = {}
+    for name, (pa, pb) in wrong.items():
+        pa, pb = np.asarray(pa, dtype=int), np.asarray(pb, dtype=int)
+        same = pa == pb
+        fr = m[:, pa[same]].sum(1)
+        fa = (m[:, pa[~same]] * m[:, pb[~same]]).sum(1)
+        out[name] = 0.5 * ((1.0 - fr / np.maximum(genuine, 1)) + (1.0 - fa / np.maximum(impostor, 1)))
+    return out
 
 
 def kfold_accuracy(scores, labels, folds) -> dict:
