@@ -107,12 +107,13 @@ def pooled_kfold(pipe: Pipeline, root, files: list[PairFile]) -> dict:
             "component_accuracy": single}
 
 
-def _split_images(pf: PairFile, seed: int) -> list[str]:
+def _split_images(pf: PairFile, seed: int) -> tuple[list[str], int]:
+    """A split's images (a seeded sample of ``ALL_PAIRS_MAX_IMAGES`` when it has more) and how many it has."""
     rels = sorted(set(pair_images(pf.pairs)))
-    if len(rels) > ALL_PAIRS_MAX_IMAGES:
-        keep = np.random.default_rng(seed).choice(len(rels), ALL_PAIRS_MAX_IMAGES, replace=False)
-        rels = [rels[i] for i in sorted(keep)]
-    return rels
+    if len(rels) <= ALL_PAIRS_MAX_IMAGES:
+        return rels, len(rels)
+    keep = np.random.default_rng(seed).choice(len(rels), ALL_PAIRS_MAX_IMAGES, replace=False)
+    return [rels[i] for i in sorted(keep)], len(rels)
 
 
 def _every_pair(pipe: Pipeline, root, rels: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -130,7 +131,7 @@ def _every_pair(pipe: Pipeline, root, rels: list[str]) -> tuple[dict[str, np.nda
 
 def all_pairs(pipe: Pipeline, root, train: PairFile, test: PairFile) -> dict:
     """Every pair of the test split's images, thresholds from every pair of the training split's images."""
-    tr_rels, te_rels = _split_images(train, 1), _split_images(test, 2)
+    (tr_rels, _), (te_rels, te_total) = _split_images(train, 1), _split_images(test, 2)
     s_tr, person_tr, ij_tr = _every_pair(pipe, root, tr_rels)
     s_te, person, ij = _every_pair(pipe, root, te_rels)
     y_tr = person_tr[ij_tr[0]] == person_tr[ij_tr[1]]
@@ -139,11 +140,11 @@ def all_pairs(pipe: Pipeline, root, train: PairFile, test: PairFile) -> dict:
     if not (y_tr.any() and y_te.any() and (~y_tr).any() and (~y_te).any()):
         return {"skipped": "each split needs genuine and impostor pairs"}
     systems, wrong, train_acc = {}, {}, {}
+    fars = [f for f in ALL_PAIRS_FARS if f * (~y_te).sum() >= 10]  # at least 10 impostors above the threshold
     for name, scores in s_te.items():
         t, train_acc[name] = metrics.best_threshold(s_tr[name], y_tr, balanced=True)
         accepted = scores >= t
         wrong[name] = accepted != y_te
-        fars = [f for f in ALL_PAIRS_FARS if f * (~y_te).sum() >= 10]
         systems[name] = {
             "balanced_accuracy": metrics.balanced_accuracy_at(scores, y_te, t),
             "threshold": t,
@@ -155,6 +156,7 @@ def all_pairs(pipe: Pipeline, root, train: PairFile, test: PairFile) -> dict:
         }
     out = {
         "images": len(te_rels),
+        "images_in_split": te_total,  # more than "images" when the split was sampled down
         "pairs": int(len(y_te)),
         "genuine": int(y_te.sum()),
         "people": int(person.max() + 1),
