@@ -82,15 +82,21 @@ def _ns(ts: Timestamp) -> int:
     return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
 
 
-def _captured(stamps, n: int) -> list[int] | None:
-    """Capture dates for n images: none, one for all, or one per image (None = a count mismatch)."""
+def _images_captured(request) -> list[int]:
+    """Checks a request's ``images`` (at least one, at most the per-request limit) and returns their capture
+    dates from ``captured_at``: none, one for all, or one per image."""
+    n = len(request.images)
+    if not n:
+        raise Refused("INVALID_ARGUMENT", "at least one image is required")
+    limits.check_count(n, limits.MAX_IMAGES_PER_REQUEST, "images")
+    stamps = request.captured_at
     if not stamps:
         return [0] * n
     if len(stamps) == 1:
         return [_ns(stamps[0])] * n
     if len(stamps) == n:
         return [_ns(t) for t in stamps]
-    return None
+    raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
 
 
 def quality_pb(q: dict) -> common_pb2.FaceQuality:
@@ -171,6 +177,13 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
             raise Refused("INVALID_ARGUMENT", "subject_ref is required: a nominal id of 1-64 letters, digits "
                           "or . _ / : -")
 
+    def _provenance(self, request) -> None:
+        """Images held outside a deployment (references, galleries) must say whose, from where and on what basis."""
+        self._subject_ref(request.subject_ref)
+        for name in ("source_system", "legal_basis", "actor"):
+            if not getattr(request, name).strip():
+                raise Refused("INVALID_ARGUMENT", f"{name} is required")
+
     def _entry_fields(self, subject_ref: str, category: int) -> None:
         self._subject_ref(subject_ref)
         if category == pb.CATEGORY_UNSPECIFIED:
@@ -182,12 +195,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     async def EnrollEntry(self, request, context):
         d = await self.svc.current(request.deployment_id)
         self._entry_fields(request.subject_ref, request.category)
-        if not request.images:
-            raise Refused("INVALID_ARGUMENT", "at least one image is required")
-        limits.check_count(len(request.images), limits.MAX_IMAGES_PER_REQUEST, "images")
-        captured = _captured(request.captured_at, len(request.images))
-        if captured is None:
-            raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+        captured = _images_captured(request)
         return await self.svc.enroll(
             d.id, subject_ref=request.subject_ref, category=request.category, source_system=request.source_system,
             legal_basis=request.legal_basis, images=list(request.images), captured=captured,
@@ -221,16 +229,8 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     # Reference collection --------------------------------------------------------------------------
     @refusals
     async def AddReference(self, request, context):
-        self._subject_ref(request.subject_ref)
-        for name in ("source_system", "legal_basis", "actor"):
-            if not getattr(request, name).strip():
-                raise Refused("INVALID_ARGUMENT", f"{name} is required")
-        if not request.images:
-            raise Refused("INVALID_ARGUMENT", "at least one image is required")
-        limits.check_count(len(request.images), limits.MAX_IMAGES_PER_REQUEST, "images")
-        captured = _captured(request.captured_at, len(request.images))
-        if captured is None:
-            raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+        self._provenance(request)
+        captured = _images_captured(request)
         return await self.svc.add_reference(request, captured)
 
     async def ListReferences(self, request, context):
@@ -264,16 +264,8 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     # Galleries, operator-initiated and retrospective identification ---------------------------------------
     @refusals
     async def AddGalleryImages(self, request, context):
-        self._subject_ref(request.subject_ref)
-        for name in ("source_system", "legal_basis", "actor"):
-            if not getattr(request, name).strip():
-                raise Refused("INVALID_ARGUMENT", f"{name} is required")
-        if not request.images:
-            raise Refused("INVALID_ARGUMENT", "at least one image is required")
-        limits.check_count(len(request.images), limits.MAX_IMAGES_PER_REQUEST, "images")
-        captured = _captured(request.captured_at, len(request.images))
-        if captured is None:
-            raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+        self._provenance(request)
+        captured = _images_captured(request)
         return await self.svc.ident.add_gallery_images(request, captured)
 
     @refusals
