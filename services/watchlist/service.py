@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lfr.pb import (
+    audit_pb2,
     common_pb2,
     detection_pb2,
     detection_pb2_grpc,
@@ -34,6 +36,7 @@ from lfr.pb import (
 from lfr.runtime import events, limits, subjects
 from lfr.runtime.config import ConfigError
 from lfr.runtime.rpc import abort, channel
+from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
 from lfr.watchlist.core import (
     AUTHORISED,
@@ -97,6 +100,18 @@ def _images_captured(request) -> list[int]:
     if len(stamps) == n:
         return [_ns(t) for t in stamps]
     raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _media_type(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    return "application/octet-stream"
 
 
 def quality_pb(q: dict) -> common_pb2.FaceQuality:
@@ -225,6 +240,11 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         return pb.ListEntriesResponse(entries=[entry_pb(e) for e in entries], purged=bool(d.purged_at_ns),
                                       purged_at=_ts(d.purged_at_ns),
                                       watchlist_digest=composition_digest(d, entries))
+
+    @refusals
+    async def GetEntryImages(self, request, context):
+        return await self.svc.entry_images(request.deployment_id, request.entry_id,
+                                           request.actor.strip() or caller_name(), context.peer() or "")
 
     # Reference collection --------------------------------------------------------------------------
     @refusals
@@ -755,6 +775,46 @@ class WatchlistService(Service):
             msg = self.lifecycle(after, "reembedded", actor, f"re-embedded with {model.model_id} "
                                  f"{model.model_version}; it needs authorisation again")
             return pb.ReembedResponse(deployment=msg, entries=responses)
+
+    # Review ----------------------------------------------------------------------------------------
+    async def entry_images(self, deployment_id: str, entry_id: str, actor: str,
+                           peer: str) -> pb.GetEntryImagesResponse:
+        """An entry's enrolled images for an officer's review, while the watchlist is not purged; each call (and
+        each refusal after the purge) is an access record naming the officer and the entry."""
+        if not entry_id:
+            raise Refused("INVALID_ARGUMENT", "entry_id is required")
+        d = await self.current(deployment_id)
+        async with self.locks[d.id]:  # not while a purge deletes the files
+            d = self.get(d.id)
+            entry = next((e for e in self.meta.entries(d.id) if e.entry_id == entry_id), None)
+            if entry is None:
+                raise Refused("NOT_FOUND", f"no entry {entry_id[:80]!r} in deployment {d.id}")
+            if d.purged_at_ns:
+                when = _iso(d.purged_at_ns)
+                reason = (f"deployment {d.id}'s watchlist was purged at {when}: its images are deleted and can no "
+                          "longer be shown")
+                self.accessed("GetEntryImages", actor, entry_id, d.id, peer, refusal=reason)
+                raise Refused("FAILED_PRECONDITION", reason)
+            images = []
+            for n, img in enumerate(entry.images):
+                data = await self.rt.run_cpu(self.images.read, d.id, img.file)
+                images.append(pb.EntryImage(captured_at=_ts(img.captured_ns), quality=quality_pb(img.quality),
+                                            sha256=img.sha256, image_id=f"{entry_id}-{n}", data=data,
+                                            media_type=_media_type(data)))
+            self.accessed("GetEntryImages", actor, entry_id, d.id, peer)
+        return pb.GetEntryImagesResponse(
+            deployment_id=d.id, entry_id=entry_id, images=images, subject_ref=entry.subject_ref,
+            category=entry.category, source_system=entry.source_system, legal_basis=entry.legal_basis,
+            added_by=entry.added_by, added_at=_ts(entry.added_at_ns), from_reference=entry.from_reference)
+
+    def accessed(self, method: str, actor: str, subject: str, deployment_id: str, peer: str,
+                 refusal: str = "") -> None:
+        """What a person was shown (or refused), as a durable access fact for the audit."""
+        ev = audit_pb2.AccessEvent(
+            envelope=events.envelope(self.name, deployment_id=deployment_id), service=self.name, method=method,
+            actor=actor or "anonymous", subject=subject, peer=peer, reason=refusal,
+            decision=audit_pb2.ACCESS_DECISION_DENIED if refusal else audit_pb2.ACCESS_DECISION_ALLOWED)
+        self.rt.bus.publish_durable(subjects.access(self.name), ev, ev.envelope.event_id)
 
     # Reference collection --------------------------------------------------------------------------
     async def add_reference(self, req: pb.AddReferenceRequest, captured: list[int]) -> pb.AddReferenceResponse:

@@ -103,6 +103,11 @@ class WatchlistServiceStub:
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.GetEntryImages = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/GetEntryImages',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetEntryImagesRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetEntryImagesResponse.FromString,
+                _registered_method=True)
         self.AddReference = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/AddReference',
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddReferenceRequest.SerializeToString,
@@ -268,6 +273,15 @@ class WatchlistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEntryImages(self, request, context):
+        """The enrolled face image(s) of one entry, for an officer reviewing an alert (the probe crop beside the
+        reference). Only for the roles that review alerts; every call is an audited access naming the caller and the
+        entry. After the watchlist's purge: FAILED_PRECONDITION (the images are deleted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddReference(self, request, context):
         """The reference collection: the force's lawfully held images (e.g. custody images), by nominal id.
         """
@@ -428,6 +442,11 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'GetEntryImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEntryImages,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetEntryImagesRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetEntryImagesResponse.SerializeToString,
             ),
             'AddReference': grpc.unary_unary_rpc_method_handler(
                     servicer.AddReference,
@@ -832,6 +851,33 @@ class WatchlistService:
             '/lfr.watchlist.v1.WatchlistService/ListEntries',
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesRequest.SerializeToString,
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEntryImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/GetEntryImages',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetEntryImagesRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetEntryImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,7 @@ POLICY: dict[str, frozenset[str]] = {
     _W + "AddFromReference": _roles("watchlist_manager"),
     _W + "RemoveEntry": _roles("watchlist_manager"),
     _W + "ListEntries": _roles("watchlist_manager", "authorising_officer", "auditor"),
+    _W + "GetEntryImages": _roles("operator", "engagement_officer"),  # the reference beside an alert's probe
     _W + "AddReference": _roles("watchlist_manager"),
     _W + "ListReferences": _roles("watchlist_manager", "authorising_officer", "auditor"),
     _W + "GetPolicy": frozenset(ROLES),
