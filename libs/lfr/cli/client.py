@@ -17,7 +17,20 @@ from lfr.pb import (
 )
 from lfr.runtime.access import Access, AccessError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+def _image_suffixes() -> frozenset[str]:
+    """File name endings of the formats the services decode (lfr.models.images.ACCEPTED_FORMATS: JPEG, PNG,
+    WebP, BMP, GIF, TIFF), as Pillow registers them."""
+    from PIL import Image
+
+    from lfr.models.images import ACCEPTED_FORMATS
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS)
+
+
+IMAGE_SUFFIXES = _image_suffixes()
+IMAGE_FORMATS_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from lfr.cli.client import IMAGE_SUFFIXES, cli_access, subject_images
+from lfr.cli.client import IMAGE_FORMATS_TEXT, IMAGE_SUFFIXES, cli_access, subject_images
 from lfr.cli.live import capture_date
 from lfr.pb import watchlist_pb2 as pb
 from lfr.pb import watchlist_pb2_grpc
@@ -37,22 +37,35 @@ class Failure(Exception):
 
 
 # Arguments -------------------------------------------------------------------------------------------
+RELATIVE = re.compile(r"([+-])(\d+(?:\.\d+)?)([smhd])")  # +4h from now, -1h ago
+
+
 def parse_time(text: str) -> int:
-    """ISO 8601 (a time without a zone is local time), `now`, or `+N[smhd]` from now -> ns since the epoch."""
+    """ISO 8601 (a time without a zone is local time), `now`, `+N[smhd]` from now or `-N[smhd]` ago -> ns
+    since the epoch."""
     text = text.strip()
     if text == "now":
         return time.time_ns()
-    m = re.fullmatch(r"\+(\d+(?:\.\d+)?)([smhd])", text)
+    m = RELATIVE.fullmatch(text)
     if m:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return int((datetime.now(UTC) + timedelta(**{unit: float(m.group(1))})).timestamp() * 1e9)
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(3)]
+        delta = timedelta(**{unit: float(m.group(2))})
+        return int((datetime.now(UTC) + (delta if m.group(1) == "+" else -delta)).timestamp() * 1e9)
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time, 'now' or '+4h': {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time, 'now', '+4h' or '-1h': {text!r}") from None
     if dt.tzinfo is None:
         dt = dt.astimezone()
     return int(dt.timestamp() * 1e9)
+
+
+def allow_relative_values(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let option values such as `-1h` or `-30d` through as values: argparse takes anything starting with '-'
+    that is not a plain negative number for an option (`--end -1h` would fail with "expected one argument").
+    These parsers have no option that looks like a negative number, so nothing else changes."""
+    parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(?:\.\d+)?[smhd]$")
+    return parser
 
 
 def category(text: str) -> int:
@@ -236,7 +249,7 @@ def image_paths(paths: list[str]) -> list[Path]:
         if not p.is_file():
             raise Failure(f"no such image file: {p}")
         if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise Failure(f"not a JPEG or PNG file: {p}")
+            raise Failure(f"not a {IMAGE_FORMATS_TEXT} file (by its name): {p}")
         out.append(p)
     return out
 
@@ -292,16 +305,19 @@ def watchlist_import(args, stub) -> None:
     for subject, paths in subjects.items():
         resp, items = enroll_one(args, stub, subject, paths)
         results.extend(items)
+        why = "; ".join(f"{Path(r['image']).name}: {r['reason']}" for r in items if not r["accepted"])
         if not resp.entry_id:
-            refused.append(f"{subject}: {resp.reason}")
+            refused.append(f"{subject}: {resp.reason}" + (f" ({why})" if why else ""))
         ok = sum(r["accepted"] for r in items)
-        progress.step(f"{subject}: {ok}/{len(items)} images accepted" + ("" if resp.entry_id else " (refused)"))
+        progress.step(f"{subject}: {ok}/{len(items)} images accepted" + ("" if resp.entry_id else " (refused)")
+                      + (f"; refused {why}" if why else ""))
     added = len(subjects) - len(refused)
     summary = {"deployment": args.deployment, "subjects": len(subjects), "entries_added": added,
                "images_accepted": sum(r["accepted"] for r in results),
                "images_refused": sum(not r["accepted"] for r in results), "results": results}
     emit(args, summary, f"{added} of {len(subjects)} subjects added to deployment {args.deployment}: "
          f"{summary['images_accepted']} images accepted, {summary['images_refused']} refused"
+         + "".join(f"\n  {r['image']}: refused: {r['reason']}" for r in results if not r["accepted"])
          + "".join(f"\n  refused {r}" for r in refused))
     if refused:
         raise Failure(f"{len(refused)} of {len(subjects)} subjects refused (first: {refused[0]})")
@@ -392,6 +408,67 @@ def policy_show(args, stub) -> None:
     emit(args, data, f"policy {p.version} (digest {p.digest[:16]})\n" + json.dumps(data["policy"], indent=2))
 
 
+# Readiness ---------------------------------------------------------------------------------------------
+def system_health(state: Path) -> dict[str, str]:
+    """Each service's health (SERVING, NOT_SERVING, UNAVAILABLE, ...) as its endpoints.json names it, over
+    mutual TLS with the state folder's development certificate (or LFR_TLS_DIR's); {} when no endpoints.json.
+    Health needs no token, so nobody has to be named."""
+    from lfr.runtime.access import Access
+    from lfr.runtime.embedded import SERVICES, check_health
+
+    path = state / "endpoints.json"
+    if not path.is_file():
+        return {}
+    try:
+        endpoints = json.loads(path.read_text())
+    except ValueError:
+        return {}  # being written
+    try:
+        access = Access.dev(state) if (state / "security").is_dir() else Access.from_env()
+    except AccessError:
+        return {s: "NO_CREDENTIALS" for s in SERVICES}
+    return {s: check_health(endpoints[s], access=access, timeout=2.0) for s in SERVICES if s in endpoints}
+
+
+def supervisor_of(state: Path) -> dict:
+    """The supervisor block `lfr up` writes into endpoints.json (pid, processes and their restarts), if any."""
+    try:
+        return dict(json.loads((state / "endpoints.json").read_text()).get("supervisor") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def system_status(args) -> None:
+    """`lfr status [--wait S]`: exit 0 when every service of the system answers SERVING."""
+    state = Path(args.state_dir or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
+    deadline = time.monotonic() + args.wait
+    said = ""
+    while True:
+        health = system_health(state)
+        ready = bool(health) and all(v == "SERVING" for v in health.values())
+        if ready or time.monotonic() >= deadline:
+            break
+        waiting = ", ".join(f"{s} {v}" for s, v in health.items() if v != "SERVING") or \
+            f"no {state / 'endpoints.json'} yet (`lfr up` writes it once every service is ready)"
+        if waiting != said:  # one line per change, not one per poll
+            print(f"lfr: waiting for the system in {state}: {waiting}", file=sys.stderr, flush=True)
+            said = waiting
+        time.sleep(1.0)
+    supervisor = supervisor_of(state)
+    text = f"system in {state}: " + ("ready, every service SERVING" if ready else "not ready")
+    if supervisor:
+        procs = supervisor.get("processes", {})
+        text += f"\nsupervisor pid {supervisor.get('pid')}: " + ", ".join(
+            f"{n} pid {p.get('pid')} restarts {p.get('restarts', 0)}" for n, p in procs.items())
+    emit(args, {"state_dir": str(state), "ready": ready, "services": health}
+         | ({"supervisor": supervisor} if supervisor else {}), text)
+    if not ready:
+        why = ", ".join(f"{s} {v}" for s, v in health.items() if v != "SERVING") or \
+            f"{state / 'endpoints.json'} is missing"
+        raise Failure(f"the system in {state} is not ready" + (f" after {args.wait:g} s" if args.wait else "")
+                      + f": {why} (is `lfr up --state-dir {state}` running? its services log to {state / 'logs'})")
+
+
 # Parser ----------------------------------------------------------------------------------------------
 def _common() -> argparse.ArgumentParser:
     c = argparse.ArgumentParser(add_help=False)
@@ -406,12 +483,14 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _provenance(p: argparse.ArgumentParser, with_category: bool = True) -> None:
+    allow_relative_values(p)  # --captured -30d
     if with_category:
         p.add_argument("--category", type=category, required=True, help=", ".join(CATEGORIES))
     p.add_argument("--source", required=True, help="source system of the images (e.g. the custody system)")
     p.add_argument("--legal-basis", required=True, help="legal basis for holding and using the images")
     p.add_argument("--captured", type=parse_time, default=None,
-                   help="capture date of the images (default: each file's EXIF date, else its modification time)")
+                   help="capture date of the images: ISO 8601 or '-30d' (default: each file's EXIF date, else its "
+                   "modification time)")
     p.add_argument("--under-18", action="store_true", help="the subject is under 18 (needs a second authoriser)")
 
 
@@ -420,14 +499,14 @@ def add_parsers(sub) -> None:
 
     d = sub.add_parser("deployment", help="deployments: create, authorise, start, end, cancel, list, show")
     dsub = d.add_subparsers(dest="action", required=True)
-    p = dsub.add_parser("create", parents=[common], help="create a DRAFT deployment")
+    p = allow_relative_values(dsub.add_parser("create", parents=[common], help="create a DRAFT deployment"))
     p.add_argument("--name", required=True)
     p.add_argument("--site", required=True, help="site name (an approved site of the policy, or any other "
                    "with a second authoriser)")
     p.add_argument("--lat", type=float, default=None, help="site latitude (default: the approved site's)")
     p.add_argument("--lon", type=float, default=None, help="site longitude")
-    p.add_argument("--start", type=parse_time, required=True, help="planned start: ISO 8601, 'now' or '+1h'")
-    p.add_argument("--end", type=parse_time, required=True, help="planned end: ISO 8601 or '+4h'")
+    p.add_argument("--start", type=parse_time, required=True, help="planned start: ISO 8601, 'now', '+1h' or '-10m'")
+    p.add_argument("--end", type=parse_time, required=True, help="planned end: ISO 8601, '+4h' or '-1h'")
     p.add_argument("--threshold", type=float, default=0.0, help="match threshold (default: the model's)")
     p.add_argument("--camera", action="append", required=True, help="camera id (repeat for several)")
     p.add_argument("--purpose", required=True)
@@ -495,6 +574,14 @@ def add_parsers(sub) -> None:
     p = rsub.add_parser("list", parents=[common], help="the subjects held")
     p.set_defaults(run=reference_list)
 
+    st = sub.add_parser("status", help="is the running system ready: every service's health (no --as needed)")
+    st.add_argument("--state-dir", default="", help="state folder of the running system (default $LFR_STATE_DIR "
+                    "or ./state)")
+    st.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for every service to be SERVING (exit 1 if they are not by then)")
+    st.add_argument("--json", action="store_true", help="machine output (JSON)")
+    st.set_defaults(func=status_main)
+
     pol = sub.add_parser("policy", help="the policy the watchlist service enforces")
     psub = pol.add_subparsers(dest="action", required=True)
     p = psub.add_parser("show", parents=[common], help="version, digest and rules")
@@ -504,11 +591,29 @@ def add_parsers(sub) -> None:
         parser.set_defaults(func=run)
 
 
+def rpc_error_text(exc: grpc.RpcError) -> str:
+    """One line for a refusal or a failed call; UNAVAILABLE (the system is down, or stopped while a stream was
+    open) says so instead of leaving the transport's words alone."""
+    code = exc.code()
+    text = f"{code.name}: {exc.details()}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        text += " (the system is not running, or it stopped: start it with `lfr up`, wait with `lfr status --wait 300`)"
+    return text
+
+
+def status_main(args) -> None:
+    try:
+        system_status(args)
+    except Failure as exc:
+        print(f"lfr: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 def run(args) -> None:
     try:
         args.run(args, watchlist_stub(args))
     except grpc.RpcError as exc:
-        print(f"lfr: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"lfr: {rpc_error_text(exc)}", file=sys.stderr)
         sys.exit(1)
     except Failure as exc:
         print(f"lfr: {exc}", file=sys.stderr)

@@ -21,8 +21,9 @@ import html
 import io
 import json
 import os
+import re
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -101,23 +102,59 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def axis_ticks(peak: float, integer: bool) -> list[float]:
+    """0 and up to 5 evenly spaced round values (a step of 1, 2 or 5 times a power of ten) whose last is at or
+    above `peak`: each tick label distinct (a peak of 1 alert gives 0, 1 — never 0, 0, 0, 1, 1)."""
+    import math
+
+    peak = max(float(peak), 1.0 if integer else 1e-12)
+    raw = peak / 4
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1.0, float(round(step)))
+    n = math.ceil(peak / step - 1e-9)
+    return [float(f"{k * step:.12g}") for k in range(n + 1)]
+
+
+def tick_text(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.3g}"
+
+
+def x_labels(rows: list[dict]) -> list[list[str]]:
+    """One label per deployment: its date, and its start time (UTC) under it where several started that day."""
+    per_day: dict[str, int] = {}
+    for r in rows:
+        per_day[r["date"]] = per_day.get(r["date"], 0) + 1
+    return [[r["date"]] + ([r["start_time"][11:16] + " UTC"] if per_day[r["date"]] > 1 and r["start_time"] else [])
+            for r in rows]
+
+
+def _x_label(x: float, y: float, lines: list[str]) -> str:
+    spans = "".join(f'<tspan x="{x:.1f}" dy="{0 if i == 0 else 12}">{html.escape(t)}</tspan>'
+                    for i, t in enumerate(lines))
+    return f'<text class="x-label" x="{x:.1f}" y="{y}" text-anchor="middle" font-size="11">{spans}</text>'
+
+
 def _bars(rows: list[dict], width: int, height: int) -> str:
     """Alerts per deployment, in time order, stacked by outcome."""
     parts = [("confirmed_alerts", "#1b7837", "confirmed"), ("false_alerts", "#c51b7d", "false alert"),
              ("not_engaged", "#878787", "not engaged"), ("unadjudicated", "#d9d9d9", "not yet adjudicated")]
     left, bottom, top = 48, 56, 16
     plot_h = height - bottom - top
-    peak = max([r["alerts"] for r in rows] + [1])
+    ticks = axis_ticks(max([r["alerts"] for r in rows] + [1]), integer=True)
+    peak = ticks[-1]
     step = (width - left - 8) / max(len(rows), 1)
     out = [f'<svg class="chart" id="alerts-chart" viewBox="0 0 {width} {height}" role="img" '
            f'aria-labelledby="alerts-title" xmlns="http://www.w3.org/2000/svg">',
            '<title id="alerts-title">Alerts per deployment, by outcome</title>',
            f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 4}" y2="{top + plot_h}" stroke="#333"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']
-    for k in range(5):
-        v = peak * k / 4
-        y = top + plot_h - plot_h * k / 4
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v:.0f}</text>')
+    for v in ticks:
+        y = top + plot_h - plot_h * v / peak
+        out.append(f'<text class="y-tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">'
+                   f'{tick_text(v)}</text>')
+    labels = x_labels(rows)
     for i, r in enumerate(rows):
         x = left + i * step + step * 0.15
         y = top + plot_h
@@ -132,8 +169,7 @@ def _bars(rows: list[dict], width: int, height: int) -> str:
             out.append(f'<rect class="bar" data-deployment="{html.escape(r["deployment_id"])}" x="{x:.1f}" '
                        f'y="{top + plot_h - 1}" width="{step * 0.7:.1f}" height="1" fill="#333">'
                        f'<title>{html.escape(r["date"])} {html.escape(r["site"])}: no alerts</title></rect>')
-        out.append(f'<text x="{x + step * 0.35:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">'
-                   f'{html.escape(r["date"])}</text>')
+        out.append(_x_label(x + step * 0.35, top + plot_h + 16, labels[i]))
     lx = left
     for _key, colour, label in parts:
         out.append(f'<rect x="{lx}" y="{height - 18}" width="10" height="10" fill="{colour}"/>'
@@ -148,17 +184,19 @@ def _rate_chart(rows: list[dict], width: int, height: int) -> str:
     left, bottom, top = 56, 40, 16
     plot_h = height - bottom - top
     per_million = [r["false_alert_rate"] * 1e6 for r in rows]
-    peak = max(per_million + [1.0])
+    ticks = axis_ticks(max(per_million + [1.0]), integer=False)
+    peak = ticks[-1]
     step = (width - left - 8) / max(len(rows), 1)
     out = [f'<svg class="chart" id="rate-chart" viewBox="0 0 {width} {height}" role="img" '
            f'aria-labelledby="rate-title" xmlns="http://www.w3.org/2000/svg">',
            '<title id="rate-title">False alert rate per deployment (false alerts per million faces seen)</title>',
            f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 4}" y2="{top + plot_h}" stroke="#333"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']
-    for k in range(5):
-        v = peak * k / 4
-        y = top + plot_h - plot_h * k / 4
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v:.3g}</text>')
+    for v in ticks:
+        y = top + plot_h - plot_h * v / peak
+        out.append(f'<text class="y-tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">'
+                   f'{tick_text(v)}</text>')
+    labels = x_labels(rows)
     points = []
     for i, (r, v) in enumerate(zip(rows, per_million, strict=True)):
         x = left + i * step + step / 2
@@ -168,8 +206,7 @@ def _rate_chart(rows: list[dict], width: int, height: int) -> str:
                    f'cy="{y:.1f}" r="4" fill="#c51b7d"><title>{html.escape(r["date"])} {html.escape(r["site"])}: '
                    f'{r["false_alerts"]} false alerts in {r["faces_seen"]} faces '
                    f'({html.escape(r["false_alert_rate_1_in"])})</title></circle>')
-        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">'
-                   f'{html.escape(r["date"])}</text>')
+        out.append(_x_label(x, top + plot_h + 16, labels[i]))
     if len(points) > 1:
         out.insert(4, f'<polyline points="{" ".join(points)}" fill="none" stroke="#c51b7d" stroke-width="1.5"/>')
     out.append("</svg>")
@@ -241,9 +278,7 @@ def report_deployments(args) -> None:
     elif args.format == "csv":
         text = to_csv(rows)
     else:
-        v = stub.Verify(audit_pb2.VerifyRequest(), timeout=120)
-        chain = f"chain verified: {v.records} records, intact" if v.ok else \
-            f"chain verification FAILED at record {v.first_bad_sequence}: {v.reason}"
+        chain = chain_text(stub)
         period = f"{args.from_date or 'the start'} to {args.to_date or 'today'}"
         text = to_html(rows, totals_row(resp.totals), period, chain)
     if args.out:
@@ -251,6 +286,21 @@ def report_deployments(args) -> None:
         print(f"wrote {args.out} ({len(rows)} deployments)", file=sys.stderr)
     else:
         sys.stdout.write(text)
+
+
+def chain_text(stub) -> str:
+    """The page's line on the audit chain. Verifying it is an auditor's right; anyone else (the public
+    role publishing the page) gets a page that says the chain was not verified for it, and a note on stderr."""
+    try:
+        v = stub.Verify(audit_pb2.VerifyRequest(), timeout=120)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+            raise
+        print("lfr: note: the audit chain was not verified for this page: verifying it needs the auditor role "
+              "(publish as an auditor, or run `lfr audit verify --as auditor`)", file=sys.stderr)
+        return "the chain was not verified when this page was made"
+    return f"chain verified: {v.records} records, intact" if v.ok else \
+        f"chain verification FAILED at record {v.first_bad_sequence}: {v.reason}"
 
 
 def report_totals(args) -> None:
@@ -276,11 +326,19 @@ def audit_verify(args) -> None:
         print(json.dumps(out))
     elif v.ok:
         print(f"audit chain intact: {v.records} records (durable copy: {v.stream_records}), head {v.head_hash[:16]}…"
-              + (f"; {v.unrecorded} facts not yet recorded" if v.unrecorded else ""))
+              + (f"\n{unrecorded_text(v.unrecorded)}" if v.unrecorded else ""))
     else:
         print(f"audit chain BROKEN at record {v.first_bad_sequence}: {v.reason}")
     if not v.ok:
         raise SystemExit(3)
+
+
+def unrecorded_text(n: int) -> str:
+    facts = "1 fact waits" if n == 1 else f"{n} facts wait"
+    return (f"{facts} in the durable event streams to be recorded: published (a deployment change, an alert, an "
+            "API access such as this verification) but not appended to the chain yet. The audit service records "
+            "each within seconds; run again to see it in the chain. Not an error: a count that stays above 0 "
+            "means the audit service is behind or stopped.")
 
 
 def audit_query(args) -> None:
@@ -316,6 +374,11 @@ def alerts_list(args) -> None:
     resp = stub.ListAlerts(match_pb2.ListAlertsRequest(deployment_id=args.deployment, actor=args.actor,
                                                        unadjudicated_only=args.pending, overdue_only=args.overdue),
                            timeout=30)
+    if not resp.alerts:  # none, or no such deployment: say which (an unknown id is not an empty list)
+        from lfr.pb import watchlist_pb2, watchlist_pb2_grpc
+
+        watchlist = watchlist_pb2_grpc.WatchlistServiceStub(channel(args, "watchlist"))
+        watchlist.GetDeployment(watchlist_pb2.GetDeploymentRequest(deployment_id=args.deployment), timeout=30)
     print(json.dumps([review_json(r) for r in resp.alerts], indent=2))
 
 
@@ -338,10 +401,20 @@ def alerts_adjudicate(args) -> None:
 
 # Parsers -----------------------------------------------------------------------------------------------
 def _date(text: str) -> str:
+    """YYYY-MM-DD, `today`, or `-Nd` (N days before today), in UTC; "" (the default) leaves that end open."""
+    text = text.strip()
+    if not text:
+        return ""
+    today = datetime.now(UTC).date()
+    if text == "today":
+        return today.isoformat()
+    m = re.fullmatch(r"-(\d+)d", text)
+    if m:
+        return (today - timedelta(days=int(m.group(1)))).isoformat()
     try:
         datetime.strptime(text, "%Y-%m-%d")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD, 'today' or '-30d'): {text!r}") from None
     return text
 
 
@@ -356,8 +429,13 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _period(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="from_date", type=_date, default="", help="first day, YYYY-MM-DD (UTC)")
-    p.add_argument("--to", dest="to_date", type=_date, default="", help="last day, YYYY-MM-DD (UTC), inclusive")
+    from lfr.cli.ops import allow_relative_values
+
+    allow_relative_values(p)  # --from -30d
+    p.add_argument("--from", dest="from_date", type=_date, default="",
+                   help="first day: YYYY-MM-DD (UTC), 'today' or '-30d' (default: the first record)")
+    p.add_argument("--to", dest="to_date", type=_date, default="",
+                   help="last day, inclusive: YYYY-MM-DD (UTC), 'today' or '-1d' (default: no end)")
 
 
 def add_parsers(sub) -> None:
@@ -422,5 +500,9 @@ def run(args) -> None:
         print(f"lfr: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except grpc.RpcError as exc:
-        print(f"lfr: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        from lfr.cli.ops import rpc_error_text
+
+        print(f"lfr: {rpc_error_text(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C while following a stream: no traceback
+        raise SystemExit(130) from None
