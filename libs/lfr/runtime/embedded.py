@@ -1,13 +1,23 @@
 """The embedded default: a real nats-server, Qdrant local mode and all six services as separate processes
-on loopback, sharing one state folder. Used by `lfr up`, `lfr demo`, `lfr bench pipeline` and the tests."""
+on loopback, sharing one state folder. Used by `lfr up`, `lfr demo`, `lfr bench pipeline` and the tests.
+
+Supervision (`supervise=True`, as `lfr up` runs it): a process that exits or is killed is started again, as
+Kubernetes would, after a backoff (0 s after a stable run, then 1, 2, 4 ... 30 s while it keeps failing); every
+restart is counted, logged (`<state>/logs/supervisor.log`) and written to `<state>/endpoints.json`
+("supervisor"). No process outlives the system: every child is started with a parent-death signal (SIGKILL when
+the thread that started it ends: the supervisor was killed) and in one process group of its own (the
+system's: `pgid` in endpoints.json), away from the terminal's, so Ctrl-C reaches the supervisor only and the
+supervisor stops them in order."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,11 +33,46 @@ SERVICES = ("watchlist", "embedding", "detection", "match", "ingest", "audit")
 STOP_ORDER = ("ingest", "detection", "embedding", "match", "watchlist", "audit")
 TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_TARGET",
                "watchlist": "LFR_WATCHLIST_TARGET"}
+NATS = "nats"  # the supervised nats-server's name in restart counts and status
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before any fork: the child only calls it
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
+def die_with_parent(parent_pid: int):
+    """A preexec_fn: the child gets SIGKILL when the thread that started it ends (its supervisor died), and
+    kills itself at once if that already happened between fork and prctl."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+class Backoff:
+    """Restart delays of one process: 0 s after a run of at least `stable_s`, then 1, 2, 4 ... `max_s`."""
+
+    def __init__(self, first_s: float = 1.0, max_s: float = 30.0, stable_s: float = 30.0):
+        self.first_s, self.max_s, self.stable_s = first_s, max_s, stable_s
+        self.failures = 0
+
+    def delay(self, ran_s: float) -> float:
+        if ran_s >= self.stable_s:
+            self.failures = 0
+        d = 0.0 if self.failures == 0 else min(self.max_s, self.first_s * 2 ** (self.failures - 1))
+        self.failures += 1
+        return d
 
 
 class EmbeddedSystem:
     def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 insecure: bool = False, media_roots=()):
+                 insecure: bool = False, media_roots=(), supervise: bool = False, log=None):
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.extra_env = dict(env or {})
@@ -40,6 +85,21 @@ class EmbeddedSystem:
         self.ports = {s: ports.pop() for s in SERVICES}
         self.metrics_ports = {s: ports.pop() for s in SERVICES}
         self.procs: dict[str, subprocess.Popen] = {}
+        # Supervision: restarts per process, what ended each one last, when each was started
+        self.supervised = supervise
+        self.restarts: dict[str, int] = {}
+        self.last_exit: dict[str, dict] = {}
+        self.started_at: dict[str, float] = {}
+        self.backoff: dict[str, Backoff] = {}
+        self.due: dict[str, float] = {}  # process -> monotonic time of its planned restart
+        self.pgid = 0  # the system's process group (every child), 0 until the first child starts
+        self.stopping = threading.Event()  # set by stop(): nothing is restarted any more, start() gives up
+        self.lock = threading.RLock()  # one change of the process table at a time
+        self._log = log  # callable(dict) for supervisor events, besides <state>/logs/supervisor.log
+        self._thread: threading.Thread | None = None
+        self._thread_exit = threading.Event()
+        self.supervisor_metrics = ""  # URL of the supervisor's own metrics (restarts), when it serves them
+        self.nats.popen = self._popen
 
     def endpoint(self, service: str) -> str:
         return f"{self.host}:{self.ports[service]}"
@@ -66,14 +126,34 @@ class EmbeddedSystem:
         env.update(self.extra_env)
         return env
 
+    def _spawn_kwargs(self) -> dict:
+        """Popen arguments of every child: the system's process group, and death with the supervisor."""
+        group = self.pgid
+        if group:
+            try:
+                os.killpg(group, 0)
+            except OSError:  # every member ended: the next child leads a new group
+                group = 0
+        return {"process_group": group, "preexec_fn": die_with_parent(os.getpid())}
+
+    def _popen(self, args, **kwargs) -> subprocess.Popen:
+        spawn = self._spawn_kwargs()
+        try:
+            proc = subprocess.Popen(args, **spawn, **kwargs)
+        except PermissionError:  # the group ended between the check and the child joining it
+            proc = subprocess.Popen(args, **{**spawn, "process_group": 0}, **kwargs)
+            spawn["process_group"] = 0
+        if not spawn["process_group"]:
+            self.pgid = proc.pid
+        return proc
+
     def start_service(self, service: str) -> None:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{service}.log", "ab")
-        self.procs[service] = subprocess.Popen(
-            [sys.executable, "-m", f"lfr.{service}"], env=self.service_env(service), stdout=out, stderr=out,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        out.close()
+        with self.lock, open(logs / f"{service}.log", "ab") as out:
+            self.procs[service] = self._popen([sys.executable, "-m", f"lfr.{service}"], env=self.service_env(service),
+                                              stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+            self.started_at[service] = time.monotonic()
 
     def start(self, timeout_s: float = 180.0) -> EmbeddedSystem:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -85,28 +165,147 @@ class EmbeddedSystem:
         files = natsauth.write_credentials(self.nats_secrets, natsauth.PERMISSIONS)
         self.nats.auth = natsauth.server_auth_config(natsauth.read_passwords(files))
         self.nats.tls_dir = None if self.insecure else Path(self.security["tls_dir"])
-        self.nats.start()
+        self.stopping.clear()
         try:
+            with self.lock:
+                self.nats.start()
+                self.started_at[NATS] = time.monotonic()
             for s in SERVICES:
                 self.start_service(s)
             self.wait_healthy(SERVICES, timeout_s)
         except BaseException:
             self.stop()
             raise
-        (self.state_dir / "endpoints.json").write_text(json.dumps(self.endpoints(), indent=2))
+        self.write_endpoints()
+        if self.supervised:
+            self.supervise()
         return self
 
     def endpoints(self) -> dict:
-        return {"nats": self.nats.url, **{s: self.endpoint(s) for s in SERVICES},
-                "metrics": {s: f"http://{self.host}:{p}/metrics" for s, p in self.metrics_ports.items()}}
+        metrics = {s: f"http://{self.host}:{p}/metrics" for s, p in self.metrics_ports.items()}
+        if self.supervisor_metrics:
+            metrics["supervisor"] = self.supervisor_metrics
+        return {"nats": self.nats.url, **{s: self.endpoint(s) for s in SERVICES}, "metrics": metrics,
+                "supervisor": self.status()}
+
+    def write_endpoints(self) -> None:
+        """endpoints.json, replaced atomically (readers never see half a file)."""
+        path = self.state_dir / "endpoints.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.endpoints(), indent=2))
+        tmp.replace(path)
+
+    # Supervision -------------------------------------------------------------------------------------
+    def pids(self) -> dict[str, int]:
+        """The pid of every process of the system now running (services, nats-server)."""
+        with self.lock:
+            out = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
+            if self.nats.proc is not None and self.nats.proc.poll() is None:
+                out[NATS] = self.nats.proc.pid
+        return out
+
+    def status(self) -> dict:
+        """What `lfr status` and endpoints.json show: supervisor, process group, per process pid and restarts."""
+        pids = self.pids()
+        names = [NATS, *self.procs, *(n for n in self.restarts if n not in self.procs and n != NATS)]
+        return {"pid": os.getpid(), "supervising": self.supervised, "pgid": self.pgid,
+                "processes": {n: {"pid": pids.get(n, 0), "restarts": self.restarts.get(n, 0),
+                                  "last_exit": self.last_exit.get(n)} for n in dict.fromkeys(names)}}
+
+    def log_event(self, event: str, **fields) -> None:
+        """A supervisor event: one JSON line in <state>/logs/supervisor.log and to the `log` callable; a failed
+        write (a full disk, a closed pipe) is never raised."""
+        line = {"time": round(time.time(), 3), "level": "warning" if event != "process.restarted" else "info",
+                "event": event, **fields}
+        try:
+            (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+            with open(self.state_dir / "logs" / "supervisor.log", "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError:
+            pass
+        if self._log is not None:
+            try:
+                self._log(line)
+            except Exception:  # noqa: BLE001 - a broken output never stops the supervisor
+                pass
+
+    def _exited(self) -> dict[str, int]:
+        """Managed processes that ended without being asked to: name -> exit code (-N: signal N)."""
+        out = {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
+        if self.nats.proc is not None and self.nats.proc.poll() is not None:
+            out[NATS] = self.nats.proc.returncode
+        return out
+
+    def supervise_once(self) -> list[str]:
+        """One look at every process: plan the restart of those that ended, do the restarts that are due.
+        Returns the names restarted now. Never waits for health (the restarted service reports it)."""
+        restarted = []
+        with self.lock:
+            if self.stopping.is_set():
+                return restarted
+            now = time.monotonic()
+            for name, code in self._exited().items():
+                if name not in self.due:
+                    ran = now - self.started_at.get(name, now)
+                    delay = self.backoff.setdefault(name, Backoff()).delay(ran)
+                    self.due[name] = now + delay
+                    self.last_exit[name] = {"code": code, "signal": signal.Signals(-code).name if code < 0 else "",
+                                            "ran_s": round(ran, 2), "at": round(time.time(), 3)}
+                    self.log_event("process.exited", process=name, code=code, ran_s=round(ran, 2),
+                                   restart_in_s=delay)
+                if self.due[name] > now:
+                    continue
+                try:
+                    if name == NATS:
+                        self.nats.proc = None
+                        self.nats.start()
+                        self.started_at[NATS] = time.monotonic()
+                    else:
+                        self.start_service(name)
+                except Exception as exc:  # noqa: BLE001 - e.g. the port still held: try again later
+                    self.due[name] = now + self.backoff[name].delay(0.0)
+                    self.log_event("process.restart_failed", process=name, error=str(exc)[:300])
+                    continue
+                del self.due[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                RESTARTS.labels(name).inc()
+                restarted.append(name)
+                self.log_event("process.restarted", process=name, restarts=self.restarts[name],
+                               pid=self.pids().get(name, 0))
+            if restarted:
+                try:
+                    self.write_endpoints()
+                except OSError:
+                    pass
+        return restarted
+
+    def supervise(self, interval_s: float = 0.25) -> None:
+        """Supervise in a background thread until stop() (which ends the thread only after every process it
+        started has stopped: their parent-death signal belongs to this thread)."""
+        self.supervised = True
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread_exit.clear()
+
+        def loop() -> None:
+            while not self._thread_exit.wait(interval_s):
+                try:
+                    self.supervise_once()
+                except Exception as exc:  # noqa: BLE001 - the supervisor itself never dies of one error
+                    self.log_event("supervisor.error", error=str(exc)[:300])
+
+        self._thread = threading.Thread(target=loop, name="supervisor", daemon=True)
+        self._thread.start()
 
     def wait_healthy(self, services, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         pending = list(services)
         while pending:
+            if self.stopping.is_set():
+                raise RuntimeError("stopped while starting")
             for s in pending:  # a service that died fails the start at once, with its log
                 proc = self.procs[s]
-                if proc.poll() is not None:
+                if proc.poll() is not None and not self.supervised:
                     tail = (self.state_dir / "logs" / f"{s}.log").read_text()[-2000:]
                     raise RuntimeError(f"service {s} exited with {proc.returncode}:\n{tail}")
             if check_health(self.endpoint(pending[0]), access=self.access()) == "SERVING":
@@ -117,11 +316,13 @@ class EmbeddedSystem:
             time.sleep(0.2)
 
     def stop_service(self, service: str, timeout_s: float = 20.0) -> None:
-        proc = self.procs.pop(service, None)
+        with self.lock:
+            proc = self.procs.pop(service, None)
+            self.due.pop(service, None)
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
         try:
+            proc.send_signal(signal.SIGTERM)
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -133,9 +334,25 @@ class EmbeddedSystem:
         self.wait_healthy([service], timeout_s)
 
     def stop(self) -> None:
-        for s in STOP_ORDER:
-            self.stop_service(s)
-        self.nats.stop()
+        """Stop every process, producers first, nats-server last; then the supervisor thread (after them)."""
+        self.stopping.set()
+        try:
+            for s in [*STOP_ORDER, *(p for p in list(self.procs) if p not in STOP_ORDER)]:
+                try:
+                    self.stop_service(s)
+                except Exception as exc:  # noqa: BLE001 - one failure never leaves the others running
+                    self.log_event("stop.failed", process=s, error=str(exc)[:300])
+                    with self.lock:
+                        proc = self.procs.pop(s, None)
+                    if proc is not None:
+                        proc.kill()
+            with self.lock:
+                self.due.clear()
+            self.nats.stop()
+        finally:
+            self._thread_exit.set()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(5)
 
     def nats_admin_credentials(self) -> tuple[str, str]:
         """(user, password) of the NATS admin user: reads the durable facts, never the biometric flow."""
@@ -168,6 +385,16 @@ class EmbeddedSystem:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _restarts_counter():
+    from prometheus_client import Counter
+
+    return Counter("lfr_process_restarts", "restarts of an embedded system's process by its supervisor",
+                   ["process"])
+
+
+RESTARTS = _restarts_counter()
 
 
 def check_health(target: str, service: str = "", timeout: float = 1.0, access=None) -> str:

@@ -57,6 +57,7 @@ class NatsServer:
         self.tls_dir = Path(tls_dir) if tls_dir else None
         self.tls_verify = tls_verify
         self.proc: subprocess.Popen | None = None
+        self.popen = None  # how to start the process (Popen-like), e.g. a supervisor's; default: its own session
 
     @property
     def url(self) -> str:
@@ -79,8 +80,12 @@ class NatsServer:
         with os.fdopen(fd, "w") as f:
             f.write(self.config())
         log = open(self.store_dir / "nats-server.log", "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.popen is not None:
+            self.proc = self.popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log,
+                                   stdin=subprocess.DEVNULL)
+        else:
+            self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
