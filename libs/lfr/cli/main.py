@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def cmd_up(args) -> None:
 def cmd_demo(args) -> None:
     from lfr.cli.demo import run_demo
 
-    sys.exit(run_demo(args.state_dir, video=args.video, watchlist=args.watchlist, fps=args.fps))
+    state = args.state_dir or tempfile.mkdtemp(prefix="lfr-demo-")
+    sys.exit(run_demo(state, video=args.video, watchlist=args.watchlist, fps=args.fps))
 
 
 def cmd_bench(args) -> None:
@@ -136,16 +138,15 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("demo", help="enroll a watchlist, stream a real video through the embedded system, print alerts")
-    s.add_argument("--state-dir", default="", help="state folder, kept (default: a new temporary folder, removed at the end, also on Ctrl-C)")
+    s.add_argument("--state-dir", default="", help="state folder (default: a new temporary folder)")
     s.add_argument("--video", default="", help="video file or rtsp:// URL (default: the shared stage video)")
     s.add_argument("--watchlist", default="", help="folder of <subject>/<image> files or of images named by subject")
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import certs, investigate, liveops, ops, report
+    from lfr.cli import certs, investigate, ops, report
 
     ops.add_parsers(sub)
-    liveops.add_parsers(sub)  # lfr source; lfr deployment stats
     report.add_parsers(sub)  # lfr report | audit | alerts
     investigate.add_parsers(sub)  # lfr identify | gallery | job
     certs.add_parsers(sub)  # lfr certs dev
