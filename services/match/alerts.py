@@ -43,7 +43,6 @@ CREATE TABLE IF NOT EXISTS pending_events (
 """
 
 PRODUCER = "match"
-REFERENCE_GAP = "no reference copy: the watchlist service has no API to fetch an entry's image yet (entry {})"
 
 
 @dataclass(frozen=True)
@@ -114,12 +113,15 @@ class AlertBook:
         if deleted is not None:
             review.crops_deleted_at.CopyFrom(events.ts_from_ns(deleted))
             review.reference_status = "deleted at the end of the retention period"
-        elif reference:
-            if with_images:
-                review.reference_jpeg = reference
-        else:
-            review.reference_status = REFERENCE_GAP.format(a.entry_id)
+        elif reference and with_images:
+            review.reference_jpeg = reference
         return review
+
+    def pending_counts(self, deployment_id: str) -> tuple[int, int]:
+        """(alerts not adjudicated, of which flagged overdue) of a deployment."""
+        row = self.db.execute("SELECT COUNT(*), COUNT(overdue_ns) FROM alerts WHERE deployment_id = ? AND"
+                              " adjudication IS NULL", (deployment_id,)).fetchone()
+        return int(row[0]), int(row[1])
 
     # Adjudication ------------------------------------------------------------------------------------
     def adjudication(self, alert_id: str) -> pb.Adjudication | None:

@@ -81,3 +81,14 @@ def adjudication_refusal(outcome: int, engagement: int, note: str, actor: str, a
     if already and not amend:
         return "FAILED_PRECONDITION", "the alert is already adjudicated; set amend to replace the outcome"
     return "", ""
+
+
+def reference_refusal(code: str, details: str) -> str:
+    """AlertReview.reference_status for a refused or failed fetch of the reference image (status name, message)."""
+    if code == "FAILED_PRECONDITION":  # the watchlist was purged: its message says when
+        return details
+    if code == "PERMISSION_DENIED":
+        return f"the watchlist service refuses this caller its images: {details}"
+    if code == "NOT_FOUND":
+        return f"the entry is no longer on the watchlist: {details}"
+    return f"the reference image could not be fetched from the watchlist service ({code}); try again"

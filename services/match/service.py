@@ -7,8 +7,10 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from lfr.match.alerts import AlertBook
-from lfr.match.core import Counters, adjudication_refusal, decide
+from lfr.match.core import Counters, adjudication_refusal, decide, reference_refusal
 from lfr.match.tracker import Action, Sighting, Tracker
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
 from lfr.pb import match_pb2 as pb
@@ -60,7 +62,9 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
             if not request.deployment_id or await self.svc.deployments.get(request.deployment_id) is None:
                 await abort(context, "NOT_FOUND", f"no deployment {request.deployment_id!r}")
             c = Counters()  # nothing seen yet
-        return self.svc.stats_pb(request.deployment_id, c)
+        stats = self.svc.stats_pb(request.deployment_id, c)
+        stats.pending_adjudications, stats.overdue = self.svc.book.pending_counts(request.deployment_id)
+        return stats
 
     async def GetAlert(self, request, context):
         if not request.alert_id or not request.actor.strip():
@@ -69,6 +73,8 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         if review is None:
             await abort(context, "NOT_FOUND", f"no alert {request.alert_id!r}")
         self.svc.accessed(context, "GetAlert", request.actor, request.alert_id, review.alert.envelope.deployment_id)
+        if not review.HasField("crops_deleted_at"):  # after the retention period the review images are gone
+            await self.svc.attach_reference(review, request.actor, context)
         return review
 
     async def ListAlerts(self, request, context):
@@ -251,6 +257,24 @@ class MatchService(Service):
                 return False
             self.book.published(p.n)
         return True
+
+    async def attach_reference(self, review: pb.AlertReview, actor: str, context) -> None:
+        """The alert's entry's first enrolled image, asked of the watchlist service as the officer (their bearer
+        token forwarded, over match's own certificate), so the watchlist's audit names the officer and its role
+        table and purge rule decide; a refusal leaves the image empty and says why. Never stored here."""
+        a = review.alert
+        forwarded = tuple((k, v) for k, v in (context.invocation_metadata() or ()) if k == "authorization")
+        try:
+            resp = await self.watchlist.GetEntryImages(watchlist_pb2.GetEntryImagesRequest(
+                deployment_id=a.envelope.deployment_id, entry_id=a.entry_id, actor=actor.strip()),
+                metadata=forwarded, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            review.reference_status = reference_refusal(exc.code().name, exc.details() or "")
+            return
+        if not resp.images:
+            review.reference_status = f"the watchlist holds no image of entry {a.entry_id}"
+            return
+        review.reference_jpeg, review.reference_media_type = resp.images[0].data, resp.images[0].media_type
 
     def accessed(self, context, method: str, actor: str, subject: str, deployment_id: str = "") -> None:
         """An API access, as a durable fact for the audit."""

@@ -148,7 +148,8 @@ def test_officers_review_and_adjudicate(system, walked, clients):
     first, second = alerts
     review = clients.match.GetAlert(match_pb2.GetAlertRequest(alert_id=first.alert_id, actor="pc-1"))
     assert review.alert.probe_jpeg[:3] == b"\xff\xd8\xff" and review.alert.entry_id == entry_id
-    assert "no API" in review.reference_status and not review.adjudicated and not review.overdue
+    assert review.reference_jpeg[:3] == b"\xff\xd8\xff" and not review.reference_status  # the enrolled image
+    assert not review.adjudicated and not review.overdue
 
     with pytest.raises(grpc.RpcError) as info:  # a false alert needs the engagement result
         clients.match.Adjudicate(match_pb2.AdjudicateRequest(alert_id=first.alert_id, actor="pc-1",

@@ -144,9 +144,10 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import certs, investigate, ops, report
+    from lfr.cli import certs, investigate, liveops, ops, report
 
     ops.add_parsers(sub)
+    liveops.add_parsers(sub)  # lfr source; lfr deployment stats
     report.add_parsers(sub)  # lfr report | audit | alerts
     investigate.add_parsers(sub)  # lfr identify | gallery | job
     certs.add_parsers(sub)  # lfr certs dev

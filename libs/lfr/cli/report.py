@@ -6,7 +6,8 @@
 - `lfr report totals --from DATE --to DATE`, `lfr report deployment ID`.
 - `lfr audit verify [--json] [--index-only]`: recompute the chain, compare it with the durable stream.
 - `lfr audit query [--deployment ID] [--type PREFIX]`.
-- `lfr alerts list DEPLOYMENT`, `lfr alerts show ALERT [--probe FILE]`, `lfr alerts adjudicate ALERT ...`.
+- `lfr alerts list DEPLOYMENT`, `lfr alerts show ALERT [--probe FILE] [--reference FILE]`, `lfr alerts adjudicate
+  ALERT ...`; `lfr alerts watch DEPLOYMENT` (lfr/cli/liveops.py).
 
 They talk gRPC to the audit (or match) service of a running system, found through the state folder `lfr up`
 used (--state-dir, else $LFR_STATE_DIR, else ./state) or named with --target HOST:PORT. The caller is
@@ -487,6 +488,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--note", default="", help="free text")
     p.add_argument("--amend", action="store_true", help="replace an earlier adjudication")
     p.set_defaults(run=alerts_adjudicate)
+    from lfr.cli.liveops import add_watch_parser
+
+    add_watch_parser(alsub, common)  # lfr alerts watch
 
     for parser in (r, a, al):
         parser.set_defaults(func=run)
