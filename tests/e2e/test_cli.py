@@ -97,12 +97,16 @@ def test_a_bad_config_value_stops_the_service_naming_the_key(tmp_path):
     assert r.returncode == 2 and "LFR_GRPC_PORT" in r.stderr
 
 
-def test_lfr_demo_runs_end_to_end_with_its_own_identities(data):
+def test_lfr_demo_runs_end_to_end_with_its_own_identities(data, tmp_path):
     """`tox -e demo`'s command: the embedded system with TLS, tokens for the development users, a real video;
-    the person enrolled who appears in it raises an alert, and the deployment ends purged."""
-    r = subprocess.run([*LFR, "demo"], capture_output=True, text=True, timeout=600)
+    the person enrolled who appears in it raises an alert, and the deployment ends purged; its temporary state
+    folder (the alert's probe crop, the development CA's keys) is gone afterwards."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # where the demo's temporary state folder is made
+    r = subprocess.run([*LFR, "demo"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     raised = [line for line in r.stdout.splitlines() if line.startswith("[alert]")]
     assert len(raised) == 1 and "lin-manuel-miranda" in raised[0], r.stdout
     assert "authorised by inspector" in r.stdout and "deployment PURGED" in r.stdout
     assert "-" not in raised[0].split(",")[-1]  # latency after capture is not negative
+    assert "temporary state folder" in r.stdout and "removed" in r.stdout
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("lfr-demo-")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 import urllib.request
@@ -12,6 +11,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from lfr.cli.client import Clients, subject_images
+from lfr.cli.demo import closed_on_failure, temporary_state
 from lfr.cli.live import AlertCollector, create_deployment, enroll, stream_video
 from lfr.pb import ingest_pb2, match_pb2, watchlist_pb2
 from lfr.runtime.embedded import EmbeddedSystem
@@ -72,38 +72,46 @@ def run(args) -> dict:
     data = data_dir(required=not (args.video and args.enroll))
     video = args.video or str(data / "video/pedestrians-1080p25.mp4")
     subjects = subject_images(args.enroll or data / "faces/knn_examples/train")
-    state = args.state_dir or tempfile.mkdtemp(prefix="lfr-bench-")
+    with temporary_state("lfr-bench-", keep=args.state_dir) as state:  # removed at the end unless --state-dir
+        out = _measure(state, video, subjects, args)
+    return out | {"state_dir": args.state_dir or "(a temporary folder, removed)"}
+
+
+def _measure(state: str, video: str, subjects: dict, args) -> dict:
     with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent]) as system:
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "bench", [CAMERA])
-        enrolled = enroll(c, d.id, subjects)
-        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
-        collector = AlertCollector(c, d.id)
-        cpu0 = cpu_seconds(system)
-        t0 = time.monotonic()
-        frames_in = 0
-        for _ in range(max(1, args.loops)):
-            if args.seconds:
-                timer = threading.Timer(args.seconds, lambda: [
-                    c.ingest.StopSource(ingest_pb2.StopSourceRequest(source_id=s.source_id))
-                    for s in c.ingest.ListSources(ingest_pb2.ListSourcesRequest()).sources
-                    if s.state == ingest_pb2.SOURCE_STATE_RUNNING])
-                timer.start()
-            src = stream_video(c, d.id, CAMERA, video, args.fps, realtime=True)
-            if args.seconds:
-                timer.cancel()
-            frames_in += src.frames_published
-        wall = time.monotonic() - t0
-        cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(system).items()}
-        time.sleep(1.5)  # let the last frames through
-        stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
-        deadline = time.monotonic() + 10
-        while len({a.alert_id for a, _ in collector.alerts}) < stats.alerts and time.monotonic() < deadline:
-            time.sleep(0.1)
-        collector.close()
-        det = scrape(system.endpoints()["metrics"]["detection"])
-        emb = scrape(system.endpoints()["metrics"]["embedding"])
-        match = scrape(system.endpoints()["metrics"]["match"])
+        with closed_on_failure(c, d.id):  # an error or Ctrl-C ends (and purges) the deployment
+            enrolled = enroll(c, d.id, subjects)
+            c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
+            collector = AlertCollector(c, d.id)
+            cpu0 = cpu_seconds(system)
+            t0 = time.monotonic()
+            frames_in = 0
+            for _ in range(max(1, args.loops)):
+                if args.seconds:
+                    timer = threading.Timer(args.seconds, lambda: [
+                        c.ingest.StopSource(ingest_pb2.StopSourceRequest(source_id=s.source_id))
+                        for s in c.ingest.ListSources(ingest_pb2.ListSourcesRequest()).sources
+                        if s.state == ingest_pb2.SOURCE_STATE_RUNNING])
+                    timer.start()
+                src = stream_video(c, d.id, CAMERA, video, args.fps, realtime=True)
+                if args.seconds:
+                    timer.cancel()
+                frames_in += src.frames_published
+            wall = time.monotonic() - t0
+            cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(system).items()}
+            time.sleep(1.5)  # let the last frames through
+            stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
+            deadline = time.monotonic() + 10
+            while len({a.alert_id for a, _ in collector.alerts}) < stats.alerts and time.monotonic() < deadline:
+                time.sleep(0.1)
+            collector.close()
+            det = scrape(system.endpoints()["metrics"]["detection"])
+            emb = scrape(system.endpoints()["metrics"]["embedding"])
+            match = scrape(system.endpoints()["metrics"]["match"])
+            ended = c.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(
+                deployment_id=d.id, actor="operator", reason="benchmark finished"), timeout=60)
         c.close()
     # An alert is raised once per pass (revision 0); later revisions update it with a better probe.
     raised = [(a, recv) for a, recv in collector.alerts if a.revision == 0]
@@ -140,5 +148,6 @@ def run(args) -> dict:
         "alert_updates": len(collector.alerts) - len(raised),
         "alert_list": [{"subject": a.subject_ref, "video_time_s": round(a.video_time_s, 2),
                         "score": round(a.score, 4)} for a, _ in raised],
-        "state_dir": str(Path(state)),
+        "deployment": {"id": d.id, "status": watchlist_pb2.DeploymentStatus.Name(ended.status).removeprefix(
+            "DEPLOYMENT_STATUS_"), "purged": bool(ended.purged_at.seconds)},
     }

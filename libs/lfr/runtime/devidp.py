@@ -33,6 +33,8 @@ DEFAULT_USERS: dict[str, list[str]] = {
     "builder": ["watchlist_manager"],
     "inspector": ["authorising_officer"],
     "superintendent": ["authorising_officer"],  # the second officer where a policy asks for two
+    # both roles: may build a list and authorise another's, never one it built (separation of duties)
+    "sergeant": ["watchlist_manager", "authorising_officer"],
     "operator": ["operator", "engagement_officer"],
     "investigator": ["investigator"],
     "auditor": ["auditor"],

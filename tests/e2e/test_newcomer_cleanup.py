@@ -1,0 +1,73 @@
+"""`lfr demo` and `lfr bench pipeline` leave nothing behind: their temporary state folder (alert crops, enrollment
+images, the development CA's keys) is removed when they finish and when they are interrupted (SIGINT), their
+processes end, and the benchmark ends and purges the deployment it created."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LFR = [sys.executable, "-m", "lfr.cli.main"]
+
+
+def children_of(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            out |= {child} | children_of(child)
+    return out
+
+
+def alive(pids: set[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists()
+            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+def test_an_interrupted_demo_stops_everything_and_removes_its_state_folder(data, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # where the demo's temporary state folder is made
+    proc = subprocess.Popen([*LFR, "demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # the system is up, the list enrolled and the video streaming: interrupt it there
+            lines.append(line)
+            if line.startswith("[demo] streaming"):
+                break
+        assert lines and lines[-1].startswith("[demo] streaming"), "".join(lines)
+        state = [p for p in tmp_path.iterdir() if p.name.startswith("lfr-demo-")]
+        assert len(state) == 1 and (state[0] / "security" / "tls" / "ca.key").is_file()
+        kids = children_of(proc.pid)
+        assert kids  # six services and nats-server
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines) + out
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted (SIGINT)" in out and "Traceback" not in out, out[-3000:]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("lfr-demo-")], out[-2000:]
+    assert not alive(kids), f"processes left running: {alive(kids)}"
+
+
+def test_bench_pipeline_ends_and_purges_its_deployment_and_removes_its_state_folder(data, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([*LFR, "bench", "pipeline", "--seconds", "2", "--json"], env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["deployment"]["status"] == "PURGED" and result["deployment"]["purged"], result["deployment"]
+    assert result["frames_in"] > 0
+    assert result["state_dir"] == "(a temporary folder, removed)"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("lfr-bench-")]
