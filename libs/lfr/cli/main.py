@@ -39,23 +39,74 @@ def cmd_serve(args) -> None:
     main(cls)
 
 
-def cmd_up(args) -> None:
-    from lfr.runtime.embedded import EmbeddedSystem
+class Output:
+    """Lines for a person on stdout that never raise: once a write fails (the reader is gone: a closed pipe,
+    a launcher that exited), stdout is pointed at /dev/null and the work goes on."""
 
-    system = EmbeddedSystem(args.state_dir)
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.broken = False
+
+    def say(self, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            print(text, file=self.stream, flush=True)
+        except (OSError, ValueError):
+            self.broken = True
+            try:  # the interpreter's final flush must not fail either
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self.stream.fileno())
+                os.close(null)
+            except (OSError, ValueError):
+                pass
+
+
+def cmd_up(args) -> None:
+    """Start the embedded system supervised; stop it all on SIGTERM, SIGINT, SIGHUP or when the process that
+    started this one is gone (a launcher such as tox exits on SIGTERM without passing it on)."""
+    from prometheus_client import start_http_server
+
+    from lfr.runtime.embedded import EmbeddedSystem
+    from lfr.runtime.natsserver import free_port
+
+    out = Output()
+    system = EmbeddedSystem(args.state_dir, supervise=True, log=lambda line: out.say(json.dumps(line)))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"starting nats-server and six services under {system.state_dir} ...", flush=True)
-    system.start()
+    why: list[str] = []
+
+    def on_signal(signum, _frame) -> None:
+        why.append(signal.Signals(signum).name)
+        stop.set()
+        system.stopping.set()  # a start in progress gives up
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    parent = os.getppid()
+    port = free_port(system.host)
+    start_http_server(port, addr=system.host)
+    system.supervisor_metrics = f"http://{system.host}:{port}/metrics"
+    out.say(f"starting nats-server and six services under {system.state_dir} (supervisor pid {os.getpid()}) ...")
     try:
-        print(json.dumps(system.endpoints(), indent=2), flush=True)
-        print("all services SERVING; Ctrl-C or SIGTERM stops everything", flush=True)
-        stop.wait()
+        try:
+            system.start()
+        except RuntimeError:
+            if not stop.is_set():
+                raise
+        if not stop.is_set():
+            out.say(json.dumps(system.endpoints(), indent=2))
+            out.say("all services SERVING, supervised (restarted if they end); Ctrl-C or SIGTERM stops everything")
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                why.append(f"parent {parent} gone")
+                system.log_event("supervisor.parent_gone", parent=parent)
+                break
     finally:
-        print("stopping ...", flush=True)
+        system.log_event("supervisor.stopping", reason=", ".join(why) or "error")
+        out.say("stopping ...")
         system.stop()
-        print("stopped", flush=True)
+        system.log_event("supervisor.stopped")
+        out.say("stopped")
 
 
 def cmd_demo(args) -> None:
@@ -91,9 +142,10 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import certs, investigate, ops, report
+    from lfr.cli import certs, investigate, liveops, ops, report
 
     ops.add_parsers(sub)
+    liveops.add_parsers(sub)  # lfr source; lfr deployment stats
     report.add_parsers(sub)  # lfr report | audit | alerts
     investigate.add_parsers(sub)  # lfr identify | gallery | job
     certs.add_parsers(sub)  # lfr certs dev
