@@ -123,6 +123,12 @@ class AlertBook:
                               " adjudication IS NULL", (deployment_id,)).fetchone()
         return int(row[0]), int(row[1])
 
+    def raised_since(self, clock_ns: int) -> list[pb.Alert]:
+        """The latest revision of every alert raised since `clock_ns` on the rules' clock (oldest first)."""
+        rows = self.db.execute("SELECT alert FROM alerts WHERE raised_clock_ns >= ? ORDER BY raised_clock_ns",
+                               (clock_ns,)).fetchall()
+        return [pb.Alert.FromString(r[0]) for r in rows]
+
     # Adjudication ------------------------------------------------------------------------------------
     def adjudication(self, alert_id: str) -> pb.Adjudication | None:
         row = self.db.execute("SELECT adjudication FROM alerts WHERE alert_id = ?", (alert_id,)).fetchone()

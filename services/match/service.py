@@ -11,7 +11,7 @@ import grpc
 
 from lfr.match.alerts import AlertBook
 from lfr.match.core import Counters, adjudication_refusal, decide, reference_refusal
-from lfr.match.tracker import Action, Sighting, Tracker
+from lfr.match.tracker import Action, AlertState, Sighting, Tracker
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
 from lfr.pb import match_pb2 as pb
 from lfr.runtime import clock, events, metrics, subjects
@@ -126,7 +126,31 @@ class MatchService(Service):
         rt.add_servicer(match_pb2_grpc.add_MatchServiceServicer_to_server, MatchServicer(self),
                         pb.DESCRIPTOR.services_by_name["MatchService"])
 
+    def _restore_alerts(self) -> int:
+        """Alerts of a previous run still inside their re-alert window go back into the tracker, so a restart
+        (a crash, a deployment of a new version) does not raise a second alert for a person already alerted."""
+        window_ns = int(self.config.realert_window_s * 1e9)
+        if window_ns <= 0:
+            return 0
+        now = time.time_ns()
+        restored = 0
+        # an alert raised earlier may still be open (a long pass): look back a day, keep those seen in the window
+        for a in self.book.raised_since(self.book.clock.now_ns() - 86400 * 10**9):
+            last = a.last_seen.ToNanoseconds()
+            if now - last > window_ns:
+                continue
+            b = a.box
+            self.tracker.restore(AlertState(
+                a.alert_id, a.envelope.deployment_id, a.entry_id, a.subject_ref, a.raised_at.ToNanoseconds(),
+                a.envelope.camera_id, a.score, last, (b.x1, b.y1, b.x2, b.y2), None, last, sightings=a.sightings,
+                revision=a.revision, published_ns=now, raised_wall_ns=a.raised_at.ToNanoseconds()))
+            restored += 1
+        if restored:
+            self.log.info("match.alerts_restored", alerts=restored)
+        return restored
+
     async def warmup(self) -> None:
+        self._restore_alerts()
         self.worker = asyncio.create_task(self.stage.run(), name="match-stage")
         self.tasks = [asyncio.create_task(coro, name=name) for coro, name in (
             (self._publish_stats(), "match-stats"), (self._tick(), "match-tracker"),

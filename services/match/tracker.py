@@ -155,6 +155,14 @@ class Tracker:
                 del self.open_alerts[key]
         return actions
 
+    def restore(self, alert: AlertState) -> None:
+        """An alert a previous run of the service raised (from the alert book): a sighting of its entry within the
+        re-alert window continues it instead of raising a second alert for the same person."""
+        key = (alert.deployment_id, alert.entry_id)
+        current = self.open_alerts.get(key)
+        if current is None or current.last_seen_ns < alert.last_seen_ns:
+            self.open_alerts[key] = alert
+
     # -------------------------------------------------------------------------------------------------
     def close(self, now_ns: int) -> list[Action]:
         """At shutdown: publish every alert's best probe not yet published."""

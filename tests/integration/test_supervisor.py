@@ -71,7 +71,7 @@ def test_killed_processes_return_counted_and_sigterm_with_a_closed_stdout_stops_
         eps = wait_serving(tmp_path)
         access = Access.dev(tmp_path)
         seen.update(system_processes(tmp_path))
-        assert set(seen) == {"supervisor", "nats", *SERVICES}
+        assert {"supervisor", "nats", *SERVICES} <= set(seen)  # and whatever else it runs (the console)
         assert eps["supervisor"]["pgid"] and all(os.getpgid(pid) == eps["supervisor"]["pgid"]
                                                  for n, (pid, _) in seen.items() if n != "supervisor")
         for victim in ("match", "nats"):
@@ -118,7 +118,7 @@ def test_sigterm_to_the_tox_launcher_stops_the_system(tmp_path):
     try:
         wait_serving(tmp_path, 240)
         seen = system_processes(tmp_path)
-        assert len(seen) == len(SERVICES) + 2
+        assert len(seen) >= len(SERVICES) + 2
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(30)

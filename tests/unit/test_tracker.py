@@ -116,3 +116,24 @@ def test_close_publishes_pending_best_probes_and_tick_forgets():
     assert [a.kind for a in pending] == ["update"] and pending[0].alert.best_probe == ("frame", 9)
     t.tick(100 * S)
     assert not t.open_alerts and not t.tracks
+
+
+def test_a_restored_alert_is_continued_not_raised_again():
+    """After a restart of the match service its alerts come back from the alert book: the same person seen again
+    inside the re-alert window continues the alert (an update with a better probe), no second alert."""
+    from lfr.match.tracker import AlertState
+
+    first = tracker(realert_window_s=120.0)
+    raised = [a for a in walk(first, "e1", 0.0, 1.0) if a.kind == "raise"]
+    assert len(raised) == 1
+    old = raised[0].alert
+    restarted = tracker(realert_window_s=120.0)
+    restarted.restore(AlertState(old.alert_id, "dep", "e1", "S-e1", old.raised_ns, "cam", old.best_score,
+                                 old.last_seen_ns, old.best_box, None, old.last_seen_ns, revision=old.revision))
+    again = walk(restarted, "e1", 5.0, 1.0, scores=lambda k: 0.7)
+    assert [a.kind for a in again if a.kind == "raise"] == []
+    assert {a.alert.alert_id for a in again} == {old.alert_id}
+    assert again[0].alert.revision == old.revision + 1 and again[0].alert.best_probe == ("frame", 0)
+    # outside the window it is a new pass: a new alert
+    late = walk(restarted, "e1", 200.0, 1.0)
+    assert [a.kind for a in late].count("raise") == 1

@@ -4,7 +4,9 @@
 - typed publish/subscribe of protobuf messages, queue groups, a bounded hand-off per subscription;
 - JetStream streams declared idempotently from `subjects.STREAMS`;
 - durable publishes go through an outbox that retries until the server acknowledges them, de-duplicated by
-  message id, so a NATS restart loses no alert or audit fact;
+  message id, so a NATS restart loses no alert or audit fact; with `outbox_path` the outbox is a SQLite file
+  written before `publish_durable` returns and read again at the next start, so a killed process loses none
+  either (the services keep it in their state folder);
 - durable consumers are pull consumers that survive reconnects and server restarts;
 - with a user, a password and TLS material when given: the server then lets the user do only what
   `natsauth.PERMISSIONS` allows, and replies come on the user's own inbox prefix.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import ssl
 import time
 from collections import deque
@@ -34,7 +37,7 @@ M = TypeVar("M", bound=Message)
 
 class Bus:
     def __init__(self, url: str, name: str, service: str = "", *, user: str = "", password: str = "",
-                 tls_dir: str | Path = "", tls_cert: str = ""):
+                 tls_dir: str | Path = "", tls_cert: str = "", outbox_path: str | Path = ""):
         """`user`/`password`: NATS credentials (none = anonymous). `tls_dir`: ca.pem to check the server with, and
         <tls_cert>.pem/.key (default: the service's) as the client certificate if present; TLS is used whenever
         the server asks for it, and required with tls:// URLs."""
@@ -50,11 +53,26 @@ class Bus:
         self.nc: nats.NATS | None = None
         self.js = None
         self.log = get_logger(component="bus")
-        self._outbox: deque[tuple[str, bytes, str]] = deque()
+        self._outbox: deque[tuple[str, bytes, str, int]] = deque()  # subject, data, msg id, row in the file
+        self._outbox_db = self._open_outbox(outbox_path) if outbox_path else None
         self._outbox_event = asyncio.Event()
         self._outbox_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+
+    def _open_outbox(self, path: str | Path) -> sqlite3.Connection:
+        """The outbox file, and the facts a previous run of this process left unacknowledged in it."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a fact the caller was told is queued survives a power loss too
+        db.execute("CREATE TABLE IF NOT EXISTS outbox (n INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,"
+                   " data BLOB NOT NULL, msg_id TEXT NOT NULL)")
+        for n, subject, data, msg_id in db.execute("SELECT n, subject, data, msg_id FROM outbox ORDER BY n"):
+            self._outbox.append((subject, data, msg_id, n))
+        if self._outbox:
+            self.log.info("nats.outbox_recovered", pending=len(self._outbox))
+        return db
 
     # Connection -------------------------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -164,8 +182,14 @@ class Bus:
             return False
 
     def publish_durable(self, subject: str, msg: Message, msg_id: str) -> None:
-        """Queue a durable fact; the outbox retries until JetStream acknowledges it (deduplicated by id)."""
-        self._outbox.append((subject, msg.SerializeToString(), msg_id))
+        """Queue a durable fact; the outbox retries until JetStream acknowledges it (deduplicated by id). With an
+        outbox file the fact is on disk when this returns (an OSError, e.g. a full disk, reaches the caller)."""
+        data = msg.SerializeToString()
+        n = 0
+        if self._outbox_db is not None:
+            n = self._outbox_db.execute("INSERT INTO outbox (subject, data, msg_id) VALUES (?, ?, ?)",
+                                        (subject, data, msg_id)).lastrowid
+        self._outbox.append((subject, data, msg_id, n))
         metrics.QUEUE_DEPTH.labels(self.service, "outbox").set(len(self._outbox))
         self._outbox_event.set()
 
@@ -187,7 +211,7 @@ class Bus:
                 self._outbox_event.clear()
                 await self._outbox_event.wait()
                 continue
-            subject, data, msg_id = self._outbox[0]
+            subject, data, msg_id, n = self._outbox[0]
             try:
                 await self.js.publish(subject, data, timeout=2, headers={"Nats-Msg-Id": msg_id})
             except asyncio.CancelledError:
@@ -199,6 +223,11 @@ class Bus:
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.1
+            if n and self._outbox_db is not None:
+                try:
+                    self._outbox_db.execute("DELETE FROM outbox WHERE n = ?", (n,))
+                except sqlite3.Error as exc:  # sent twice at the next start at worst: JetStream drops the copy
+                    self.log.warning("nats.outbox_delete_failed", error=str(exc))
             self._outbox.popleft()
             metrics.QUEUE_DEPTH.labels(self.service, "outbox").set(len(self._outbox))
 
@@ -319,3 +348,6 @@ class Bus:
                 await asyncio.wait_for(self.nc.drain(), 5)
         with contextlib.suppress(Exception):
             await self.nc.close()
+        if self._outbox_db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._outbox_db.close()

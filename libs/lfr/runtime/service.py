@@ -199,8 +199,10 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         # Exit runs in reverse: executor -> NATS drain (outbox flushed, consumers done) -> close stores.
         stack.push_async_callback(service.close)
         if service.uses_nats:
+            # the durable outbox is a file in the state folder when there is one (a killed process loses no fact)
+            outbox = config.state_path("outbox", f"{config.service}.sqlite") if config.state_dir else ""
             bus = Bus(config.nats_url, name=f"lfr-{config.service}", service=config.service, user=config.nats_user,
-                      password=config.nats_password, tls_dir=config.tls_dir)
+                      password=config.nats_password, tls_dir=config.tls_dir, outbox_path=outbox)
             await bus.connect()
             stack.push_async_callback(bus.drain)
             await bus.ensure_streams(replicas=config.stream_replicas)
