@@ -60,8 +60,12 @@ MODEL_SERVICES = ("detection", "embedding")
 STAGE_OF = {"detection": "detect", "embedding": "embed", "match": "match"}
 # Services with an external gRPC API (reached through the API gateway); the others are internal.
 EXTERNAL_API = ("ingest", "watchlist", "match", "audit")
+# Web applications in services/ (HTTP, not gRPC; no NATS, no store): checked by _web_errors. -> the gRPC services
+# they call (as the signed-in person, with their own client certificate).
+WEB_SERVICES = {"console": ("ingest", "watchlist", "match", "audit")}
 # Who calls whom over gRPC inside the platform (callee -> callers).
-INTERNAL_CALLERS = {"watchlist": {"ingest", "match"}, "detection": {"watchlist"}, "embedding": {"watchlist"}}
+INTERNAL_CALLERS = {"watchlist": {"ingest", "match", "console"}, "detection": {"watchlist"},
+                    "embedding": {"watchlist"}, "ingest": {"console"}, "match": {"console"}, "audit": {"console"}}
 # Secrets the prod overlay expects to exist already (deploy/k8s/README.md says what each holds): lfr-ca is the CA
 # (tls.crt, tls.key) the Issuer lfr-ca signs the services' certificates with, from the force's PKI.
 EXTERNAL_SECRETS = ("qdrant-api-key", "qdrant-read-only-api-key", "nats-users", "lfr-ca")
@@ -243,7 +247,8 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
     err = problems.append
     index = _index(objects)
     keys = {k for k, _, _ in describe()}
-    services = sorted(p.name for p in (repo / "services").iterdir() if (p / "__main__.py").is_file())
+    services = sorted(p.name for p in (repo / "services").iterdir() if (p / "__main__.py").is_file()
+                      and p.name not in WEB_SERVICES)
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     services_by_name = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     workloads = _workloads(objects)
@@ -291,8 +296,11 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
         if not repo_name.endswith(f"lfr/{name}"):
             err(f"Deployment/{name}: image {image!r} is not the lfr/{name} image")
     for name in deployments:
-        if name not in services:
+        if name not in services and name not in WEB_SERVICES:
             err(f"Deployment/{name}: no such service in services/")
+    for name in WEB_SERVICES:
+        if (repo / "services" / name / "__main__.py").is_file():
+            problems.extend(_web_errors(name, objects, index, deployments, services_by_name))
 
     # Hardening of every workload.
     for w in workloads:
@@ -471,6 +479,86 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
     problems.extend(_names_errors(objects, keys, stream_names))
     problems.extend(_keda_errors(objects, services, set(BUDGET_SHARE), stream_names))
     problems.extend(_network_errors(objects, deployments, index, services))
+    return problems
+
+
+def _web_errors(name: str, objects: list[dict], index: dict, deployments: dict, services_by_name: dict) -> list[str]:
+    """A web application of services/ (the console): its workload and companions, configuration that
+    lfr.runtime.config accepts, HTTP probes on its port, its own client certificate for mutual TLS, the identity
+    provider's keys, targets that resolve, and reachability from the single sign-on gateway only."""
+    from lfr.runtime.config import Config, ConfigError, describe
+
+    problems: list[str] = []
+    err = problems.append
+    where = f"Deployment/{name}"
+    dep = deployments.get(name)
+    if dep is None:
+        return [f"services/{name}: no Deployment named {name}"]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    if pod.get("serviceAccountName") != name or ("ServiceAccount", name) not in index:
+        err(f"{where}: must run as its own ServiceAccount {name!r}")
+    if not any(o["kind"] == "PodDisruptionBudget" and selects(o["spec"]["selector"], _pod_labels(dep)) for o in objects):
+        err(f"{where}: no PodDisruptionBudget selects its pods")
+    if not c["image"].split("@")[0].rsplit(":", 1)[0].endswith(f"lfr/{name}"):
+        err(f"{where}: image {c['image']!r} is not the lfr/{name} image")
+    env = container_env(c, index)
+    keys = {k for k, _, _ in describe()}
+    for key in env:
+        if key.startswith("LFR_") and key not in keys and not _secret_form(key, keys):
+            err(f"{where}: {key} is not a configuration key of lfr.runtime.config (see describe())")
+    try:
+        cfg = Config.from_env({k: v for k, v in env.items() if k.startswith("LFR_")}, service=name)
+    except ConfigError as exc:
+        return problems + [f"{where}: configuration rejected by lfr.runtime.config: {exc}"]
+    if cfg.console_host != "0.0.0.0":
+        err(f"{where}: LFR_CONSOLE_HOST must be 0.0.0.0 in a pod (is {cfg.console_host!r})")
+    if cfg.console_auth != "proxy":
+        err(f"{where}: LFR_CONSOLE_AUTH must be proxy in a cluster (the force's single sign-on; dev is for an "
+            "embedded system's development identity provider)")
+    if cfg.console_secure_cookie == "off":
+        err(f"{where}: LFR_CONSOLE_SECURE_COOKIE=off: the session cookie must be Secure off loopback")
+    if cfg.insecure or "LFR_INSECURE" in env:
+        err(f"{where}: sets LFR_INSECURE: the console reaches the services over mutual TLS only")
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    if ports.get("http") != cfg.console_port:
+        err(f"{where}: LFR_CONSOLE_PORT={cfg.console_port} but the container port 'http' is {ports.get('http')}")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = (c.get(probe) or {}).get("httpGet", {})
+        if get.get("path") != "/healthz" or get.get("port") not in ("http", cfg.console_port):
+            err(f"{where}: {probe} must be an httpGet of /healthz on the http port")
+    svc = services_by_name.get(name)
+    if svc is None or not any(p.get("targetPort") in ("http", cfg.console_port) for p in svc["spec"]["ports"]):
+        err(f"services/{name}: no Service named {name} exposing its http port")
+    # its own client certificate: LFR_TLS_DIR a read-only Secret with ca.pem, <client_cert>.pem/.key, issued for it
+    mounts, vols = c.get("volumeMounts", []), {v["name"]: v for v in pod.get("volumes", [])}
+    mount = next((m for m in mounts if m["mountPath"].rstrip("/") == cfg.tls_dir.rstrip("/")), None) if cfg.tls_dir else None
+    secret = vols.get(mount["name"], {}).get("secret") if mount else None
+    if not secret or not mount.get("readOnly"):
+        err(f"{where}: LFR_TLS_DIR must be the read-only mount of its certificate's Secret")
+    else:
+        paths = {i["path"] for i in secret.get("items", [])}
+        if not {"ca.pem", f"{cfg.client_cert}.pem", f"{cfg.client_cert}.key"} <= paths:
+            err(f"{where}: its TLS Secret must provide ca.pem, {cfg.client_cert}.pem and {cfg.client_cert}.key")
+        cert = _issued_secrets(objects).get(secret["secretName"])
+        if cert is None or cert["spec"].get("commonName") != name or "client auth" not in cert["spec"].get("usages", []):
+            err(f"{where}: its TLS Secret {secret['secretName']!r} must be issued by a Certificate with common name "
+                f"{name!r} for client auth")
+    if not cfg.auth_keys_dir or not any(m["mountPath"].rstrip("/") == cfg.auth_keys_dir.rstrip("/")
+                                        and m.get("readOnly") for m in mounts):
+        err(f"{where}: LFR_AUTH_KEYS_DIR must be a read-only mount of the identity provider's keys")
+    for target in WEB_SERVICES[name]:
+        problems.extend(_target_errors(where, f"LFR_{target.upper()}_TARGET", getattr(cfg, f"{target}_target"),
+                                       target, services_by_name, deployments, index))
+    # reachable from the single sign-on gateway only
+    peers = ingress_peers(objects, dep, cfg.console_port)
+    if not peers:
+        err(f"{where}: its http port is not reachable from the API gateway (lfr/api-gateway=true)")
+    for peer in peers:
+        ns = (peer or {}).get("namespaceSelector")
+        if not (ns is not None and "podSelector" not in peer and ns.get("matchLabels") == dict([GATEWAY_LABEL])
+                and not ns.get("matchExpressions")):
+            err(f"{where} port {cfg.console_port}: reachable from {_peer_names(peer)}")
     return problems
 
 

@@ -297,6 +297,20 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
      "Deployment/match: sets LFR_SOURCE_HOSTS, but only ('ingest', 'watchlist') read media"),
     (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_SOURCE_HOSTS="cam-01.example"),
      "Deployment/watchlist: LFR_SOURCE_HOSTS lists camera hosts but no NetworkPolicy lets it reach RTSP"),
+    # the console (an HTTP workload): single sign-on only, its own client certificate, reachable from the gateway
+    (lambda o: o.remove(find(o, "Deployment", "console")), "services/console: no Deployment named console"),
+    (lambda o: find(o, "ConfigMap", "lfr-console")["data"].update(LFR_CONSOLE_AUTH="dev"),
+     "Deployment/console: LFR_CONSOLE_AUTH must be proxy in a cluster"),
+    (lambda o: find(o, "ConfigMap", "lfr-console")["data"].update(LFR_CONSOLE_SECURE_COOKIE="off"),
+     "Deployment/console: LFR_CONSOLE_SECURE_COOKIE=off"),
+    (lambda o: find(o, "ConfigMap", "lfr-console")["data"].update(LFR_MATCH_TARGET="match:9090"),
+     "Deployment/console: LFR_MATCH_TARGET=match:9090 reaches match on a port other than its LFR_GRPC_PORT"),
+    (lambda o: volume(o, "console", "tls")["secret"].update(secretName="lfr-tls-watchlist"),
+     "Deployment/console: its TLS Secret 'lfr-tls-watchlist' must be issued by a Certificate with common name"),
+    (lambda o: containers(o, "console")[0]["readinessProbe"]["httpGet"].update(path="/"),
+     "Deployment/console: readinessProbe must be an httpGet of /healthz"),
+    (lambda o: find(o, "NetworkPolicy", "console-from-gateway")["spec"]["ingress"][0]["from"][0].update(
+        namespaceSelector={}), "Deployment/console port 8080: reachable from"),
 ])
 def test_the_contract_check_catches(rendered, mutate, expected):
     objects = copy.deepcopy(rendered["prod-keda"])
@@ -307,7 +321,8 @@ def test_the_contract_check_catches(rendered, mutate, expected):
 
 def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(rendered):
     objects = rendered["prod"]
-    services = sorted(p.name for p in (dc.REPO / "services").iterdir() if (p / "__main__.py").is_file())
+    services = sorted(p.name for p in (dc.REPO / "services").iterdir() if (p / "__main__.py").is_file()
+                      and p.name not in dc.WEB_SERVICES)
     assert services == ["audit", "detection", "embedding", "ingest", "match", "watchlist"]
     assert set(dc.SINGLETONS) == {"watchlist", "match", "audit"}
     hpas = {o["metadata"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}

@@ -105,6 +105,19 @@ class Config:
                              "empty = no network sources)")
     nats_user: str = _opt("", "NATS user name of this service (the server gives it only its own subjects)")
     nats_password: str = _opt("", "NATS password (use LFR_NATS_PASSWORD_FILE)")
+    # the operator console (#13): a web client of the gRPC APIs ---------------------------------------------
+    console_host: str = _opt("127.0.0.1", "console: HTTP listen address (0.0.0.0 in a container)")
+    console_port: int = _opt(8080, "console: HTTP listen port (0 = pick a free port)")
+    console_auth: str = _opt("proxy", "console: 'proxy' (the force's single sign-on forwards each request's "
+                             "bearer token in Authorization) or 'dev' (a login page minting development IdP "
+                             "tokens from LFR_STATE_DIR)")
+    console_secure_cookie: str = _opt("auto", "console: the session cookie's Secure flag: on, off, or auto (on "
+                                      "unless the console listens on loopback)")
+    ingest_target: str = _opt("127.0.0.1:50051", "ingest service gRPC address (console)")
+    match_target: str = _opt("127.0.0.1:50055", "match service gRPC address (console)")
+    audit_target: str = _opt("127.0.0.1:50056", "audit service gRPC address (console)")
+    client_cert: str = _opt("console", "console: the name of its client certificate in LFR_TLS_DIR "
+                            "(<name>.pem / <name>.key)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Config:
@@ -167,6 +180,12 @@ class Config:
         for name in ("rate_limit_rps", "rate_limit_burst", "rpc_timeout_s", "max_image_bytes", "access_summary_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if self.console_auth not in ("proxy", "dev"):
+            raise ConfigError("LFR_CONSOLE_AUTH: must be proxy or dev")
+        if self.console_secure_cookie not in ("on", "off", "auto"):
+            raise ConfigError("LFR_CONSOLE_SECURE_COOKIE: must be on, off or auto")
+        if not 0 <= self.console_port <= 65535:
+            raise ConfigError(f"LFR_CONSOLE_PORT: {self.console_port} is not a port number")
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("LFR_DEVICE: must be cpu, cuda, cuda:N or empty")
         return self

@@ -34,6 +34,7 @@ STOP_ORDER = ("ingest", "detection", "embedding", "match", "watchlist", "audit")
 TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_TARGET",
                "watchlist": "LFR_WATCHLIST_TARGET"}
 NATS = "nats"  # the supervised nats-server's name in restart counts and status
+CONSOLE = "console"  # the operator console (HTTP), started once the services serve (not when insecure)
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -72,14 +73,15 @@ class Backoff:
 
 class EmbeddedSystem:
     def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 insecure: bool = False, media_roots=(), supervise: bool = False, log=None):
+                 insecure: bool = False, media_roots=(), supervise: bool = False, log=None, console: bool = True):
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.extra_env = dict(env or {})
         self.insecure = insecure  # plaintext and unauthenticated: only when asked for explicitly
         self.media_roots = [Path(r).resolve() for r in media_roots]  # beyond <state>/media and the shared data
         self.security: dict[str, str] = {}
-        ports = free_ports(2 * len(SERVICES) + 1, host)
+        ports = free_ports(2 * len(SERVICES) + 2, host)
+        self.console_port = ports.pop() if console and not insecure else 0  # the console needs the dev IdP
         self.nats = NatsServer(self.state_dir / "nats", port=ports.pop())
         self.nats_secrets = self.state_dir / "security" / "nats"  # a password per service (and admin), 0600
         self.ports = {s: ports.pop() for s in SERVICES}
@@ -126,6 +128,39 @@ class EmbeddedSystem:
         env.update(self.extra_env)
         return env
 
+    def console_env(self) -> dict[str, str]:
+        """The console: a client of ingest, watchlist, match and audit with the generic client certificate,
+        signing people in with the development identity provider (see docs/console.md)."""
+        env = dict(os.environ)
+        env.update({"LFR_STATE_DIR": str(self.state_dir), "LFR_CONSOLE_HOST": self.host,
+                    "LFR_CONSOLE_PORT": str(self.console_port), "LFR_CONSOLE_AUTH": "dev",
+                    "LFR_TLS_DIR": self.security["tls_dir"], "LFR_CLIENT_CERT": "client",
+                    "LFR_AUTH_KEYS_DIR": self.security["auth_keys_dir"], "LFR_AUTH_ISSUER": "lfr-dev-idp",
+                    "LFR_AUTH_AUDIENCE": "lfr"})
+        env.update({f"LFR_{s.upper()}_TARGET": self.endpoint(s) for s in ("ingest", "watchlist", "match", "audit")})
+        env.update(self.extra_env)
+        return env
+
+    def console_url(self) -> str:
+        return f"http://{self.host}:{self.console_port}/" if self.console_port else ""
+
+    def wait_console(self, timeout_s: float = 30.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.console_url() + "healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            proc = self.procs.get(CONSOLE)
+            if (proc is not None and proc.poll() is not None and not self.supervised) or time.monotonic() > deadline:
+                tail = (self.state_dir / "logs" / f"{CONSOLE}.log").read_text()[-2000:]
+                raise RuntimeError(f"the console did not start at {self.console_url()}:\n{tail}")
+            time.sleep(0.1)
+
     def _spawn_kwargs(self) -> dict:
         """Popen arguments of every child: the system's process group, and death with the supervisor."""
         group = self.pgid
@@ -151,7 +186,8 @@ class EmbeddedSystem:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with self.lock, open(logs / f"{service}.log", "ab") as out:
-            self.procs[service] = self._popen([sys.executable, "-m", f"lfr.{service}"], env=self.service_env(service),
+            env = self.console_env() if service == CONSOLE else self.service_env(service)
+            self.procs[service] = self._popen([sys.executable, "-m", f"lfr.{service}"], env=env,
                                               stdout=out, stderr=out, stdin=subprocess.DEVNULL)
             self.started_at[service] = time.monotonic()
 
@@ -173,6 +209,9 @@ class EmbeddedSystem:
             for s in SERVICES:
                 self.start_service(s)
             self.wait_healthy(SERVICES, timeout_s)
+            if self.console_port:
+                self.start_service(CONSOLE)
+                self.wait_console()
         except BaseException:
             self.stop()
             raise
@@ -185,7 +224,8 @@ class EmbeddedSystem:
         metrics = {s: f"http://{self.host}:{p}/metrics" for s, p in self.metrics_ports.items()}
         if self.supervisor_metrics:
             metrics["supervisor"] = self.supervisor_metrics
-        return {"nats": self.nats.url, **{s: self.endpoint(s) for s in SERVICES}, "metrics": metrics,
+        return {"nats": self.nats.url, **{s: self.endpoint(s) for s in SERVICES},
+                **({"console": self.console_url()} if self.console_port else {}), "metrics": metrics,
                 "supervisor": self.status()}
 
     def write_endpoints(self) -> None:

@@ -1,0 +1,3 @@
+from lfr.console.app import main
+
+main()
