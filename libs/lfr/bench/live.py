@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from lfr.bench.soak import Soak
 from lfr.cli.client import Clients, subject_images
 from lfr.cli.demo import closed_on_failure, temporary_state
 from lfr.cli.live import AlertCollector, create_deployment, enroll, stream_video
@@ -27,6 +28,11 @@ def add_arguments(p) -> None:
     p.add_argument("--fps", type=float, default=10.0, help="sampling rate (default 10)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds of video (0 = all)")
     p.add_argument("--loops", type=int, default=1, help="play the video this many times (a longer run)")
+    p.add_argument("--minutes", type=float, default=0.0, help="soak: play the video again and again for this long, "
+                   "sampling every process's memory and open files, latency and drops per window; fails on "
+                   "unbounded growth or latency creep (see lfr.bench.soak)")
+    p.add_argument("--sample-s", type=float, default=15.0, help="soak: sampling interval (default 15 s)")
+    p.add_argument("--window-min", type=float, default=5.0, help="soak: window of the percentiles (default 5 min)")
     p.add_argument("--state-dir", default="", help="state folder (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
 
@@ -88,7 +94,10 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
             cpu0 = cpu_seconds(system)
             t0 = time.monotonic()
             frames_in = 0
-            for _ in range(max(1, args.loops)):
+            soak = Soak(system, args.sample_s, args.window_min * 60).start() if args.minutes else None
+            loops = 0
+            while loops < max(1, args.loops) or (soak and time.monotonic() - t0 < args.minutes * 60):
+                loops += 1
                 if args.seconds:
                     timer = threading.Timer(args.seconds, lambda: [
                         c.ingest.StopSource(ingest_pb2.StopSourceRequest(source_id=s.source_id))
@@ -100,6 +109,8 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
                     timer.cancel()
                 frames_in += src.frames_published
             wall = time.monotonic() - t0
+            if soak:
+                soak.stop()
             cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(system).items()}
             time.sleep(1.5)  # let the last frames through
             stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
@@ -150,4 +161,5 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
                         "score": round(a.score, 4)} for a, _ in raised],
         "deployment": {"id": d.id, "status": watchlist_pb2.DeploymentStatus.Name(ended.status).removeprefix(
             "DEPLOYMENT_STATUS_"), "purged": bool(ended.purged_at.seconds)},
-    }
+        "loops": loops,
+    } | ({"soak": (report := soak.report()), "ok": report["ok"]} if soak else {})
