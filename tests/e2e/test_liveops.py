@@ -178,6 +178,21 @@ def test_cli_sources_start_list_stop(played, active, ground_truth):
     assert played["stopped"]["state"] in ("STOPPED", "FINISHED") and played["stopped"]["frames_published"] > 0
 
 
+def test_cli_source_start_refusals_are_one_line(system, active, tmp_path):
+    d, _ = active
+    for args, code in ((["--camera", CAMERA, str(tmp_path / "missing.mp4")], "NOT_FOUND"),
+                       (["--camera", "cam-not-in-deployment", "/etc/hostname"], "FAILED_PRECONDITION"),
+                       (["--camera", CAMERA, "/etc/hostname"], "PERMISSION_DENIED"),  # outside the media roots
+                       (["--camera", CAMERA, "--fps", "0.5", "rtsp://camera.example/live"], "PERMISSION_DENIED")):
+        r = lfr(system, OPERATOR, "source", "start", "--deployment", d.id, *args, check=False)
+        assert r.returncode == 1 and r.stderr.startswith(f"lfr: {code}") and "Traceback" not in r.stderr, (args,
+                                                                                                          r.stderr)
+    r = lfr(system, OFFICER, "source", "stop", "no-such-source", check=False)
+    assert r.returncode == 1 and "PERMISSION_DENIED" in r.stderr  # an engagement officer does not run cameras
+    r = lfr(system, OPERATOR, "source", "stop", "no-such-source", check=False)
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+
+
 def test_cli_alerts_watch_prints_alerts_and_stops_cleanly_on_ctrl_c(played, active):
     d, entries = active
     assert played["alerts"], played["stderr"]

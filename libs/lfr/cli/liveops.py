@@ -53,13 +53,12 @@ def source_line(s: ingest_pb2.Source) -> str:
 
 
 def media_url(text: str) -> str:
-    """An rtsp:// (or other) URL as given; a file path made absolute (ingest does not share our working folder)."""
+    """An rtsp:// (or other) URL as given; a file here made absolute (ingest does not share our working folder);
+    any other path as given (a file on the ingest service's own media volume: ingest decides)."""
     if "://" in text:
         return text
     p = Path(text).expanduser()
-    if not p.is_file():
-        raise Failure(f"no such video file: {text} (give a file ingest can read, or an rtsp:// URL)")
-    return str(p.resolve())
+    return str(p.resolve()) if p.is_file() else text
 
 
 def source_start(args) -> None:
