@@ -162,7 +162,7 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         t_open = time.time()
         row = o.page.wait_for_selector("#queue-body tr[data-alert]", timeout=60_000)
         assert o.page.evaluate("window.__sameDocument === true"), "the page reloaded"
-        shown_ms, capture_ms = (int(row.get_attribute("data-shown-ms")), int(row.get_attribute("data-capture-ms")))
+        shown_ms, capture_ms = (int(row.get_attribute("data-shown-ms")), int(row.get_attribute("data-first-capture-ms")))
         assert o.page.locator("#cue").is_visible() and "New alert" in o.page.locator("#cue").inner_text()
         subject = row.query_selector("td:nth-child(2)").inner_text()
         assert subject in PEOPLE

@@ -22,6 +22,7 @@ BENCHES = {
     "gallery": "lfr.bench.gallery",
     "identify-oifr": "lfr.bench.oifr",
     "abuse": "lfr.bench.abuse",
+    "console": "lfr.bench.console",
 }
 
 

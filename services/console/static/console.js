@@ -50,7 +50,11 @@
     }
     row.dataset.captureMs = a.capture_ms;
     row.dataset.revision = a.revision;
-    if (!row.dataset.shownMs) { row.dataset.shownMs = Date.now(); }  // when it became visible (bench, tests)
+    if (!row.dataset.shownMs) {  // when it became visible, and its frame's capture (bench, tests)
+      row.dataset.shownMs = Date.now();
+      row.dataset.firstCaptureMs = a.capture_ms;
+      row.dataset.raisedMs = a.raised_ms;
+    }
     if (fresh) {
       row.classList.add("new");
       cue("New alert: " + a.subject_ref + " on " + a.camera + " (score " + a.score.toFixed(3) + ")");
