@@ -191,6 +191,9 @@ def deployment_create(args, stub) -> None:
             raise Failure("--lat and --lon go together")
         req.site_location.CopyFrom(pb.GeoPoint(latitude=args.lat, longitude=args.lon))
     d = stub.CreateDeployment(req, timeout=30)
+    if args.id_only:
+        print(d.id, flush=True)
+        return
     emit(args, deployment_json(d), describe(d))
 
 
@@ -511,6 +514,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--camera", action="append", required=True, help="camera id (repeat for several)")
     p.add_argument("--purpose", required=True)
     p.add_argument("--legal-basis", default="", help="legal basis of the deployment")
+    p.add_argument("--id-only", action="store_true", help="print only the new deployment's id (for scripts: "
+                   "ID=$(lfr deployment create ... --id-only))")
     p.set_defaults(run=deployment_create)
     p = dsub.add_parser("authorise", parents=[common], help="approve the exact watchlist (--as the officer)")
     p.add_argument("id")

@@ -380,6 +380,9 @@ def alerts_list(args) -> None:
 
         watchlist = watchlist_pb2_grpc.WatchlistServiceStub(channel(args, "watchlist"))
         watchlist.GetDeployment(watchlist_pb2.GetDeploymentRequest(deployment_id=args.deployment), timeout=30)
+    if args.ids:
+        print("\n".join(r.alert.alert_id for r in resp.alerts), flush=True)
+        return
     print(json.dumps([review_json(r) for r in resp.alerts], indent=2))
 
 
@@ -474,6 +477,7 @@ def add_parsers(sub) -> None:
     p.add_argument("deployment")
     p.add_argument("--pending", action="store_true", help="only alerts not adjudicated")
     p.add_argument("--overdue", action="store_true", help="only alerts flagged overdue")
+    p.add_argument("--ids", action="store_true", help="only the alert ids, one a line, oldest first (for scripts)")
     p.set_defaults(run=alerts_list)
     p = alsub.add_parser("show", parents=[common], help="one alert; --probe/--reference write the images")
     p.add_argument("alert")
