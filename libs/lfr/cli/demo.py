@@ -128,6 +128,9 @@ def _demo(state_dir: str, video: str, subjects: dict[str, list[Path]], fps: floa
     print(f"[demo] starting the embedded system (nats-server, Qdrant local, six services) in {state_dir}", flush=True)
     with EmbeddedSystem(state_dir, media_roots=[Path(video).resolve().parent]) as system:
         print(f"[demo] all services SERVING after {time.monotonic() - t0:.1f} s", flush=True)
+        if system.console_url():
+            print(f"[demo] operator console: {system.console_url()} (sign in as operator to watch the control "
+                  "room)", flush=True)
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "demo deployment", ["camera-1"])
         with closed_on_failure(c, d.id):  # an error or Ctrl-C still ends (and purges) the deployment

@@ -22,6 +22,7 @@ BENCHES = {
     "gallery": "lfr.bench.gallery",
     "identify-oifr": "lfr.bench.oifr",
     "abuse": "lfr.bench.abuse",
+    "chaos": "lfr.bench.chaos",
     "console": "lfr.bench.console",
 }
 
@@ -97,6 +98,8 @@ def cmd_up(args) -> None:
         if not stop.is_set():
             out.say(json.dumps(system.endpoints(), indent=2))
             out.say("all services SERVING, supervised (restarted if they end); Ctrl-C or SIGTERM stops everything")
+            if system.console_url():
+                out.say(f"operator console: {system.console_url()} (development sign-in)")
         while not stop.wait(0.5):
             if os.getppid() != parent:
                 why.append(f"parent {parent} gone")
