@@ -281,7 +281,7 @@ def test_cli_deployment_stats(system, clients, played, active):
 
 
 def test_get_alert_after_the_purge_keeps_the_probe_and_says_why_there_is_no_reference(system, clients, played,
-                                                                                      active):
+                                                                                      active, tmp_path):
     d, _ = active
     clients.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="op"))
     assert wait_for(lambda: clients.watchlist.GetDeployment(
@@ -294,6 +294,10 @@ def test_get_alert_after_the_purge_keeps_the_probe_and_says_why_there_is_no_refe
         officer.close()
     assert review.alert.probe_jpeg[:3] == b"\xff\xd8\xff"  # the alert's own crop is kept for its retention
     assert not review.reference_jpeg and "purged at" in review.reference_status
+    ref = tmp_path / "reference.jpg"
+    r = lfr(system, OFFICER, "alerts", "show", played["first"][0]["alert_id"], "--reference", str(ref))
+    assert not ref.exists() and "no reference image" in r.stderr and "purged at" in r.stderr
+    assert "purged at" in json.loads(r.stdout)["reference_status"]
 
 
 def test_cli_alerts_watch_says_so_when_the_system_stops(system, active):

@@ -389,9 +389,13 @@ def alerts_list(args) -> None:
 def alerts_show(args) -> None:
     stub = match_pb2_grpc.MatchServiceStub(channel(args, "match"))
     r = stub.GetAlert(match_pb2.GetAlertRequest(alert_id=args.alert, actor=args.actor), timeout=30)
-    for path, data in ((args.probe, r.alert.probe_jpeg), (args.reference, r.reference_jpeg)):
+    for path, data, what, why in ((args.probe, r.alert.probe_jpeg, "probe crop", "deleted at the end of the "
+                                   "retention period"), (args.reference, r.reference_jpeg, "reference image",
+                                                         r.reference_status)):
         if path and data:
             Path(path).write_bytes(data)
+        elif path:
+            print(f"lfr: no {what} to write to {path}: {why}", file=sys.stderr)
     print(json.dumps(review_json(r), indent=2))
 
 
