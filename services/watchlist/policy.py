@@ -87,33 +87,43 @@ class Policy:
             return (f"category {category_name(category)} is not allowed by policy {self.version} "
                     f"(allowed: {allowed})")
         if size_before >= self.max_watchlist_size:
-            return f"watchlist is full: policy {self.version} allows at most {self.max_watchlist_size} entries"
+            return (f"watchlist is full: policy {self.version} allows at most {self.max_watchlist_size} entries "
+                    f"(max_watchlist_size in LFR_POLICY_FILE)")
         return ""
+
+    def _setting(self, key: str) -> str:
+        """Where a limit a person reads about is set: its key in the policy file."""
+        return f"enrollment.{key} of policy {self.version}, LFR_POLICY_FILE"
 
     def image_refusal(self, n_faces: int, inter_eye_px: float, sharpness: float, yaw_deg: float,
                       pitch_deg: float, captured_ns: int, now_ns: int) -> str:
         """'' if an enrollment image passes the quality gate and the age limit, else the reason it is refused."""
-        reason = enrollment_verdict(n_faces, inter_eye_px, self.min_inter_eye_px)
+        reason = enrollment_verdict(n_faces, inter_eye_px, self.min_inter_eye_px, self._setting("min_inter_eye_px"))
         if reason:
             return reason
         if sharpness < self.min_sharpness:
-            return f"image too blurred: sharpness {sharpness:.0f} (minimum {self.min_sharpness:g})"
+            return (f"image too blurred: sharpness {sharpness:.0f} (minimum {self.min_sharpness:g}: "
+                    f"{self._setting('min_sharpness')})")
         if abs(yaw_deg) > self.max_abs_yaw_deg:
-            return f"face turned too far: yaw {yaw_deg:.0f} degrees (at most {self.max_abs_yaw_deg:g})"
+            return (f"face turned too far: yaw {yaw_deg:.0f} degrees (at most {self.max_abs_yaw_deg:g}: "
+                    f"{self._setting('max_abs_yaw_deg')})")
         if abs(pitch_deg) > self.max_abs_pitch_deg:
-            return f"face tilted too far: pitch {pitch_deg:.0f} degrees (at most {self.max_abs_pitch_deg:g})"
+            return (f"face tilted too far: pitch {pitch_deg:.0f} degrees (at most {self.max_abs_pitch_deg:g}: "
+                    f"{self._setting('max_abs_pitch_deg')})")
         return self.age_refusal(captured_ns, now_ns)
 
     def age_refusal(self, captured_ns: int, now_ns: int) -> str:
         if not self.max_image_age_days:
             return ""
         if not captured_ns:
-            return f"capture date unknown: policy {self.version} allows images at most {self.max_image_age_days} days old"
+            return (f"capture date unknown: policy {self.version} allows images at most {self.max_image_age_days} days "
+                    f"old ({self._setting('max_image_age_days')}); give --captured, or an image with an EXIF date")
         if captured_ns > now_ns + NS_PER_DAY:
             return "capture date is in the future"
         age_days = (now_ns - captured_ns) / NS_PER_DAY
         if age_days > self.max_image_age_days:
-            return f"image too old: captured {age_days:.0f} days ago (at most {self.max_image_age_days})"
+            return (f"image too old: captured {age_days:.0f} days ago (at most {self.max_image_age_days}: "
+                    f"{self._setting('max_image_age_days')})")
         return ""
 
     # Authorisation ---------------------------------------------------------------------------------
@@ -126,14 +136,16 @@ class Policy:
         return reasons
 
 
-def enrollment_verdict(n_faces: int, inter_eye_px: float, min_inter_eye_px: float) -> str:
-    """'' if an image shows exactly one face with enough pixels between the eyes, else the reason."""
+def enrollment_verdict(n_faces: int, inter_eye_px: float, min_inter_eye_px: float, setting: str = "") -> str:
+    """'' if an image shows exactly one face with enough pixels between the eyes, else the reason (naming
+    `setting`, where the minimum is set, when given)."""
     if n_faces == 0:
         return "no face found"
     if n_faces > 1:
         return f"{n_faces} faces found; an enrollment image must show exactly one"
     if inter_eye_px < min_inter_eye_px:
-        return f"face too small: {inter_eye_px:.0f} px between the eyes (minimum {min_inter_eye_px:.0f})"
+        return (f"face too small: {inter_eye_px:.0f} px between the eyes (minimum {min_inter_eye_px:.0f}"
+                + (f": {setting})" if setting else ")"))
     return ""
 
 

@@ -149,6 +149,23 @@ def test_audit_verify_says_what_facts_not_yet_recorded_are():
     assert text.startswith("1 fact waits") and "within seconds" in text and "not an error" in text.lower()
 
 
+def test_enrollment_refusals_name_the_policy_setting_that_governs_them():
+    from lfr.watchlist.service import load_policy
+
+    policy = load_policy("")  # the example policy
+    day, now = 86400 * 10**9, time.time_ns()
+    cases = {"min_inter_eye_px": dict(inter_eye_px=5.0), "min_sharpness": dict(sharpness=1.0),
+             "max_abs_yaw_deg": dict(yaw_deg=80.0), "max_abs_pitch_deg": dict(pitch_deg=80.0),
+             "max_image_age_days": dict(captured_ns=now - 5000 * day)}
+    for key, change in cases.items():
+        args = dict(n_faces=1, inter_eye_px=80.0, sharpness=300.0, yaw_deg=0.0, pitch_deg=0.0,
+                    captured_ns=now - day, now_ns=now) | change
+        reason = policy.image_refusal(**args)
+        assert f"enrollment.{key}" in reason and "LFR_POLICY_FILE" in reason, (key, reason)
+    allowed = next(iter(policy.categories))
+    assert "max_watchlist_size in LFR_POLICY_FILE" in policy.entry_refusal(allowed, policy.max_watchlist_size)
+
+
 def _rows(n: int, date: str = "2026-12-03") -> list[dict]:
     return [{"deployment_id": f"d{i}", "date": date, "start_time": f"{date}T1{i}:0{i}:00Z", "site": "s",
              "alerts": 1 if i == 0 else 0, "confirmed_alerts": 1 if i == 0 else 0, "false_alerts": 0,
@@ -235,6 +252,15 @@ def test_audit_verify_explains_facts_not_yet_recorded(system):
     assert "facts not yet recorded" not in r.stdout
     if "wait" in r.stdout:  # a fact still on its way: the line says what that means
         assert "in the durable event streams to be recorded" in r.stdout
+
+
+def test_a_request_over_the_message_limit_names_the_settings(system, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(9 * 1024 * 1024))  # over the default LFR_MAX_MESSAGE_BYTES (8 MiB)
+    r = lfr(system, "reference", "add", "--subject", "s", "--source", "x", "--legal-basis", "y", "--as", "builder",
+            str(big))
+    assert r.returncode == 1 and r.stderr.startswith("lfr: RESOURCE_EXHAUSTED"), r.stderr
+    assert "LFR_MAX_MESSAGE_BYTES" in r.stderr and "LFR_MAX_IMAGE_BYTES" in r.stderr
 
 
 def test_a_stopped_system_is_one_line_that_says_so(system):

@@ -603,6 +603,10 @@ def rpc_error_text(exc: grpc.RpcError) -> str:
     text = f"{code.name}: {exc.details()}"
     if code == grpc.StatusCode.UNAVAILABLE:
         text += " (the system is not running, or it stopped: start it with `lfr up`, wait with `lfr status --wait 300`)"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (exc.details() or ""):
+        # gRPC's own refusal names no setting: a request is limited by the service's LFR_MAX_MESSAGE_BYTES
+        text += (" (the service accepts requests up to LFR_MAX_MESSAGE_BYTES, and each image up to "
+                 "LFR_MAX_IMAGE_BYTES: send fewer or smaller images per call)")
     return text
 
 
