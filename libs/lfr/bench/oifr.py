@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -115,13 +116,14 @@ def run(args) -> dict:
     identities = _select(list_identities(root), args.limit)
     fpirs = metrics.fpir_points(sum(1 for v in identities.values() if len(v) == 1))
     gallery = args.gallery or f"bench-{int(time.time())}"
-    system = None
+    system, temp = None, ""
     try:
         if args.embedded:
             from lfr.models.engines import resolve_model_id
             from lfr.runtime.embedded import EmbeddedSystem
 
-            system = EmbeddedSystem(tempfile.mkdtemp(prefix="lfr-oifr-"),
+            temp = tempfile.mkdtemp(prefix="lfr-oifr-")  # the gallery's images, the development keys: removed
+            system = EmbeddedSystem(temp,
                                     env={"LFR_MODEL": resolve_model_id(args.model)}).start()
             target = system.endpoint("watchlist")
             access = system.access(user="bench", follow_actor=True, roles=["watchlist_manager", "investigator"])
@@ -142,6 +144,8 @@ def run(args) -> dict:
     finally:
         if system is not None:
             system.stop()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
     keys = ("rank1", "tpir_at_fpir", "at_threshold", "no_face", "gallery", "mated_probes", "nonmated_probes",
             "seconds")
     return {"model": pipe.model_id, "data": str(root), "identities": len(identities),
