@@ -20,7 +20,7 @@ from lfr.audit.core import RecordData, record_from_event
 from lfr.audit.store import AuditStore
 from lfr.pb import audit_pb2 as pb
 from lfr.pb import audit_pb2_grpc
-from lfr.runtime import events, subjects
+from lfr.runtime import events, outbox, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
@@ -32,6 +32,11 @@ def record_pb(r: ChainRecord) -> pb.Record:
     return pb.Record(sequence=r.sequence, time=events.ts_from_ns(r.time_ns), type=r.type, actor=r.actor,
                      deployment_id=r.deployment_id, subject=r.subject, payload_digest=r.payload_digest,
                      summary_json=r.summary_json, source=r.source, prev_hash=r.prev_hash, hash=r.hash)
+
+
+def audit_msg_id(r: ChainRecord) -> str:
+    """The dedup id of a chain record in the durable stream."""
+    return f"audit-{r.sequence}-{r.hash[:16]}"
 
 
 def chain_record(m: pb.Record) -> ChainRecord:
@@ -142,6 +147,9 @@ class AuditService(Service):
     async def start(self, rt: Runtime) -> None:
         cfg = self.config
         self.store = AuditStore(cfg.audit_db or cfg.state_path("audit.sqlite"))
+        # the audit's own durable facts (access summaries) wait in its database; its chain appends publish directly
+        # through the outbox module (they must expect the stream's last sequence)
+        rt.bus.use_outbox(outbox.Outbox(self.store.db, self.store.lock, self.name))
         self.lock = asyncio.Lock()  # one append at a time: the chain has one head
         self.closing = False
         self.access_tasks: set[asyncio.Task] = set()
@@ -186,11 +194,10 @@ class AuditService(Service):
         async with self.lock:
             while not self.store.has_source(source):
                 rec = chain.link(self.store.head(), data, source)
-                try:
-                    ack = await self.rt.bus.js.publish(
-                        subjects.audit(rec.deployment_id), record_pb(rec).SerializeToString(), timeout=2,
-                        headers={"Nats-Msg-Id": f"audit-{rec.sequence}-{rec.hash[:16]}",
-                                 "Nats-Expected-Last-Sequence": str(rec.sequence - 1)})
+                try:  # the outbox module's publish: acknowledged, deduplicated, and only onto the head's position
+                    ack = await outbox.publish(self.rt.bus.js, subjects.audit(rec.deployment_id),
+                                               record_pb(rec).SerializeToString(), audit_msg_id(rec),
+                                               expected_last_seq=rec.sequence - 1)
                 except APIError as exc:
                     if exc.err_code != WRONG_LAST_SEQUENCE:
                         raise
@@ -217,8 +224,8 @@ class AuditService(Service):
             self.log.info("audit.index_filled_from_stream", records=last - indexed)
         elif last < indexed:  # the stream's storage was lost: restore the durable copy from the index
             for r in self.store.chain(after=last):
-                await self.rt.bus.js.publish(subjects.audit(r.deployment_id), record_pb(r).SerializeToString(),
-                                             timeout=5, headers={"Nats-Expected-Last-Sequence": str(r.sequence - 1)})
+                await outbox.publish(self.rt.bus.js, subjects.audit(r.deployment_id), record_pb(r).SerializeToString(),
+                                     audit_msg_id(r), timeout_s=5, expected_last_seq=r.sequence - 1)
             self.log.warning("audit.stream_restored_from_index", records=indexed - last)
 
     async def read_audit_stream(self, start_seq: int) -> list[ChainRecord]:

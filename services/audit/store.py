@@ -39,7 +39,7 @@ class AuditStore:
             self.db.execute(f"ALTER TABLE records RENAME TO records_unchained_{time.time_ns()}")
             self.db.execute("DROP INDEX IF EXISTS records_by_deployment")
         self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # shared with the outbox in this database (lfr.runtime.outbox)
 
     def insert(self, r: ChainRecord) -> None:
         with self.lock:

@@ -14,17 +14,8 @@ from lfr.runtime.stage import BUDGET_SHARE, Stage
 
 
 def describe(engine) -> pb.ModelDescription:
-    info = engine.info
-    out = pb.ModelDescription(model_id=info.model_id, model_version=info.version,
-                              default_threshold=info.threshold)
-    for c in engine.components:
-        ci = engine.component_info(c)
-        out.components.append(pb.Component(model_id=ci.model_id, model_version=ci.version, dim=ci.dim,
-                                           chip_size=ci.chip_size, metric=ci.metric))
-    if info.extra.get("weights"):  # a fusion model: weights per component, in component order
-        out.fusion_weights.extend(float(info.extra["weights"][c]) for c in engine.components)
-        out.fusion_bias = float(info.extra["bias"])
-    return out
+    """The served model's whole scoring recipe (`lfr.models.scoring`): what every consumer of its vectors uses."""
+    return engine.scorer.describe(pb.ModelDescription())
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):

@@ -4,9 +4,10 @@ while they are retained, its adjudication, and the time rules on the one injecta
 - an alert not adjudicated `due_s` after it was raised is flagged (AlertOverdue);
 - its probe crop and reference copy are deleted `retention_s` after it was raised (CropsDeleted).
 
-Every fact the book produces (adjudication, flag, deletion) is written in the same transaction as the change it
-reports, into a table of events waiting for JetStream; the service publishes them and removes them once
-acknowledged, so a crash cannot lose the record of a deletion. Deleted crops are overwritten (secure_delete)
+Every fact the book produces (an alert revision, an adjudication, a flag, a deletion) is written in the same
+transaction as the change it reports, into the service's durable outbox (`lfr.runtime.outbox`, a table of this
+database); it is published and removed once JetStream acknowledged it, so a crash cannot lose the record of a
+deletion, nor an alert. Deleted crops are overwritten (secure_delete)
 and the write-ahead log is truncated. Nothing of a face that matched nobody is ever written here.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from lfr.pb import match_pb2 as pb
 from lfr.runtime import events, subjects
 from lfr.runtime.clock import Clock
+from lfr.runtime.outbox import Outbox, Row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -37,20 +38,9 @@ CREATE TABLE IF NOT EXISTS alerts (
   overdue_ns INTEGER
 );
 CREATE INDEX IF NOT EXISTS alerts_by_deployment ON alerts(deployment_id, raised_clock_ns);
-CREATE TABLE IF NOT EXISTS pending_events (
-  n INTEGER PRIMARY KEY AUTOINCREMENT, msg_id TEXT NOT NULL, subject TEXT NOT NULL, data BLOB NOT NULL
-);
 """
 
 PRODUCER = "match"
-
-
-@dataclass(frozen=True)
-class Pending:
-    n: int
-    msg_id: str
-    subject: str
-    data: bytes
 
 
 class AlertBook:
@@ -60,7 +50,15 @@ class AlertBook:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA secure_delete=ON")  # deleted crops are overwritten, not just unlinked
         self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a transaction (lfr.runtime.outbox) spans several writes
+        # the book's facts (alerts, adjudications, flags, deletions) wait here, committed with their change
+        self.outbox = Outbox(self.db, self.lock, PRODUCER)
+        with self.lock:  # facts left by a version that kept its own table move to the outbox, once
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'pending_events'").fetchone():
+                with self.outbox.transaction():
+                    self.db.execute("INSERT OR IGNORE INTO lfr_outbox (msg_id, subject, data, created_ns)"
+                                    " SELECT msg_id, subject, data, 0 FROM pending_events ORDER BY n")
+                    self.db.execute("DROP TABLE pending_events")
         self.clock, self.due_ns, self.retention_ns = clock, int(due_s * 1e9), int(retention_s * 1e9)
 
     # Alerts ------------------------------------------------------------------------------------------
@@ -149,15 +147,10 @@ class AlertBook:
                 alert_id=alert_id, entry_id=alert.entry_id, adjudication=adj,
                 previous_outcome=previous.outcome if previous else pb.OUTCOME_UNSPECIFIED,
                 raised_at=alert.raised_at)
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self.outbox.transaction():  # the change and its fact commit together (lfr.runtime.outbox)
                 self.db.execute("UPDATE alerts SET adjudication = ? WHERE alert_id = ?",
                                 (adj.SerializeToString(), alert_id))
                 self._pending(subjects.adjudications(alert.envelope.deployment_id), ev)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
         return ev
 
     # Time rules --------------------------------------------------------------------------------------
@@ -167,8 +160,7 @@ class AlertBook:
         flagged: list[pb.AlertOverdue] = []
         deleted: list[pb.CropsDeleted] = []
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self.outbox.transaction():  # the change and its fact commit together (lfr.runtime.outbox)
                 rows = self.db.execute(
                     "SELECT alert_id, alert, raised_clock_ns FROM alerts WHERE adjudication IS NULL"
                     " AND overdue_ns IS NULL AND raised_clock_ns + ? <= ? ORDER BY raised_clock_ns",
@@ -203,27 +195,17 @@ class AlertBook:
                 for dep, ev in by_deployment.items():
                     self._pending(subjects.retention(dep), ev)
                     deleted.append(ev)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
             if deleted:  # the old pages of the crops must not survive in the write-ahead log either
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return flagged, deleted
 
     # Events waiting for JetStream --------------------------------------------------------------------
     def _pending(self, subject: str, msg: Message) -> None:
-        self.db.execute("INSERT INTO pending_events (msg_id, subject, data) VALUES (?, ?, ?)",
-                        (msg.envelope.event_id, subject, msg.SerializeToString()))
+        self.outbox.add(subject, msg, msg.envelope.event_id)
 
-    def pending(self, limit: int = 100) -> list[Pending]:
-        rows = self.db.execute("SELECT n, msg_id, subject, data FROM pending_events ORDER BY n LIMIT ?",
-                               (limit,)).fetchall()
-        return [Pending(*r) for r in rows]
-
-    def published(self, n: int) -> None:
-        with self.lock:
-            self.db.execute("DELETE FROM pending_events WHERE n = ?", (n,))
+    def pending(self, limit: int = 100) -> list[Row]:
+        """The facts waiting for JetStream (the service's outbox publishes them)."""
+        return self.outbox.pending(limit)
 
     def close(self) -> None:
         self.db.close()

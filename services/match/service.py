@@ -97,7 +97,6 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         engagement = request.engagement or pb.ENGAGEMENT_NO_ACTION
         ev = book.adjudicate(request.alert_id, pb.Adjudication(
             outcome=request.outcome, engagement=engagement, note=request.note, actor=request.actor.strip()))
-        self.svc.pending.set()
         self.svc.log.info("alert.adjudicated", deployment_id=ev.envelope.deployment_id, alert_id=ev.alert_id,
                           outcome=pb.Outcome.Name(request.outcome), engagement=pb.Engagement.Name(engagement))
         return book.get(request.alert_id, with_images=False)
@@ -119,7 +118,7 @@ class MatchService(Service):
                               "retained, adjudications) in a file; name one on a persistent volume")
         self.book = AlertBook(cfg.alert_db or cfg.state_path("match-alerts.sqlite"), clock.from_config(cfg),
                               cfg.adjudication_due_s, cfg.alert_retention_s)
-        self.pending = asyncio.Event()
+        rt.bus.use_outbox(self.book.outbox)  # every durable fact of match leaves through the book's outbox
         self.stage = Stage(self.name, "match", cfg.queue_size * 4, 1, self._process,
                            lambda e: events.age_ms(e.envelope), cfg.freshness_ms * BUDGET_SHARE["match"],
                            on_drop=self._dropped)
@@ -154,7 +153,7 @@ class MatchService(Service):
         self.worker = asyncio.create_task(self.stage.run(), name="match-stage")
         self.tasks = [asyncio.create_task(coro, name=name) for coro, name in (
             (self._publish_stats(), "match-stats"), (self._tick(), "match-tracker"),
-            (self._apply_rules(), "match-rules"), (self._publish_pending(), "match-pending"))]
+            (self._apply_rules(), "match-rules"))]
         await self.deployments.follow(self.rt.bus)
         self.sub = await self.rt.bus.subscribe(subjects.embeddings(), embedding_pb2.EmbeddingsEvent,
                                                lambda m, _s: self.stage.offer(m), queue=subjects.QUEUE["match"],
@@ -225,10 +224,11 @@ class MatchService(Service):
                          raised_at=events.ts_from_ns(a.raised_wall_ns), revision=a.revision,
                          updated_at=events.now_ts(), last_seen=events.ts_from_ns(a.last_seen_ns),
                          sightings=a.sightings)
-        self.book.record(alert, p.crop_jpeg)
         env = alert.envelope
-        self.rt.bus.publish_durable(subjects.alerts(env.deployment_id, env.camera_id), alert,
-                                    f"{alert.alert_id}.{alert.revision}")
+        with self.book.outbox.transaction():  # the book's revision and the durable fact commit together
+            self.book.record(alert, p.crop_jpeg)
+            self.rt.bus.publish_durable(subjects.alerts(env.deployment_id, env.camera_id), alert,
+                                        f"{alert.alert_id}.{alert.revision}")
         c = self._counters(env.deployment_id)
         if action.kind == "raise":
             c.alerts += 1
@@ -254,33 +254,7 @@ class MatchService(Service):
                 self.log.info("alert.crops_deleted", deployment_id=ev.envelope.deployment_id,
                               alerts=len(ev.alert_ids), probe_crops=ev.probe_crops_deleted,
                               reference_copies=ev.reference_copies_deleted)
-            if flagged or deleted:
-                self.pending.set()
             await asyncio.sleep(self.config.alert_sweep_interval_s)
-
-    async def _publish_pending(self) -> None:
-        """Publish the alert book's facts (adjudications, flags, deletions); each leaves the book once acked."""
-        while True:
-            self.pending.clear()
-            if not await self._flush_pending():
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                await asyncio.wait_for(self.pending.wait(), 1.0)
-            except TimeoutError:
-                pass
-
-    async def _flush_pending(self) -> bool:
-        for p in self.book.pending():
-            try:
-                await self.rt.bus.js.publish(p.subject, p.data, timeout=2, headers={"Nats-Msg-Id": p.msg_id})
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.log.warning("nats.durable_publish_retry", subject=p.subject, error=type(exc).__name__)
-                return False
-            self.book.published(p.n)
-        return True
 
     async def attach_reference(self, review: pb.AlertReview, actor: str, context) -> None:
         """The alert's entry's first enrolled image, asked of the watchlist service as the officer (their bearer
@@ -337,11 +311,7 @@ class MatchService(Service):
                 task.cancel()
             for action in self.tracker.close(time.time_ns()):  # every pass's best probe is published
                 self._publish_alert(action)
-            self.flush_stats({})
-            try:
-                await asyncio.wait_for(self._flush_pending(), 3)
-            except TimeoutError:
-                self.log.error("match.pending_not_flushed")
+            self.flush_stats({})  # the runtime's NATS drain publishes what the outbox holds (else the next run)
 
     async def close(self) -> None:
         if hasattr(self, "book"):

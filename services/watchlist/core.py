@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 
+from lfr.models.scoring import Recipe
 from lfr.pb import watchlist_pb2 as pb
 from lfr.watchlist.policy import Policy, enrollment_verdict  # noqa: F401 - part of the core's API
 
@@ -233,8 +234,9 @@ def watchlist_violations(policy: Policy, entries: list[EntryRecord], now_ns: int
     return out
 
 
-def validate_new_deployment(req: pb.CreateDeploymentRequest, default_threshold: float) -> tuple[str, float]:
-    """Returns (error, threshold): error is '' when the request's fields are acceptable."""
+def validate_new_deployment(req: pb.CreateDeploymentRequest, recipe: Recipe) -> tuple[str, float]:
+    """Returns (error, threshold): error is '' when the request's fields are acceptable. The threshold is the
+    request's or the model's default, and must be in the model's valid range (`lfr.models.scoring`)."""
     from lfr.runtime.subjects import token
 
     if not req.name.strip():
@@ -248,9 +250,10 @@ def validate_new_deployment(req: pb.CreateDeploymentRequest, default_threshold: 
             return f"camera {cam!r}: {exc}", 0.0
     if len(set(req.cameras)) != len(req.cameras):
         return "camera ids must be unique", 0.0
-    threshold = req.threshold or default_threshold
-    if not -1.0 <= threshold <= 1.0:
-        return "threshold must be a similarity between -1 and 1", 0.0
+    threshold = req.threshold or recipe.threshold
+    error = recipe.threshold_error(threshold)
+    if error:
+        return error, 0.0
     if req.planned_end.seconds and req.planned_end.ToNanoseconds() <= req.planned_start.ToNanoseconds():
         return "planned_end must be after planned_start", 0.0
     return "", threshold

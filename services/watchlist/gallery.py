@@ -15,8 +15,7 @@ Why not qdrant-client's local mode: it searches by brute force (about 65 ms at 1
 1 M). Why not qdrant-edge: its in-process HNSW build (``optimize``) holds the GIL for the whole build
 (minutes at 1 M), which would freeze a service. Recall is measured, not assumed: ``lfr bench gallery``.
 
-Similarities are the engine's (``lfr.models.engines.component_similarity``): cosine for SFace, 1 - Euclidean
-distance for dlib. Metadata (galleries, images, provenance) lives in SQLite beside the vectors.
+Similarities are the models' (``lfr.models.scoring``): cosine for SFace, 1 - Euclidean distance for dlib. Metadata (galleries, images, provenance) lives in SQLite beside the vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from lfr.models import scoring
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -73,11 +74,8 @@ class VectorIndex(Protocol):
 
 
 def similarity(metric: str, stored: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """The engine's similarity of one query (D,) against stored vectors (N, D)."""
-    if metric == "cosine":
-        return stored @ query
-    d = stored - query[None, :]
-    return 1.0 - np.sqrt(np.maximum((d * d).sum(1), 0.0))
+    """The model's similarity of one query (D,) against stored vectors (N, D)."""
+    return scoring.similarity_matrix(metric, query, stored)[0]
 
 
 class EmbeddedIndex:
@@ -186,15 +184,9 @@ class EmbeddedIndex:
         best_ids = np.full((len(queries), 0), -1, dtype=np.int64)
         best_sim = np.full((len(queries), 0), -np.inf)
         mm = self._map()
-        qn = (queries.astype(np.float64) ** 2).sum(1)
         for start in range(0, self.rows, 50_000):
             block = np.asarray(mm[start: start + 50_000], dtype=np.float32)
-            dots = (block @ queries.T).T.astype(np.float64)  # (Q, B)
-            if self.metric == "cosine":
-                sims = dots
-            else:
-                bn = (block.astype(np.float64) ** 2).sum(1)
-                sims = 1.0 - np.sqrt(np.maximum(qn[:, None] + bn[None, :] - 2.0 * dots, 0.0))
+            sims = scoring.similarity_matrix(self.metric, queries, block)  # (Q, B)
             if self.removed:
                 gone = [i - start for i in self.removed if start <= i < start + len(block)]
                 sims[:, gone] = -np.inf
@@ -277,7 +269,7 @@ class QdrantIndex:
         self.client, self.collection, self.dim, self.metric, self.params = client, collection, dim, metric, params
         self._models = models
         if not client.collection_exists(collection):
-            distance = models.Distance.COSINE if metric == "cosine" else models.Distance.EUCLID
+            distance = models.Distance(scoring.store_distance(metric))
             client.create_collection(collection, vectors_config=models.VectorParams(size=dim, distance=distance),
                                      hnsw_config=models.HnswConfigDiff(m=params.connectivity,
                                                                        ef_construct=params.expansion_add))
@@ -303,7 +295,7 @@ class QdrantIndex:
         for i, r in enumerate(self.client.query_batch_points(self.collection, requests=reqs)):
             for j, p in enumerate(r.points):
                 out_ids[i, j] = int(p.id)
-                out_sim[i, j] = p.score if self.metric == "cosine" else 1.0 - p.score
+                out_sim[i, j] = scoring.similarity_from_hit(self.metric, p.score)
         return out_ids, out_sim
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:

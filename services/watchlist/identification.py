@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from lfr.models import scoring
 from lfr.models.images import DEFAULT_MAX_PIXELS
 from lfr.pb import common_pb2, detection_pb2, embedding_pb2
 from lfr.pb import watchlist_pb2 as pb
@@ -44,7 +45,6 @@ from lfr.watchlist.gallery import (
     ImageRow,
     IndexParams,
     check_gallery_name,
-    similarity,
 )
 from lfr.watchlist.identify import SEARCHED, Ranked, candidate_pb, choose_face, rank
 
@@ -71,6 +71,16 @@ def central_index(width: int, height: int, boxes: list[tuple[float, float, float
     faces = [Face(box=b, landmarks=np.zeros((5, 2), np.float32), score=0.0) for b in boxes]
     chosen = central_face(np.broadcast_to(np.uint8(0), (max(1, height), max(1, width))), faces)
     return faces.index(chosen)
+
+
+def checked_threshold(requested: float, default: float, model_id: str) -> float:
+    """A request's threshold (0 = the target's default), refused unless valid for the target's model."""
+    if not requested:
+        return default
+    error = scoring.recipe(model_id).threshold_error(requested)
+    if error:
+        raise Refused("INVALID_ARGUMENT", error)
+    return requested
 
 
 def _box(b: common_pb2.Box) -> tuple[float, float, float, float]:
@@ -383,8 +393,6 @@ class Identification:
     def _gallery_hits(self, g: GalleryRecord, probes: dict[str, np.ndarray], k: int
                       ) -> list[list[tuple[str, float, dict]]]:
         """Per probe: (subject_ref, score, info) of the best images, scored exactly by the model's rule."""
-        from lfr.models.engines import Scorer, component_similarity
-
         n = len(next(iter(probes.values())))
         fetch = max(4 * k, 40)
         cand: list[set[int]] = [set() for _ in range(n)]
@@ -395,7 +403,7 @@ class Identification:
                                 for i in range(n)]
             for i in range(n):
                 cand[i] |= sims[c.model_id][i].keys()
-        scorer = Scorer(g.model_id) if len(g.components) > 1 else None
+        recipe = scoring.recipe(g.model_id)
         rows = self.store.images(g.name, sorted(set().union(*cand)))
         out = []
         for i in range(n):
@@ -403,14 +411,14 @@ class Identification:
             if not ids:
                 out.append([])
                 continue
-            if scorer is None:
+            if not recipe.fused:
                 scores = np.array([sims[g.components[0].model_id][i][x] for x in ids])
             else:  # fusion: every component's similarity for the union, exactly, then the model's combination
                 per = {}
                 for c in g.components:
                     vecs = self.store.index(g, c).vectors(np.array(ids))
-                    per[c.model_id] = component_similarity(c.model_id, probes[c.model_id][i][None], vecs)[0]
-                scores = np.asarray(scorer.combine(per), dtype=np.float64)
+                    per[c.model_id] = recipe.similarity(c.model_id, probes[c.model_id][i], vecs)[0]
+                scores = recipe.combine(per)
             hits = []
             for x, s in zip(ids, scores, strict=True):
                 r = rows[x]
@@ -450,7 +458,7 @@ class Identification:
         limits.check_image(req.image, self.svc.config, what="probe image")  # size and pixels, before anything
         target, default_thr, size, model_id, model_version = await self.target(req.gallery, req.deployment_id)
         k = req.k or 10
-        threshold = req.threshold or default_thr
+        threshold = checked_threshold(req.threshold, default_thr, model_id)
         search_id = events.new_id()[:16]
         try:
             det = await self.svc.detection.Detect(detection_pb2.DetectRequest(
@@ -548,7 +556,8 @@ class Identification:
         job = J.JobRecord(job_id=events.new_id()[:16], media=media, gallery=req.gallery,
                           deployment_id=req.deployment_id, case_reference=req.case_reference,
                           justification=req.justification, actor=req.actor, k=req.k or 5,
-                          threshold=req.threshold or default_thr, investigation=req.investigation,
+                          threshold=checked_threshold(req.threshold, default_thr, model_id),
+                          investigation=req.investigation,
                           fps=req.fps or self.svc.config.job_fps, model_id=model_id, model_version=model_version,
                           submitted_at_ns=self.svc.now_ns())
         self._save_job(job)
@@ -671,21 +680,16 @@ class Identification:
             self._finish(job, J.SUCCEEDED)
 
     def _tracker(self, target) -> J.AppearanceTracker:
-        from lfr.models.engines import model_info
-
         if isinstance(target, GalleryRecord):
             c = target.components[0]
             cid, metric = c.model_id, c.metric
         else:
             m = self.svc._model
             cid, metric = m.components[0].model_id, m.components[0].metric
-        try:
-            link = float(model_info(cid).extra.get("threshold_1to1", 0.4))
-        except KeyError:
-            link = 0.4
-        return J.AppearanceTracker(lambda a, b: float(similarity(metric, a[None].astype(np.float64),
-                                                                   b.astype(np.float64))[0]),
-                                   link, gap_s=2.0, normalise=metric == "cosine")
+        known = scoring.COMPONENTS.get(cid)
+        link = known.threshold_1to1 if known else 0.4  # the engine's one-to-one threshold links one person's faces
+        return J.AppearanceTracker(lambda a, b: float(scoring.similarity_rows(metric, a, b)),
+                                   link, gap_s=2.0, normalise=metric == scoring.COSINE)
 
     async def _video(self, job: J.JobRecord, target, idx: int, item: J.Item, tracker: J.AppearanceTracker):
         after = job.cursor.item_time_s

@@ -24,8 +24,7 @@ def validate_identify(req: pb.IdentifyRequest) -> str:
         return "k must be between 1 and 100"
     if req.face < 0:
         return "face must be 0 (exactly one face) or a face number from a previous answer"
-    if req.threshold and not -1.0 <= req.threshold <= 1.0:
-        return "threshold must be a similarity between -1 and 1"
+    # the threshold's range depends on the target's model: checked once the target is known (lfr.models.scoring)
     return ""
 
 

@@ -136,8 +136,7 @@ def validate_job(req: pb.SubmitJobRequest) -> str:
         return "k must be between 1 and 20"
     if req.fps < 0 or req.fps > 30:
         return "fps must be between 0 (the default) and 30"
-    if not -1.0 <= req.threshold <= 1.0 and req.threshold != 0:
-        return "threshold must be a similarity between -1 and 1"
+    # the threshold's range depends on the target's model: checked once the target is known (lfr.models.scoring)
     return ""
 
 

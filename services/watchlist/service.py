@@ -19,8 +19,10 @@ from functools import wraps
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lfr.models import scoring
 from lfr.pb import (
     audit_pb2,
     common_pb2,
@@ -35,6 +37,7 @@ from lfr.pb import (
 )
 from lfr.runtime import events, limits, subjects
 from lfr.runtime.config import ConfigError
+from lfr.runtime.outbox import Outbox
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
@@ -149,7 +152,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     @refusals
     async def CreateDeployment(self, request, context):
         model = await self.svc.model()
-        error, threshold = validate_new_deployment(request, model.default_threshold)
+        error, threshold = validate_new_deployment(request, self.svc.recipe(model))
         error = error or validate_governance(request, self.svc.now_ns())
         if error:
             raise Refused("INVALID_ARGUMENT", error)
@@ -355,12 +358,15 @@ class WatchlistService(Service):
         self.policy = load_policy(cfg.policy_file)
         self.purge_after_ns = int(cfg.purge_after_s * 1e9)
         self.meta = MetadataStore(cfg.state_path("watchlist.sqlite"))
+        # durable facts are written to the metadata database, in the transaction of the change they report
+        self.outbox = rt.bus.use_outbox(Outbox(self.meta.db, self.meta.lock, self.name))
         self.images = ImageStore(cfg.state_path("watchlist-images"))
         self.index = await rt.run_cpu(lambda: VectorIndex(cfg.state_path("qdrant") if not cfg.qdrant_url else None,
                                                            cfg.qdrant_url, cfg.qdrant_api_key))
         self.detection = detection_pb2_grpc.DetectionServiceStub(channel(cfg.detection_target, cfg))
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel(cfg.embedding_target, cfg))
         self._model: embedding_pb2.ModelDescription | None = None
+        self._recipe: tuple[tuple[str, str], scoring.Recipe] | None = None
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sweeper: asyncio.Task | None = None
         self.ident = Identification(self)
@@ -482,8 +488,9 @@ class WatchlistService(Service):
             policy_digest=self.policy.digest, builders=(req.actor,),
             authorisers_required=1 + bool(self.policy.second_authoriser_reasons(req.site, False)),
             second_reasons=tuple(self.policy.second_authoriser_reasons(req.site, False)))
-        self.meta.put_deployment(d)
-        return self.lifecycle(d, "created", req.actor)
+        with self.outbox.transaction():  # the record and its fact commit together (lfr.runtime.outbox)
+            self.meta.put_deployment(d)
+            return self.lifecycle(d, "created", req.actor)
 
     async def authorise(self, deployment_id: str, actor: str, reviewed_digest: str) -> pb.Deployment:
         async with self.locks[deployment_id]:
@@ -502,11 +509,12 @@ class WatchlistService(Service):
             except Refused as exc:
                 raise self.refused(d, "authorisation", actor, exc) from None
             after = self._replace(after, policy_version=self.policy.version, policy_digest=self.policy.digest)
-            self.meta.put_deployment(after)
-            msg = self.lifecycle(after, "approved", actor,
-                                 f"approval {len(after.approvals)} of {after.authorisers_required}")
-            if after.status == AUTHORISED:
-                msg = self.lifecycle(after, "authorised", actor)
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                msg = self.lifecycle(after, "approved", actor,
+                                     f"approval {len(after.approvals)} of {after.authorisers_required}")
+                if after.status == AUTHORISED:
+                    msg = self.lifecycle(after, "authorised", actor)
             return msg
 
     @staticmethod
@@ -526,8 +534,9 @@ class WatchlistService(Service):
                 after = d.start(self.now_ns(), composition_digest(d, self.meta.entries(d.id)))
             except Refused as exc:
                 raise self.refused(d, "start", actor, exc) from None
-            self.meta.put_deployment(after)
-            return self.lifecycle(after, "started", actor)
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                return self.lifecycle(after, "started", actor)
 
     async def end(self, deployment_id: str, actor: str, reason: str) -> pb.Deployment:
         async with self.locks[deployment_id]:
@@ -539,8 +548,9 @@ class WatchlistService(Service):
             except Refused as exc:
                 raise self.refused(d, "end", actor, exc) from None
             after = d.end(self.now_ns(), reason)
-            self.meta.put_deployment(after)
-            msg = self.lifecycle(after, "ended", actor, reason)
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                msg = self.lifecycle(after, "ended", actor, reason)
         return await self._purge_if_due(after) or msg
 
     async def cancel(self, deployment_id: str, actor: str, reason: str) -> pb.Deployment:
@@ -553,8 +563,9 @@ class WatchlistService(Service):
             except Refused as exc:
                 raise self.refused(d, "cancel", actor, exc) from None
             after = d.cancel(self.now_ns(), reason)
-            self.meta.put_deployment(after)
-            msg = self.lifecycle(after, "cancelled", actor, reason)
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                msg = self.lifecycle(after, "cancelled", actor, reason)
         return await self._purge_if_due(after) or msg
 
     async def auto_end(self, deployment_id: str) -> None:
@@ -563,8 +574,9 @@ class WatchlistService(Service):
             if d.due_action(self.now_ns(), self.purge_after_ns) != "end":
                 return  # someone else ended it meanwhile
             after = d.end(self.now_ns(), "planned end passed")
-            self.meta.put_deployment(after)
-            self.lifecycle(after, "ended", SWEEPER, "planned end passed")
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                self.lifecycle(after, "ended", SWEEPER, "planned end passed")
         await self._purge_if_due(after)
 
     async def _purge_if_due(self, d: DeploymentRecord) -> pb.Deployment | None:
@@ -583,18 +595,19 @@ class WatchlistService(Service):
             vectors = await self.rt.run_cpu(self.index.delete_points, d.id)
             images = await self.rt.run_cpu(self.images.delete_deployment, d.id)
             entries = [e.purged() for e in self.meta.entries(d.id)]
-            for e in entries:
-                self.meta.put_entry(e)
             left = await self.rt.run_cpu(self.index.count_deployment, d.id)
             if left or self.images.count(d.id):
                 raise RuntimeError(f"purge of deployment {d.id} incomplete: {left} vectors left")
             after = d.purged(self.now_ns())
-            self.meta.put_deployment(after)
-            self.watchlist_event(d.id, "watchlist_purged", SWEEPER, vectors_deleted=vectors, images_deleted=images,
-                                 kept_subject_refs=[e.subject_ref for e in entries],
-                                 watchlist_digest=composition_digest(after, entries))
-            return self.lifecycle(after, "purged", SWEEPER,
-                                  f"{vectors} vectors and {images} images deleted; {len(entries)} nominal ids kept")
+            with self.outbox.transaction():
+                for e in entries:
+                    self.meta.put_entry(e)
+                self.meta.put_deployment(after)
+                self.watchlist_event(d.id, "watchlist_purged", SWEEPER, vectors_deleted=vectors,
+                                     images_deleted=images, kept_subject_refs=[e.subject_ref for e in entries],
+                                     watchlist_digest=composition_digest(after, entries))
+                return self.lifecycle(after, "purged", SWEEPER, f"{vectors} vectors and {images} images deleted; "
+                                      f"{len(entries)} nominal ids kept")
 
     async def sweep(self) -> None:
         """End deployments past their planned end; purge ended ones whose purge is due."""
@@ -694,13 +707,14 @@ class WatchlistService(Service):
                 kept.append(ImageRecord(hashlib.sha256(images[i]).hexdigest(), captured[i], quality, name))
             entry = EntryRecord(entry_id, d.id, subject_ref, int(category), source_system, legal_basis, under_18,
                                 actor, self.now_ns(), tuple(kept), len(accepted), from_reference, len(kept))
-            self.meta.put_entry(entry)
-            self.save_change(d, after, actor, f"entry {subject_ref} added")
-            self.watchlist_event(
-                d.id, "entry_added", actor, entry_id=entry_id, subject_ref=subject_ref, category=category,
-                images_accepted=len(accepted), images_refused=len(results) - len(accepted),
-                source_system=source_system, legal_basis=legal_basis, under_18=under_18,
-                watchlist_digest=composition_digest(after, self.meta.entries(d.id)))
+            with self.outbox.transaction():
+                self.meta.put_entry(entry)
+                self.save_change(d, after, actor, f"entry {subject_ref} added")
+                self.watchlist_event(
+                    d.id, "entry_added", actor, entry_id=entry_id, subject_ref=subject_ref, category=category,
+                    images_accepted=len(accepted), images_refused=len(results) - len(accepted),
+                    source_system=source_system, legal_basis=legal_basis, under_18=under_18,
+                    watchlist_digest=composition_digest(after, self.meta.entries(d.id)))
             return pb.EnrollEntryResponse(entry_id=entry_id, results=results, subject_ref=subject_ref)
 
     async def add_from_reference(self, deployment_id: str, subject_ref: str, category: int, legal_basis: str,
@@ -729,11 +743,12 @@ class WatchlistService(Service):
             await self.rt.run_cpu(self.index.delete_points, d.id, entry_id)
             for img in entry.images:
                 self.images.delete(d.id, img.file)
-            self.meta.delete_entry(entry_id)
-            self.save_change(d, after, actor, f"entry {entry.subject_ref} removed")
-            self.watchlist_event(d.id, "entry_removed", actor, entry_id=entry_id, subject_ref=entry.subject_ref,
-                                 category=entry.category, reason=reason,
-                                 watchlist_digest=composition_digest(after, self.meta.entries(d.id)))
+            with self.outbox.transaction():
+                self.meta.delete_entry(entry_id)
+                self.save_change(d, after, actor, f"entry {entry.subject_ref} removed")
+                self.watchlist_event(d.id, "entry_removed", actor, entry_id=entry_id, subject_ref=entry.subject_ref,
+                                     category=entry.category, reason=reason,
+                                     watchlist_digest=composition_digest(after, self.meta.entries(d.id)))
             return self.deployment_pb(after)
 
     async def reembed(self, deployment_id: str, actor: str) -> pb.ReembedResponse:
@@ -756,10 +771,11 @@ class WatchlistService(Service):
                 if not accepted:  # the entry cannot be embedded with the new model: it leaves the watchlist
                     for img in e.images:
                         self.images.delete(d.id, img.file)
-                    self.meta.delete_entry(e.entry_id)
-                    self.watchlist_event(d.id, "entry_removed", actor, entry_id=e.entry_id,
-                                         subject_ref=e.subject_ref, category=e.category,
-                                         reason="re-embedding: no image passed the quality gate")
+                    with self.outbox.transaction():
+                        self.meta.delete_entry(e.entry_id)
+                        self.watchlist_event(d.id, "entry_removed", actor, entry_id=e.entry_id,
+                                             subject_ref=e.subject_ref, category=e.category,
+                                             reason="re-embedding: no image passed the quality gate")
                     continue
                 by_component = await self._embed([chips for _, chips, _ in accepted], model)
                 await self._upsert(by_component, model, {"deployment_id": d.id, "entry_id": e.entry_id,
@@ -771,9 +787,10 @@ class WatchlistService(Service):
                         self.images.delete(d.id, img.file)
                 imgs = tuple(self._replace(img, quality=quality[n]) for n, img in enumerate(e.images) if n in keep)
                 self.meta.put_entry(self._replace(e, images=imgs, vectors=len(accepted), image_count=len(imgs)))
-            self.meta.put_deployment(after)
-            msg = self.lifecycle(after, "reembedded", actor, f"re-embedded with {model.model_id} "
-                                 f"{model.model_version}; it needs authorisation again")
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                msg = self.lifecycle(after, "reembedded", actor, f"re-embedded with {model.model_id} "
+                                     f"{model.model_version}; it needs authorisation again")
             return pb.ReembedResponse(deployment=msg, entries=responses)
 
     # Review ----------------------------------------------------------------------------------------
@@ -835,50 +852,74 @@ class WatchlistService(Service):
                                      "added_at_ns": self.now_ns()})
             results.append(pb.ImageResult(index=i, accepted=True))
         stored = sum(r.accepted for r in results)
-        if stored:
-            self.meta.put_reference(req.subject_ref, record)
-        self.watchlist_event(REFERENCE, "reference_added", req.actor, subject_ref=req.subject_ref,
-                             images_accepted=stored, images_refused=len(results) - stored,
-                             source_system=req.source_system, legal_basis=req.legal_basis, under_18=req.under_18)
+        with self.outbox.transaction():
+            if stored:
+                self.meta.put_reference(req.subject_ref, record)
+            self.watchlist_event(REFERENCE, "reference_added", req.actor, subject_ref=req.subject_ref,
+                                 images_accepted=stored, images_refused=len(results) - stored,
+                                 source_system=req.source_system, legal_basis=req.legal_basis,
+                                 under_18=req.under_18)
         return pb.AddReferenceResponse(subject_ref=req.subject_ref, images_stored=stored, results=results)
 
     # Search ----------------------------------------------------------------------------------------
+    def recipe(self, model: embedding_pb2.ModelDescription) -> scoring.Recipe:
+        """The scoring recipe of the embedding service's model, as its description carries it."""
+        key = (model.model_id, model.model_version)
+        if self._recipe is None or self._recipe[0] != key:
+            try:
+                self._recipe = (key, scoring.Recipe.from_description(model))
+            except ValueError as exc:
+                raise Refused("FAILED_PRECONDITION", f"the embedding service describes an unusable model: {exc}") \
+                    from None
+        return self._recipe[1]
+
     async def search(self, d: DeploymentRecord, probes: list[pb.Probe], k: int) -> list[pb.CandidateList]:
+        """Each probe's k best entries, scored by the model's recipe (`lfr.models.scoring`): an entry's score per
+        engine is its best vector's; a fused model combines them with its floors (one engine under its floor
+        vetoes), so the live decision is the library's decision."""
         model = await self.model()
-        components = {(c.model_id, c.model_version): c for c in model.components}
-        # entry_id -> per probe -> per component -> best score
-        per_probe: list[dict[str, dict]] = [{} for _ in probes]
-        for key, comp in components.items():
-            queries = []
+        recipe = self.recipe(model)
+        queries: dict[str, list[list[float]]] = {}
+        for comp in model.components:
+            key = (comp.model_id, comp.model_version)
+            rows = []
             for p in probes:
                 vec = next((v for v in p.vectors if (v.model_id, v.model_version) == key), None)
                 if vec is None or len(vec.values) != comp.dim:
                     raise Refused("INVALID_ARGUMENT", f"each probe needs a {comp.dim}-d vector of {key[0]} {key[1]}")
-                queries.append(list(vec.values))
-            # Several vectors may belong to one entry: fetch more than k and keep each entry's best.
-            hits = await self.rt.run_cpu(self.index.search, collection_name(*key), queries, d.id, k * 4)
+                rows.append(list(vec.values))
+            queries[comp.model_id] = rows
+        best: list[dict[str, dict[str, float]]] = [{} for _ in probes]  # probe -> entry -> engine -> similarity
+        payloads: dict[str, dict] = {}
+
+        def keep(i: int, mid: str, hits) -> None:
+            for payload, raw in hits:
+                payloads[payload["entry_id"]] = payload
+                slot = best[i].setdefault(payload["entry_id"], {})
+                slot[mid] = max(slot.get(mid, -math.inf), float(recipe.from_hit(mid, raw)))
+
+        for comp in model.components:  # several vectors may belong to one entry: fetch more than k
+            coll = collection_name(comp.model_id, comp.model_version)
+            hits = await self.rt.run_cpu(self.index.search, coll, queries[comp.model_id], d.id, k * 4)
             for i, plist in enumerate(hits):
-                for payload, raw in plist:
-                    score = raw if comp.metric == "cosine" else 1.0 - raw
-                    slot = per_probe[i].setdefault(payload["entry_id"], {"payload": payload, "scores": {}})
-                    slot["scores"][key] = max(slot["scores"].get(key, -9.0), score)
+                keep(i, comp.model_id, plist)
+        if recipe.fused:  # an entry one engine found is scored exactly by the others too
+            for comp in model.components:
+                coll = collection_name(comp.model_id, comp.model_version)
+                for i in range(len(probes)):
+                    missing = [e for e, slot in best[i].items() if comp.model_id not in slot]
+                    if missing:
+                        keep(i, comp.model_id, await self.rt.run_cpu(
+                            self.index.search_entries, coll, queries[comp.model_id][i], d.id, missing))
         out = []
-        for cands in per_probe:
-            ranked = []
-            for entry_id, slot in cands.items():
-                scores = [slot["scores"].get(key) for key in components]
-                if model.fusion_weights:
-                    if any(s is None for s in scores):
-                        continue  # fusion needs both engines' scores: no agreement, no candidate
-                    z = model.fusion_bias + sum(w * s for w, s in zip(model.fusion_weights, scores, strict=True))
-                    score = 1.0 / (1.0 + math.exp(-z))
-                else:
-                    score = scores[0]
-                p = slot["payload"]
-                ranked.append(pb.Candidate(entry_id=entry_id, subject_ref=p["subject_ref"],
-                                           category=p["category"], score=score))
-            ranked.sort(key=lambda c: -c.score)
-            out.append(pb.CandidateList(candidates=ranked[:k]))
+        for cands in best:
+            entries = [e for e, slot in cands.items() if len(slot) == len(model.components)]
+            scores = recipe.combine({c: np.array([cands[e][c] for e in entries]) for c in recipe.components}) \
+                if entries else []
+            ranked = sorted(zip(entries, scores, strict=True), key=lambda t: -t[1])[:k]
+            out.append(pb.CandidateList(candidates=[
+                pb.Candidate(entry_id=e, subject_ref=payloads[e]["subject_ref"], category=payloads[e]["category"],
+                             score=float(s)) for e, s in ranked]))
         return out
 
     async def close(self) -> None:

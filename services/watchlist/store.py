@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qdrant_client import QdrantClient, models
 
+from lfr.models import scoring
 from lfr.watchlist.core import Approval, DeploymentRecord, EntryRecord, ImageRecord
 
 SCHEMA = """
@@ -56,7 +57,7 @@ class MetadataStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA secure_delete=ON")  # purged metadata is overwritten, not left in free pages
         self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a transaction (lfr.runtime.outbox) spans several writes
 
     # Deployments -----------------------------------------------------------------------------------
     def put_deployment(self, d: DeploymentRecord) -> None:
@@ -187,7 +188,7 @@ class VectorIndex:
         if name in self._known:
             return
         if not self.client.collection_exists(name):
-            distance = models.Distance.COSINE if metric == "cosine" else models.Distance.EUCLID
+            distance = models.Distance(scoring.store_distance(metric))
             self.client.create_collection(name, vectors_config=models.VectorParams(size=dim, distance=distance))
             self.client.create_payload_index(name, "deployment_id", models.PayloadSchemaType.KEYWORD)
             self.client.create_payload_index(name, "entry_id", models.PayloadSchemaType.KEYWORD)
@@ -210,6 +211,21 @@ class VectorIndex:
         requests = [models.QueryRequest(query=q, filter=flt, limit=k, with_payload=True) for q in queries]
         responses = self.client.query_batch_points(name, requests=requests)
         return [[(p.payload, p.score) for p in r.points] for r in responses]
+
+    def search_entries(self, name: str, query: list[float], deployment_id: str, entry_ids: list[str]
+                       ) -> list[tuple[dict, float]]:
+        """(payload, raw Qdrant score) of every vector of the given entries, best first (a fused model scores a
+        candidate one engine found with the other engines too)."""
+        if not self.client.collection_exists(name) or not entry_ids:
+            return []
+        flt = models.Filter(must=[
+            models.FieldCondition(key="deployment_id", match=models.MatchValue(value=deployment_id)),
+            models.FieldCondition(key="entry_id", match=models.MatchAny(any=list(entry_ids)))])
+        limit = self.client.count(name, count_filter=flt, exact=True).count
+        if not limit:
+            return []
+        r = self.client.query_points(name, query=query, query_filter=flt, limit=limit, with_payload=True)
+        return [(p.payload, p.score) for p in r.points]
 
     def count(self, name: str, deployment_id: str) -> int:
         if not self.client.collection_exists(name):

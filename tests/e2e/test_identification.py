@@ -182,7 +182,7 @@ def test_identify_benchmark_through_the_grpc_path_gives_the_library_tpir(clients
     fpirs = metrics.fpir_points(sum(1 for v in identities.values() if len(v) == 1))
     pipe = OursPipeline("sface", flip=library_flip(None), quiet=True)  # embed as the embedding service does
     library = library_identify.evaluate(pipe, lfw, identities, fpirs, False)
-    oifr = evaluate_oifr(clients.watchlist, lfw, identities, fpirs, "bench-oifr", pipe.scorer.info.threshold)
+    oifr = evaluate_oifr(clients.watchlist, lfw, identities, fpirs, "bench-oifr", pipe.scorer.threshold)
     assert library["no_face"] == 0 and oifr["no_face"] == 0  # both chose the same faces
     assert oifr["mated_probes"] == library["mated_probes"] >= 20 and oifr["nonmated_probes"] >= 20
     assert oifr["rank1"] == library["rank1"]

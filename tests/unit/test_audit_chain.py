@@ -276,7 +276,7 @@ def test_retention_deletes_crops_on_time_with_a_moved_clock_and_the_deletion_is_
                                 ("lfr.v1.alertflags.d1", "alert.overdue"),
                                 ("lfr.v1.retention.d1", "retention.crops_deleted")]
     for p in book.pending():
-        book.published(p.n)
+        book.outbox.published(p.n)
     assert book.pending() == []
     clock.advance(10 * DAY)
     _, deleted = book.sweep()

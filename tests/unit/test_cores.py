@@ -11,6 +11,7 @@ from PIL import Image
 from lfr.audit.core import record_from_event
 from lfr.ingest.core import Sampler, check_frame
 from lfr.match.core import Counters, decide
+from lfr.models import scoring
 from lfr.pb import common_pb2, match_pb2, watchlist_pb2
 from lfr.runtime import events
 from lfr.watchlist.core import DeploymentRecord, Refused, enrollment_verdict, validate_new_deployment
@@ -60,14 +61,20 @@ def test_deployment_transitions():
 
 
 def test_new_deployment_validation():
+    sface = scoring.recipe("sface")
     req = watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["c1"])
-    assert validate_new_deployment(req, 0.5) == ("", 0.5)
+    assert validate_new_deployment(req, sface) == ("", sface.threshold)
     for bad in [watchlist_pb2.CreateDeploymentRequest(cameras=["c"]),
                 watchlist_pb2.CreateDeploymentRequest(name="x"),
                 watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["a.b"]),
                 watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["c", "c"]),
                 watchlist_pb2.CreateDeploymentRequest(name="x", cameras=["c"], threshold=3)]:
-        assert validate_new_deployment(bad, 0.5)[0]
+        assert validate_new_deployment(bad, sface)[0]
+    # fusion's scores are log-odds: its default (5.44) is accepted, a threshold at or below even odds is not
+    fusion = scoring.recipe("fusion")
+    assert validate_new_deployment(req, fusion) == ("", fusion.threshold)
+    assert "above 0" in validate_new_deployment(watchlist_pb2.CreateDeploymentRequest(
+        name="x", cameras=["c"], threshold=-0.5), fusion)[0]
 
 
 def test_enrollment_verdict():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lfr.models import engines
-from lfr.models.engines import DLIB, FUSION, SFACE, Scorer
+from lfr.models import engines, scoring
+from lfr.models.engines import DLIB, FUSION, SFACE
+
+Scorer = scoring.recipe  # the engines score with lfr.models.scoring (tested against brute force in test_scoring)
 
 
 def test_registry_and_aliases():
@@ -32,9 +34,8 @@ def test_dlib_similarity_is_one_minus_distance():
     # dlib's rule d < 0.6 <=> s > 0.4 = its published 1:1 threshold; the watchlist default is stricter
     assert (s >= engines.MODELS[DLIB].extra["threshold_1to1"]).tolist() == [True, False]
     assert engines.MODELS[DLIB].threshold > 0.4
-    vs = engines.vector_store(DLIB)
-    assert vs.distance == "Euclid" and not vs.normalized
-    assert engines.similarity_from_search(DLIB, 0.59) == pytest.approx(0.41)
+    assert scoring.recipe(DLIB).part(DLIB).distance == "Euclid" and not engines.MODELS[DLIB].extra["normalized"]
+    assert scoring.recipe(DLIB).from_hit(DLIB, 0.59) == pytest.approx(0.41)
 
 
 def test_sface_cosine_and_matrix_shape():
@@ -44,8 +45,8 @@ def test_sface_cosine_and_matrix_shape():
     s = Scorer(SFACE).score({SFACE: a}, {SFACE: a})
     assert s.shape == (3, 3)
     np.testing.assert_allclose(np.diag(s), 1.0, atol=1e-9)
-    assert engines.vector_store(SFACE).distance == "Cosine"
-    assert engines.similarity_from_search(SFACE, 0.5) == 0.5
+    assert scoring.recipe(SFACE).part(SFACE).distance == "Cosine"
+    assert scoring.recipe(SFACE).from_hit(SFACE, 0.5) == 0.5
 
 
 def test_fusion_is_monotone_and_requires_agreement():
@@ -56,7 +57,7 @@ def test_fusion_is_monotone_and_requires_agreement():
         return float(sc.combine({SFACE: np.array([[s_sface]]), DLIB: np.array([[s_dlib]])})[0, 0])
 
     assert z(0.5, 0.5) < z(0.6, 0.5) and z(0.5, 0.5) < z(0.5, 0.6)
-    thr = sc.info.threshold
+    thr = sc.threshold
     assert thr > 0 and z(0.8, 0.7) >= thr  # both confident: a match
     # one component at its maximum, the other just below its own 1:1 threshold: never a match
     assert z(1.0, 0.39) <= 0 < thr

@@ -6,7 +6,7 @@ both engines (default settings: flip averaging on) embed every image.
 - Fusion: a logistic model ``z = bias + w_sface·s_sface + w_dlib·s_dlib`` (log-odds of "same person")
   fitted by Newton's method (IRLS, tiny ridge) on the 1,100 matched + 1,100 mismatched training pairs.
   Agreement floors = each component's published 1:1 threshold (``threshold_1to1``): the fused score is
-  capped at 0 when a component is below its floor (see :class:`lfr.models.engines.Scorer`).
+  capped at 0 when a component is below its floor (see :func:`lfr.models.scoring.fuse`).
 - Thresholds: for each model, the similarity at a 1:1 false-accept rate of ``--far`` (1e-5) over *all*
   impostor pairs among the training images (5.9 M pairs), i.e. a watchlist of N alerts on ≈ N × FAR of
   passers-by. The fusion's is stored in the JSON; the components' are printed for engines.py.
@@ -30,7 +30,8 @@ from lfr.bench import metrics
 from lfr.bench.lfw import pair_images, read_pairs
 from lfr.bench.pipeline import OursPipeline, data_dir, set_threads
 from lfr.bench.verify import pair_scores
-from lfr.models.engines import DLIB, FUSION, MODELS, SFACE, component_similarity
+from lfr.models import scoring
+from lfr.models.scoring import DLIB, FUSION, SFACE
 
 COMPONENTS = [SFACE, DLIB]
 OUT_NAME = "fusion_v1.json"
@@ -62,7 +63,7 @@ def impostor_thresholds(pipes: dict, root: Path, rels: list[str], combine, far: 
     comp = {}
     for c, pipe in pipes.items():
         v = pipe.embed(root, rels).get(rels)
-        comp[c] = component_similarity(c, v[c], v[c])[iu]
+        comp[c] = scoring.similarity_matrix(scoring.COMPONENTS[c].metric, v[c], v[c])[iu]
     scores = {**comp, FUSION: combine(comp)}
     out = {}
     for k, s in scores.items():
@@ -93,12 +94,11 @@ def fit(root: Path, limit: int | None, device=None, quiet: bool = False, far: fl
     x = np.stack([scores[c] for c in COMPONENTS], 1)
     w = fit_logistic(x, y)
     bias, weights = float(w[0]), {c: float(w[i + 1]) for i, c in enumerate(COMPONENTS)}
-    floors = {c: float(MODELS[c].extra["threshold_1to1"]) for c in COMPONENTS}
+    floors = {c: scoring.COMPONENTS[c].threshold_1to1 for c in COMPONENTS}
 
     def combine(comp: dict) -> np.ndarray:
-        z = bias + sum(weights[c] * comp[c] for c in COMPONENTS)
-        agree = np.logical_and.reduce([comp[c] >= floors[c] for c in COMPONENTS])
-        return np.where(agree, z, np.minimum(z, 0.0))
+        return scoring.fuse(np.stack([comp[c] for c in COMPONENTS], -1), [weights[c] for c in COMPONENTS], bias,
+                            [floors[c] for c in COMPONENTS])
 
     fused = combine(scores)
     t_acc, acc = metrics.best_threshold(fused, y)

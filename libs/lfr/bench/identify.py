@@ -97,7 +97,7 @@ def evaluate(pipe: Pipeline, root, identities: dict[str, list[str]], fpirs, expe
     mid = np.array(split.mated_ids)
     sim_m = pipe.scores(m, g)
     sim_n = pipe.scores(n, g)
-    threshold = pipe.scorer.info.threshold
+    threshold = pipe.scorer.threshold
     ms, mc = _decide(sim_m, gid, mid)
     ns, _ = _decide(sim_n, gid, None)
     res = metrics.open_set_metrics(ms, mc, ns, fpirs, threshold=threshold)

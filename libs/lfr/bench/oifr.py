@@ -139,7 +139,7 @@ def run(args) -> dict:
         with access.channel(target) as ch:
             stub = watchlist_pb2_grpc.WatchlistServiceStub(ch)
             pipe = OursPipeline(args.model, flip=library_flip(args.flip), quiet=True)
-            oifr = evaluate_oifr(stub, root, identities, fpirs, gallery, pipe.scorer.info.threshold)
+            oifr = evaluate_oifr(stub, root, identities, fpirs, gallery, pipe.scorer.threshold)
         library = identify.evaluate(pipe, root, identities, fpirs, False)
     finally:
         if system is not None:

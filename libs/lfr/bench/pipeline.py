@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lfr.models import scoring
 from lfr.models.engines import (
     DLIB,
     FUSION,
     SFACE,
     FaceEngine,
-    Scorer,
     central_face,
     centre_face,
     resolve_model_id,
@@ -162,7 +162,7 @@ class Pipeline:
 
     def __init__(self, model: str, quiet: bool = False):
         self.model_id = resolve_model_id(model)
-        self.scorer = Scorer(self.model_id) if self.model_id != FUSION or _fusion_available() else None
+        self.scorer = scoring.recipe(self.model_id) if self.model_id != FUSION or _fusion_available() else None
         self.components = [DLIB, SFACE] if self.model_id == FUSION else [self.model_id]
         if self.scorer is not None:
             self.components = list(self.scorer.components)

@@ -37,6 +37,7 @@ import numpy as np
 from lfr.bench import metrics
 from lfr.bench.lfw import PairFile, find_protocol, pair_images
 from lfr.bench.pipeline import Pipeline, add_common_arguments, data_dir, make_pipelines, set_threads
+from lfr.models import scoring
 
 FARS = (0.001, 0.01)
 ALL_PAIRS_FARS = (0.001, 0.0001, 0.00001)
@@ -97,8 +98,7 @@ def pooled_kfold(pipe: Pipeline, root, files: list[PairFile]) -> dict:
     for k in range(10):
         tr, te = folds != k, folds == k
         w = fit_logistic(x[tr], y[tr])
-        z = w[0] + x @ w[1:]
-        z = np.where((x >= floors).all(1), z, np.minimum(z, 0.0))  # the same agreement rule as the model
+        z = scoring.fuse(x, w[1:], w[0], floors)  # the model's agreement rule, with the refitted weights
         t, _ = metrics.best_threshold(z[tr], y[tr])
         accs.append(metrics.accuracy_at(z[te], y[te], t))
     single = {c: metrics.kfold_accuracy(comp[c], y, folds)["accuracy"] for c in names}
@@ -187,11 +187,7 @@ def all_pairs(pipe: Pipeline, root, train: PairFile, test: PairFile) -> dict:
 
 
 def _rowwise(component: str, x: np.ndarray, z: np.ndarray) -> np.ndarray:
-    from lfr.models.engines import DLIB
-
-    if component == DLIB:
-        return 1.0 - np.linalg.norm(x - z, axis=1)
-    return (x * z).sum(1)
+    return scoring.similarity_rows(scoring.COMPONENTS[component].metric, x, z)
 
 
 def evaluate(pipe: Pipeline, root, protocol) -> dict:
@@ -214,7 +210,7 @@ def evaluate(pipe: Pipeline, root, protocol) -> dict:
             "tar_at_far": metrics.tar_at_far(s_te, y_te, FARS),
         }
         used = pair_images(tr.pairs) + pair_images(te.pairs)
-        default_thr = pipe.scorer.info.threshold
+        default_thr = pipe.scorer.threshold
         out["accuracy_at_default_threshold"] = {
             "threshold": default_thr,
             "accuracy": metrics.accuracy_at(s_te, y_te, default_thr),

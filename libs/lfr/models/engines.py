@@ -32,8 +32,8 @@ Test-time flip averaging (mean of the vectors of the chip and its mirror image) 
 it raised rank-1, TAR at low FAR and TPIR at FPIR 0.01 / 0.001 on LFW View 1 for each (``lfr bench
 identify --flip off`` to compare).
 
-``vector_store(model_id)`` returns the storage recipe for a component, and :func:`similarity_from_search`
-turns a Qdrant hit score into ``score()``'s similarity.
+Scoring (metrics, vector-store distances, hit → similarity, fusion with its floors, valid thresholds) is
+:mod:`lfr.models.scoring`, which needs no weights; ``FaceEngine.scorer`` is the model's recipe from there.
 
 Every engine-produced vector is tagged with its component's ``ModelInfo`` (id + version); vectors of
 different components are never compared.
@@ -45,37 +45,27 @@ import dataclasses
 import json
 import math
 import threading
-from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from typing import Any
 
 import numpy as np
 
+from . import scoring
 from .quality import face_quality
+from .scoring import (  # noqa: F401 - the model ids and thresholds are part of this module's API
+    ALIASES,
+    DLIB,
+    DLIB_THRESHOLD,
+    FUSION,
+    SFACE,
+    SFACE_THRESHOLD,
+    resolve_model_id,
+)
 from .types import Face, ModelInfo
-
-DLIB = "dlib-resnet-v1"
-SFACE = "sface-2021dec"
-FUSION = "fusion-v1"
-ALIASES = {"dlib": DLIB, "sface": SFACE, "fusion": FUSION}
 
 # Chosen by `lfr bench identify` on LFW View 1 (best TPIR at FPIR 0.001: what a watchlist needs).
 DEFAULT_MODEL = SFACE
-
-# Similarity at a 1:1 false-accept rate of 1e-5 on the impostor pairs of the View 1 training images
-# (flip on), printed by `python -m lfr.bench.fit_fusion`.
-SFACE_THRESHOLD = 0.467
-DLIB_THRESHOLD = 0.589
-
-
-@dataclass(frozen=True)
-class VectorStore:
-    """How a vector DB (Qdrant) must store one component's vectors so search scores equal ``score()``."""
-
-    distance: str  # Qdrant Distance: "Euclid" | "Cosine" | "Dot"
-    normalized: bool  # whether the engine's vectors are L2-normalised
-    to_similarity: str  # how a hit's score becomes the engine's similarity ("s = 1 - score", "s = score")
 
 
 def _load_json(name: str) -> dict[str, Any]:
@@ -92,94 +82,48 @@ def _fitted(name: str, script: str) -> dict[str, Any]:
 
 
 def _fusion_params() -> dict[str, Any]:
-    return _fitted("fusion_v1.json", "lfr.bench.fit_fusion")
+    return scoring.fusion_params()
 
 
 def _dlib_align_params() -> dict[str, Any]:
     return _fitted("dlib_align_v1.json", "lfr.bench.fit_alignment")
 
 
+def _component_info(c: scoring.Component, threshold: float, similarity: str) -> ModelInfo:
+    return ModelInfo(model_id=c.model_id, version=c.version, dim=c.dim, chip_size=c.chip_size, metric=c.metric,
+                     threshold=threshold, extra={"similarity": similarity, "normalized": c.metric == scoring.COSINE,
+                                                 "flip": True, "threshold_1to1": c.threshold_1to1})
+
+
 MODELS: dict[str, ModelInfo] = {
-    DLIB: ModelInfo(
-        model_id=DLIB,
-        version="dlib_face_recognition_resnet_model_v1",
-        dim=128,
-        chip_size=150,
-        metric="euclidean",
-        threshold=DLIB_THRESHOLD,
-        extra={
-            "similarity": "1 - euclidean distance of raw descriptors",
-            "normalized": False,
-            "flip": True,
-            "threshold_1to1": 0.4,  # dlib's own rule: distance < 0.6
-            "qdrant": VectorStore("Euclid", False, "s = 1 - score"),
-        },
-    ),
-    SFACE: ModelInfo(
-        model_id=SFACE,
-        version="face_recognition_sface_2021dec_int8bq",
-        dim=128,
-        chip_size=112,
-        metric="cosine",
-        threshold=SFACE_THRESHOLD,
-        extra={
-            "similarity": "cosine of L2-normalised vectors",
-            "normalized": True,
-            "flip": True,
-            "threshold_1to1": 0.363,  # OpenCV's recommended cosine threshold for SFace
-            "qdrant": VectorStore("Cosine", True, "s = score"),
-        },
-    ),
+    DLIB: _component_info(scoring.COMPONENTS[DLIB], DLIB_THRESHOLD, "1 - euclidean distance of raw descriptors"),
+    SFACE: _component_info(scoring.COMPONENTS[SFACE], SFACE_THRESHOLD, "cosine of L2-normalised vectors"),
 }
 
 
 def _fusion_info() -> ModelInfo:
-    p = _fusion_params()
+    r = scoring.recipe(FUSION)
     return ModelInfo(
         model_id=FUSION,
-        version=str(p.get("version", "1")),
-        dim=sum(MODELS[c].dim for c in p["components"]),
+        version=r.version,
+        dim=sum(p.dim for p in r.parts),
         chip_size=0,  # one chip per component: see FaceEngine.chips
         metric="log-odds",
-        threshold=float(p["threshold"]),
+        threshold=r.threshold,
         extra={
             "similarity": "bias + sum_i weight_i * s_i (log-odds), capped at 0 unless every s_i >= floor_i",
-            "components": list(p["components"]),
-            "weights": dict(p["weights"]),
-            "bias": float(p["bias"]),
-            "floors": dict(p["floors"]),
-            "flip": dict(p.get("flip", {})),
-            "qdrant": "one named vector per component; search each, union, re-score with FaceEngine.score",
+            "components": list(r.components),
+            "weights": dict(r.weights),
+            "bias": r.bias,
+            "floors": dict(r.floors),
+            "flip": dict(_fusion_params().get("flip", {})),
         },
     )
-
-
-def resolve_model_id(model_id: str) -> str:
-    mid = ALIASES.get(model_id, model_id)
-    if mid not in MODELS and mid != FUSION:
-        raise KeyError(f"unknown model {model_id!r}; known: {sorted([*MODELS, FUSION])} or {sorted(ALIASES)}")
-    return mid
 
 
 def model_info(model_id: str) -> ModelInfo:
     mid = resolve_model_id(model_id)
     return _fusion_info() if mid == FUSION else MODELS[mid]
-
-
-def vector_store(model_id: str) -> VectorStore:
-    """Storage recipe for a component model's vectors (fusion stores its components' vectors)."""
-    mid = resolve_model_id(model_id)
-    if mid == FUSION:
-        raise ValueError("fusion-v1 stores one named vector per component: ask for each component")
-    return MODELS[mid].extra["qdrant"]
-
-
-def similarity_from_search(model_id: str, search_score: np.ndarray | float) -> np.ndarray | float:
-    """Convert a Qdrant hit score (stored per :func:`vector_store`) into the engine's similarity."""
-    vs = vector_store(model_id)
-    if vs.distance == "Euclid":
-        return 1.0 - search_score
-    return search_score
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -252,65 +196,6 @@ def central_face(image: np.ndarray, faces: list[Face]) -> Face | None:
     return min(
         faces, key=lambda f: math.hypot((f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy)
     )
-
-
-# -----------------------------------------------------------------------------------------------------
-# scoring (no weights needed: the match service scores stored vectors with this alone)
-# -----------------------------------------------------------------------------------------------------
-def component_similarity(model_id: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Similarity matrix (P, M) of a component model's vectors a (P, D) and b (M, D)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a.reshape(-1, a.shape[-1])
-    b = b.reshape(-1, b.shape[-1])
-    if model_id == DLIB:
-        d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T
-        return 1.0 - np.sqrt(np.maximum(d2, 0.0))
-    if model_id == SFACE:
-        return a @ b.T
-    raise KeyError(f"not a component model: {model_id!r}")
-
-
-class Scorer:
-    """Similarity for one model id over vectors (dicts keyed by component model id)."""
-
-    def __init__(self, model_id: str | None = None):
-        self.model_id = resolve_model_id(model_id or DEFAULT_MODEL)
-        self.info = model_info(self.model_id)
-        if self.model_id == FUSION:
-            p = _fusion_params()
-            self.components: list[str] = list(p["components"])
-            self.weights = np.array([float(p["weights"][c]) for c in self.components])
-            self.bias = float(p["bias"])
-            self.floors = {c: float(p["floors"][c]) for c in self.components}
-        else:
-            self.components = [self.model_id]
-
-    def component_scores(
-        self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """Per component similarity matrices (P, M)."""
-        return {c: component_similarity(c, probe[c], refs[c]) for c in self.components}
-
-    def combine(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """The model's similarity from per-component similarities (identity for a single model)."""
-        if self.model_id != FUSION:
-            return scores[self.model_id]
-        z = self.bias + sum(w * np.asarray(scores[c]) for w, c in zip(self.weights, self.components))
-        agree = np.logical_and.reduce([np.asarray(scores[c]) >= self.floors[c] for c in self.components])
-        return np.where(agree, z, np.minimum(z, 0.0))
-
-    def score_matrix(self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.combine(self.component_scores(probe, refs))
-
-    def score(self, probe: dict[str, np.ndarray], refs: dict[str, np.ndarray]) -> np.ndarray:
-        """Similarity (higher = more alike) of one probe against M references: shape (M,).
-
-        With P probes ((P, D) per component) the result is the (P, M) matrix.
-        """
-        s = self.score_matrix(probe, refs)
-        single = all(np.asarray(probe[c]).ndim == 1 for c in self.components)
-        return s[0] if single or s.shape[0] == 1 else s
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -421,9 +306,9 @@ class FaceEngine:
         detector_score: float = 0.6,
         dlib_align: str | None = None,
     ):
-        self.scorer = Scorer(model_id)
+        self.scorer = scoring.recipe(model_id or DEFAULT_MODEL)
         self.model_id = self.scorer.model_id
-        self.info: ModelInfo = self.scorer.info
+        self.info: ModelInfo = model_info(self.model_id)
         self.components: list[str] = list(self.scorer.components)
         self.device = device
         self.detector_score = float(detector_score)

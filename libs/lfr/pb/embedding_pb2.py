@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from lfr.pb import common_pb2 as lfr_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lfr/embedding/v1/embedding.proto\x12\x10lfr.embedding.v1\x1a\x1alfr/common/v1/common.proto\"2\n\x0c\x45mbedRequest\x12\"\n\x05\x63hips\x18\x01 \x03(\x0b\x32\x13.lfr.common.v1.Chip\"7\n\rEmbedResponse\x12&\n\x07vectors\x18\x01 \x03(\x0b\x32\x15.lfr.common.v1.Vector\"\x11\n\x0fGetModelRequest\"d\n\tComponent\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x11\n\tchip_size\x18\x04 \x01(\x05\x12\x0e\n\x06metric\x18\x05 \x01(\t\"\xb4\x01\n\x10ModelDescription\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\ncomponents\x18\x03 \x03(\x0b\x32\x1b.lfr.embedding.v1.Component\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x02\x12\x16\n\x0e\x66usion_weights\x18\x06 \x03(\x02\x12\x13\n\x0b\x66usion_bias\x18\x07 \x01(\x02\"\xac\x01\n\rFaceEmbedding\x12\x12\n\nface_index\x18\x01 \x01(\x05\x12\x1f\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x12.lfr.common.v1.Box\x12+\n\x07quality\x18\x03 \x01(\x0b\x32\x1a.lfr.common.v1.FaceQuality\x12&\n\x07vectors\x18\x04 \x03(\x0b\x32\x15.lfr.common.v1.Vector\x12\x11\n\tcrop_jpeg\x18\x05 \x01(\x0c\"\x97\x01\n\x0f\x45mbeddingsEvent\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x03\x12\x14\n\x0cvideo_time_s\x18\x03 \x01(\x01\x12.\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x1f.lfr.embedding.v1.FaceEmbedding2\xaf\x01\n\x10\x45mbeddingService\x12H\n\x05\x45mbed\x12\x1e.lfr.embedding.v1.EmbedRequest\x1a\x1f.lfr.embedding.v1.EmbedResponse\x12Q\n\x08GetModel\x12!.lfr.embedding.v1.GetModelRequest\x1a\".lfr.embedding.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lfr/embedding/v1/embedding.proto\x12\x10lfr.embedding.v1\x1a\x1alfr/common/v1/common.proto\"2\n\x0c\x45mbedRequest\x12\"\n\x05\x63hips\x18\x01 \x03(\x0b\x32\x13.lfr.common.v1.Chip\"7\n\rEmbedResponse\x12&\n\x07vectors\x18\x01 \x03(\x0b\x32\x15.lfr.common.v1.Vector\"\x11\n\x0fGetModelRequest\"|\n\tComponent\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x11\n\tchip_size\x18\x04 \x01(\x05\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x16\n\x0ethreshold_1to1\x18\x06 \x01(\x02\"\xf9\x01\n\x10ModelDescription\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\ncomponents\x18\x03 \x03(\x0b\x32\x1b.lfr.embedding.v1.Component\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x02\x12\x16\n\x0e\x66usion_weights\x18\x06 \x03(\x02\x12\x13\n\x0b\x66usion_bias\x18\x07 \x01(\x02\x12\x15\n\rfusion_floors\x18\x08 \x03(\x02\x12\x15\n\rthreshold_min\x18\t \x01(\x02\x12\x15\n\rthreshold_max\x18\n \x01(\x02\"\xac\x01\n\rFaceEmbedding\x12\x12\n\nface_index\x18\x01 \x01(\x05\x12\x1f\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x12.lfr.common.v1.Box\x12+\n\x07quality\x18\x03 \x01(\x0b\x32\x1a.lfr.common.v1.FaceQuality\x12&\n\x07vectors\x18\x04 \x03(\x0b\x32\x15.lfr.common.v1.Vector\x12\x11\n\tcrop_jpeg\x18\x05 \x01(\x0c\"\x97\x01\n\x0f\x45mbeddingsEvent\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x03\x12\x14\n\x0cvideo_time_s\x18\x03 \x01(\x01\x12.\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x1f.lfr.embedding.v1.FaceEmbedding2\xaf\x01\n\x10\x45mbeddingService\x12H\n\x05\x45mbed\x12\x1e.lfr.embedding.v1.EmbedRequest\x1a\x1f.lfr.embedding.v1.EmbedResponse\x12Q\n\x08GetModel\x12!.lfr.embedding.v1.GetModelRequest\x1a\".lfr.embedding.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELREQUEST']._serialized_start=191
   _globals['_GETMODELREQUEST']._serialized_end=208
   _globals['_COMPONENT']._serialized_start=210
-  _globals['_COMPONENT']._serialized_end=310
-  _globals['_MODELDESCRIPTION']._serialized_start=313
-  _globals['_MODELDESCRIPTION']._serialized_end=493
-  _globals['_FACEEMBEDDING']._serialized_start=496
-  _globals['_FACEEMBEDDING']._serialized_end=668
-  _globals['_EMBEDDINGSEVENT']._serialized_start=671
-  _globals['_EMBEDDINGSEVENT']._serialized_end=822
-  _globals['_EMBEDDINGSERVICE']._serialized_start=825
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1000
+  _globals['_COMPONENT']._serialized_end=334
+  _globals['_MODELDESCRIPTION']._serialized_start=337
+  _globals['_MODELDESCRIPTION']._serialized_end=586
+  _globals['_FACEEMBEDDING']._serialized_start=589
+  _globals['_FACEEMBEDDING']._serialized_end=761
+  _globals['_EMBEDDINGSEVENT']._serialized_start=764
+  _globals['_EMBEDDINGSEVENT']._serialized_end=915
+  _globals['_EMBEDDINGSERVICE']._serialized_start=918
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)

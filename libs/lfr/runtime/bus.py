@@ -3,10 +3,11 @@
 - connect with retry, reconnect forever, `drain()` on stop;
 - typed publish/subscribe of protobuf messages, queue groups, a bounded hand-off per subscription;
 - JetStream streams declared idempotently from `subjects.STREAMS`;
-- durable publishes go through an outbox that retries until the server acknowledges them, de-duplicated by
-  message id, so a NATS restart loses no alert or audit fact; with `outbox_path` the outbox is a SQLite file
-  written before `publish_durable` returns and read again at the next start, so a killed process loses none
-  either (the services keep it in their state folder);
+- durable facts go through the durable outbox (`lfr.runtime.outbox`): a table in the service's own database,
+  written in the same transaction as the state change (`use_outbox`), or else a SQLite file in its state folder
+  (`outbox_path`), written before `publish_durable` returns; published with JetStream acknowledgement and a
+  dedup id, retried across reconnects and restarts, so neither a NATS restart nor a killed process loses an
+  alert or an audit fact, and none is published twice;
 - durable consumers are pull consumers that survive reconnects and server restarts;
 - with a user, a password and TLS material when given: the server then lets the user do only what
   `natsauth.PERMISSIONS` allows, and replies come on the user's own inbox prefix.
@@ -16,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import ssl
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +29,7 @@ from nats.js import api
 
 from lfr.runtime import metrics, natsauth, subjects
 from lfr.runtime.logs import get_logger
+from lfr.runtime.outbox import Outbox
 
 M = TypeVar("M", bound=Message)
 
@@ -53,26 +52,14 @@ class Bus:
         self.nc: nats.NATS | None = None
         self.js = None
         self.log = get_logger(component="bus")
-        self._outbox: deque[tuple[str, bytes, str, int]] = deque()  # subject, data, msg id, row in the file
-        self._outbox_db = self._open_outbox(outbox_path) if outbox_path else None
-        self._outbox_event = asyncio.Event()
-        self._outbox_task: asyncio.Task | None = None
+        # publish_durable writes to the last outbox (the service's own database once it called use_outbox); every
+        # one is published, so what an earlier one holds from a previous run still leaves.
+        self.outboxes: list[Outbox] = [Outbox.open(outbox_path or ":memory:", self.service)]
+        if len(self.outboxes[0]):
+            self.log.info("nats.outbox_recovered", pending=len(self.outboxes[0]))
+        self._outbox_tasks: list[asyncio.Task] = []
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
-
-    def _open_outbox(self, path: str | Path) -> sqlite3.Connection:
-        """The outbox file, and the facts a previous run of this process left unacknowledged in it."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a fact the caller was told is queued survives a power loss too
-        db.execute("CREATE TABLE IF NOT EXISTS outbox (n INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,"
-                   " data BLOB NOT NULL, msg_id TEXT NOT NULL)")
-        for n, subject, data, msg_id in db.execute("SELECT n, subject, data, msg_id FROM outbox ORDER BY n"):
-            self._outbox.append((subject, data, msg_id, n))
-        if self._outbox:
-            self.log.info("nats.outbox_recovered", pending=len(self._outbox))
-        return db
 
     # Connection -------------------------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -123,7 +110,8 @@ class Bus:
             await self.nc.close()
             raise ConnectionError(f"NATS at {self.servers}: a tls:// URL, but the connection is not encrypted")
         self.js = self.nc.jetstream(timeout=5)
-        self._outbox_task = asyncio.create_task(self._run_outbox(), name="bus-outbox")
+        for ob in self.outboxes:
+            self._start_outbox(ob)
         self.log.info("nats.connected", servers=self.servers)
 
     @property
@@ -147,7 +135,8 @@ class Bus:
 
     async def _on_reconnect(self) -> None:
         self.log.info("nats.reconnected")
-        self._outbox_event.set()
+        for ob in self.outboxes:
+            ob.wake()
 
     async def ensure_streams(self, streams=subjects.STREAMS, replicas: int = 1) -> None:
         """Declare the platform's JetStream streams; safe to call from every service at every start.
@@ -181,55 +170,41 @@ class Bus:
             self.log.debug("nats.publish_failed", subject=subject, error=type(exc).__name__)
             return False
 
+    def use_outbox(self, outbox: Outbox) -> Outbox:
+        """From now on durable facts are written to `outbox` (a table in the service's own database, so a state
+        change and its facts commit together: `outbox.transaction()`)."""
+        self.outboxes.append(outbox)
+        if self.js is not None:
+            self._start_outbox(outbox)
+        return outbox
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.outboxes[-1]
+
+    def _start_outbox(self, outbox: Outbox) -> None:
+        self._outbox_tasks.append(asyncio.create_task(outbox.run(lambda: self.js), name=f"outbox-{outbox.name}"))
+
     def publish_durable(self, subject: str, msg: Message, msg_id: str) -> None:
-        """Queue a durable fact; the outbox retries until JetStream acknowledges it (deduplicated by id). With an
-        outbox file the fact is on disk when this returns (an OSError, e.g. a full disk, reaches the caller)."""
-        data = msg.SerializeToString()
-        n = 0
-        if self._outbox_db is not None:
-            n = self._outbox_db.execute("INSERT INTO outbox (subject, data, msg_id) VALUES (?, ?, ?)",
-                                        (subject, data, msg_id)).lastrowid
-        self._outbox.append((subject, data, msg_id, n))
-        metrics.QUEUE_DEPTH.labels(self.service, "outbox").set(len(self._outbox))
-        self._outbox_event.set()
+        """Write a durable fact to the outbox (inside the caller's open transaction of it, if any: then it is
+        committed with the state change). It is published once JetStream acknowledges it, deduplicated by
+        `msg_id`. On disk when this returns, unless the bus has no outbox file (a client, not a service)."""
+        self.outbox.add(subject, msg, msg_id)
 
     @property
     def outbox_size(self) -> int:
-        return len(self._outbox)
+        return sum(len(ob) for ob in self.outboxes)
 
     async def flush_outbox(self, timeout_s: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while self._outbox and time.monotonic() < deadline:
-            self._outbox_event.set()
-            await asyncio.sleep(0.05)
-        return not self._outbox
-
-    async def _run_outbox(self) -> None:
-        delay = 0.1
-        while True:
-            if not self._outbox:
-                self._outbox_event.clear()
-                await self._outbox_event.wait()
-                continue
-            subject, data, msg_id, n = self._outbox[0]
-            try:
-                await self.js.publish(subject, data, timeout=2, headers={"Nats-Msg-Id": msg_id})
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.log.warning("nats.durable_publish_retry", subject=subject, error=type(exc).__name__,
-                                 pending=len(self._outbox))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            delay = 0.1
-            if n and self._outbox_db is not None:
-                try:
-                    self._outbox_db.execute("DELETE FROM outbox WHERE n = ?", (n,))
-                except sqlite3.Error as exc:  # sent twice at the next start at worst: JetStream drops the copy
-                    self.log.warning("nats.outbox_delete_failed", error=str(exc))
-            self._outbox.popleft()
-            metrics.QUEUE_DEPTH.labels(self.service, "outbox").set(len(self._outbox))
+        """Publish what waits now (for at most `timeout_s`); True when every outbox is empty."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                for ob in self.outboxes:
+                    while self.js is not None and not await ob.send_pending(self.js):
+                        await asyncio.sleep(0.1)
+        except TimeoutError:
+            pass
+        return self.outbox_size == 0
 
     # Subscribing ------------------------------------------------------------------------------------
     async def subscribe(
@@ -333,12 +308,12 @@ class Bus:
             return
         if self.connected:
             await self.flush_outbox(outbox_timeout_s)
-        if self._outbox:
-            self.log.error("nats.outbox_not_flushed", pending=len(self._outbox))
+        if self.outbox_size:  # kept on disk (when the outbox has a file): published by the next run
+            self.log.warning("nats.outbox_not_flushed", pending=self.outbox_size)
         self._closing = True  # consumer loops finish their current fetch (<= 1 s) and return
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.5)
-        for task in list(self._tasks) + ([self._outbox_task] if self._outbox_task else []):
+        for task in list(self._tasks) + self._outbox_tasks:
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
@@ -348,6 +323,5 @@ class Bus:
                 await asyncio.wait_for(self.nc.drain(), 5)
         with contextlib.suppress(Exception):
             await self.nc.close()
-        if self._outbox_db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._outbox_db.close()
+        for ob in self.outboxes:
+            ob.close()
