@@ -71,3 +71,29 @@ def test_bench_pipeline_ends_and_purges_its_deployment_and_removes_its_state_fol
     assert result["frames_in"] > 0
     assert result["state_dir"] == "(a temporary folder, removed)"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("lfr-bench-")]
+
+
+def test_a_demo_whose_system_stops_under_it_says_so_in_one_line_and_cleans_up(data, tmp_path):
+    """The demo follows StreamAlerts and polls its source; when a service goes away mid-stream it reports the
+    UNAVAILABLE status in one line (no traceback), exits 1, and still removes its state folder."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([*LFR, "demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[demo] streaming"):
+                break
+        kids = children_of(proc.pid)
+        ingest = [k for k in kids if b"lfr.ingest" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert len(ingest) == 1, "".join(lines)
+        os.kill(ingest[0], signal.SIGKILL)  # the service the demo polls is gone
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "[demo] stopped: UNAVAILABLE" in err and "lfr up" in err, err[-3000:]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("lfr-demo-")]
+    assert not alive(kids), f"processes left running: {alive(kids)}"
