@@ -97,3 +97,26 @@ def test_a_demo_whose_system_stops_under_it_says_so_in_one_line_and_cleans_up(da
     assert "Traceback" not in err and "[demo] stopped: UNAVAILABLE" in err and "lfr up" in err, err[-3000:]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("lfr-demo-")]
     assert not alive(kids), f"processes left running: {alive(kids)}"
+
+
+def test_temporary_state_is_removed_on_sigint_sigterm_and_sighup(tmp_path):
+    """The helper every run-once command uses (demo, the pipeline, console and chaos benchmarks): a signal
+    unwinds the run (so its embedded system stops) and the folder goes; a folder the user named stays."""
+    code = ("import sys, time\nfrom pathlib import Path\nfrom lfr.cli.demo import temporary_state\n"
+            "with temporary_state('lfr-bench-', keep=sys.argv[1]) as s:\n"
+            "    (Path(s) / 'crop.jpg').write_bytes(b'x')\n    print(s, flush=True)\n    time.sleep(60)\n")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        env = dict(os.environ, TMPDIR=str(tmp_path))
+        proc = subprocess.Popen([sys.executable, "-c", code, ""], env=env, stdout=subprocess.PIPE, text=True)
+        folder = Path(proc.stdout.readline().strip())
+        assert (folder / "crop.jpg").is_file()
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        assert not folder.exists(), sig
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(kept)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == str(kept)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert (kept / "crop.jpg").is_file()
