@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -173,10 +174,10 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         # The engagement officer (the operator holds both roles) reviews: probe beside reference, decoded.
         row.query_selector("a").click()
         o.page.wait_for_selector("#adjudicate")
-        o.page.wait_for_function("document.getElementById('probe').complete")
+        o.page.wait_for_function("() => document.getElementById('probe').complete")
         assert o.page.evaluate("document.getElementById('probe').naturalWidth") > 0
         assert o.page.locator("#reference").count() == 1, o.page.locator("#reference-missing").inner_text()
-        o.page.wait_for_function("document.getElementById('reference').complete")
+        o.page.wait_for_function("() => document.getElementById('reference').complete")
         assert o.page.evaluate("document.getElementById('reference').naturalWidth") > 0
         assert "against threshold" in o.page.locator("#score").inner_text()
         o.check("alert-review")
@@ -196,6 +197,9 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         decision = o.page.locator("#decision").inner_text()
         assert "confirmed match" in decision and "decided by operator" in decision, decision
         o.check("alert-decided")
+        img = o.page.request.get(alert_url + "/probe.jpg")
+        assert img.ok and img.headers["cache-control"].startswith("no-store"), img.headers
+        assert img.headers["content-type"] in ("image/jpeg", "image/png")
 
         # The records page shows the confirmed alert (the audit records the decision from the event stream).
         a = officer("auditor")
@@ -212,6 +216,31 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         assert "Chain intact" in a.page.locator("#verify-result").inner_text()
         a.check("audit")
 
+        # The investigator identifies from a photo (case reference and justification) against the deployment's
+        # watchlist, and runs a retrospective job over the video: progress bar, results by appearance.
+        inv = officer("investigator")
+        inv.go("/investigations")
+        inv.page.set_input_files("#photo", str(data / PEOPLE["alex-lacamoire"]))
+        inv.page.select_option("#id-target", "")
+        inv.page.fill("#id-deployment", did)
+        inv.page.fill("#case_reference", "CASE-13")
+        inv.page.fill("#justification", "console test")
+        inv.page.click("#identify-submit")
+        first = inv.page.locator("#candidates tbody tr").first.inner_text()
+        assert "alex-lacamoire" in first, first
+        inv.check("investigations-identify")
+        inv.page.fill("#media", str(data / VIDEO))
+        inv.page.select_option("#job-target", "")
+        inv.page.fill("#job-deployment", did)
+        inv.page.fill("#job-case", "CASE-13")
+        inv.page.fill("#job-just", "console test")
+        inv.page.click("#submit-job-button")
+        inv.page.wait_for_selector("#job-progress")
+        inv.page.wait_for_function("() => document.getElementById('job-state').textContent.startsWith('succeeded')",
+                                   timeout=120_000)  # the page updates itself, then reloads for the results
+        inv.page.wait_for_selector("#job-results tbody tr td:has-text('lin-manuel-miranda')", timeout=10_000)
+        inv.check("job")
+
         # After the deployment ends (its list is purged at once by default) the reference image is refused.
         o.go(f"/deployments/{did}")
         o.page.click("#end")
@@ -223,9 +252,6 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         assert resp.status == 410 and "purged" in o.page.locator("#refusal").inner_text()
         o.check("refused-reference-after-purge")
 
-        inv = officer("investigator")
-        inv.go("/investigations")
-        inv.check("investigations")
     finally:
         for p in people.values():
             p.close()
@@ -233,3 +259,62 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         if keep:
             shutil.copytree(shots, keep, dirs_exist_ok=True)
     assert not violations, "axe-core: serious or critical violations:\n" + "\n".join(violations)
+
+
+def test_console_behind_single_sign_on_acts_as_the_officer(system, clients):
+    """Production mode: the SSO proxy forwards the officer's token; the console checks it and calls the services
+    with it, so the audit names the officer. Without a token, or with a bad one, a clear 401 page."""
+    import httpx
+
+    from lfr.pb import audit_pb2
+    from lfr.runtime.devidp import find_dev_idp
+    from lfr.runtime.natsserver import free_port
+
+    port = free_port(system.host)
+    env = system.console_env() | {"LFR_CONSOLE_AUTH": "proxy", "LFR_CONSOLE_PORT": str(port),
+                                  "LFR_CONSOLE_SECURE_COOKIE": "on"}
+    env.pop("LFR_STATE_DIR")  # no development identity provider: tokens come from the proxy only
+    proc = subprocess.Popen([sys.executable, "-m", "lfr.console"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    base = f"http://{system.host}:{port}"
+    idp = find_dev_idp(system.state_dir)
+    try:
+        http = httpx.Client(base_url=base, timeout=30)
+        deadline = time.time() + 30
+        while True:
+            try:
+                if http.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "the console did not start"
+            time.sleep(0.2)
+        r = http.get("/audit")
+        assert r.status_code == 401 and "single sign-on" in r.text and "Traceback" not in r.text
+        r = http.get("/audit", headers={"Authorization": "Bearer not-a-jwt"})
+        assert r.status_code == 401 and "malformed bearer token" in r.text
+        r = http.get("/deployments", headers={"Authorization": f"Bearer {idp.mint('public')}"})
+        assert r.status_code == 403 and "Not allowed" in r.text
+        token = idp.mint("auditor")
+        r = http.get("/audit", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and "Audit record" in r.text
+        assert r.headers["content-security-policy"].startswith("default-src 'self'")
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith("__Host-lfr_console=") and "HttpOnly" in cookie and "Secure" in cookie
+        assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
+        # a form posted without its CSRF token is refused (the proxy's token alone is not enough)
+        r = http.post("/deployments", data={"name": "x"}, headers={"Authorization": f"Bearer {idp.mint('builder')}"})
+        assert r.status_code == 403 and "CSRF" in r.text
+        # the audit names the officer (their token reached the audit service), not the console
+        deadline = time.time() + 20
+        while True:
+            recs = clients.audit.Query(audit_pb2.QueryRequest(type_prefix="access.audit", limit=1000),
+                                       timeout=30).records
+            if any(x.actor == "auditor" and "Query" in x.type + x.summary_json for x in recs):
+                break
+            assert time.time() < deadline, [(x.type, x.actor) for x in recs][-10:]
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(20)
