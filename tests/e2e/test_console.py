@@ -52,6 +52,26 @@ def data():
 
 
 @pytest.fixture(scope="module")
+def clock_file(tmp_path_factory) -> Path:
+    """Seconds added to the services' clock of time rules (LFR_CLOCK_OFFSET_FILE): moves an alert past its due
+    time, so the control room marks it overdue."""
+    path = tmp_path_factory.mktemp("clock") / "offset"
+    path.write_text("0")
+    return path
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory, clock_file):
+    from lfr.runtime.embedded import EmbeddedSystem
+
+    roots = [tmp_path_factory.getbasetemp(), data_dir(required=False)]  # as tests/e2e/conftest.py's media_env
+    env = {"LFR_MEDIA_ROOTS": os.pathsep.join(str(r) for r in roots if r), "LFR_ACCESS_SUMMARY_S": "2",
+           "LFR_CLOCK_OFFSET_FILE": str(clock_file), "LFR_ALERT_SWEEP_INTERVAL_S": "1"}
+    with EmbeddedSystem(tmp_path_factory.mktemp("state"), env=env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -92,7 +112,7 @@ class Officer:
         self.context.close()
 
 
-def test_console_end_to_end(system, browser, data, tmp_path):
+def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
     base = system.console_url()
     assert base, "the embedded system started no console"
     shots = tmp_path / "screenshots"
@@ -170,6 +190,13 @@ def test_console_end_to_end(system, browser, data, tmp_path):
         print(f"alert {subject}: on the page {shown_ms - capture_ms} ms after its frame's capture "
               f"({time.time() - t_open:.1f} s after the source started)")
         o.check("control-room")
+        # Left undecided past its due time (the clock of the time rules moved 20 minutes on), it is marked
+        # overdue on the open page, still without a reload.
+        clock_file.write_text("1200")
+        o.page.wait_for_selector(f"#alert-{row.get_attribute('data-alert')}.overdue", timeout=20_000)
+        assert "OVERDUE" in o.page.locator(f"#alert-{row.get_attribute('data-alert')} td.state").inner_text()
+        assert o.page.evaluate("window.__sameDocument === true"), "the page reloaded"
+        o.check("control-room-overdue")
 
         # The engagement officer (the operator holds both roles) reviews: probe beside reference, decoded.
         row.query_selector("a").click()
