@@ -47,7 +47,7 @@ lfr source start --deployment "$ID" --camera cam-1 --as operator "$DATA/video/st
 timeout --preserve-status --signal INT 20 lfr alerts watch "$ID" --from-start --no-bell --as operator
 
 # 6. Review the first alert (the probe crop beside the enrolled image, written to files) and adjudicate it.
-ALERT=$(lfr alerts list "$ID" --pending --ids --as operator | head -n 1)
+ALERT=$(lfr alerts list "$ID" --pending --ids --as operator | sed -n 1p)
 lfr alerts show "$ALERT" --probe "$WORK/probe.jpg" --reference "$WORK/reference.jpg" --as operator
 lfr alerts adjudicate "$ALERT" --outcome confirmed --engagement other --note "spoke to him; identity confirmed" \
     --as operator
