@@ -4,6 +4,10 @@ composition digest, authorisation, and what the sweeper must do. No I/O: the cal
     DRAFT --authorise--> AUTHORISED --start--> ACTIVE --end--> ENDED --purge--> PURGED
       ^                      |                                   (also automatic past the planned end)
       +---- any change ------+         DRAFT | AUTHORISED --cancel--> CANCELLED (purged, status kept)
+
+    Urgent use (policy "urgent"): DRAFT --start_urgent--> ACTIVE (urgent), confirmed by the authorisations
+    it lacked (`confirm`) before urgent_confirm_by_ns; else the sweeper stops it and purges its watchlist and
+    its alerts' images ('urgent_lapsed').
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ TRANSITIONS: dict[str, tuple[set[int], int]] = {
     "end": ({ACTIVE}, ENDED),
     "cancel": ({DRAFT, AUTHORISED}, CANCELLED),
     "purge": ({ENDED, CANCELLED}, PURGED),
+    "start_urgent": ({DRAFT, AUTHORISED}, ACTIVE),
 }
 CHANGEABLE = {DRAFT, AUTHORISED}  # the watchlist may change only before the deployment starts
 
@@ -85,6 +90,25 @@ class DeploymentRecord:
     ended_at_ns: int = 0
     end_reason: str = ""
     purged_at_ns: int = 0
+    # #16: the written authority (policy authority_fields), part of the authorised digest
+    authority: dict = field(default_factory=dict)
+    # urgent use: started before its authorisation, to be confirmed by urgent_confirm_by_ns
+    urgent: bool = False
+    urgent_by: str = ""
+    urgent_rank: str = ""
+    urgent_reason: str = ""
+    urgent_confirm_by_ns: int = 0
+    urgent_confirmed_at_ns: int = 0
+    urgent_lapsed_at_ns: int = 0
+    # the threshold against the policy's floor for the model, and the expected false-alert rate shown
+    threshold_floor: float = 0.0
+    threshold_reason: str = ""
+    threshold_below_floor: bool = False
+    expected_false_alerts_per_10k: float = -1.0
+    false_alert_table: str = ""
+    nonmated_match_rate: float = 0.0
+    equitability_attributes: tuple[str, ...] = ()
+    equitability_min_count: int = 0
 
     # Lifecycle -------------------------------------------------------------------------------------
     def check(self, action: str) -> None:
@@ -131,13 +155,69 @@ class DeploymentRecord:
         return 0
 
     def due_action(self, now_ns: int, purge_after_ns: int) -> str:
-        """What the sweeper must do now: 'end' (past the planned end), 'purge', or ''."""
+        """What the sweeper must do now: 'urgent_lapsed' (urgent use not confirmed in time: stop, purge the
+        watchlist and the alerts' images), 'end' (past the planned end), 'purge', or ''."""
+        if self.urgent_unconfirmed and not self.urgent_lapsed_at_ns and now_ns >= self.urgent_confirm_by_ns:
+            return "urgent_lapsed"
         if self.status == ACTIVE and now_ns >= self.planned_end_ns:
             return "end"
         due = self.purge_due_ns(purge_after_ns)
         if due and now_ns >= due:
             return "purge"
         return ""
+
+    # Urgent use ------------------------------------------------------------------------------------
+    @property
+    def urgent_unconfirmed(self) -> bool:
+        return self.urgent and not self.urgent_confirmed_at_ns
+
+    def start_urgent(self, now_ns: int, actor: str, rank: str, reason: str, confirm_within_ns: int,
+                     current_digest: str) -> DeploymentRecord:
+        """Start before authorisation, under urgency: the list started is pinned (its digest), and the
+        authorisations it lacks must confirm it within `confirm_within_ns`."""
+        self.check("start_urgent")
+        if not actor:
+            raise Refused("INVALID_ARGUMENT", "actor is required")
+        if not reason.strip():
+            raise Refused("INVALID_ARGUMENT", "urgent use needs a reason (why it cannot wait for authorisation)")
+        if actor in self.builders:
+            raise Refused("PERMISSION_DENIED", f"{actor} built the watchlist of deployment {self.id} and cannot "
+                          "start it under urgency: another officer must")
+        if now_ns < self.planned_start_ns or now_ns >= self.planned_end_ns:
+            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: now is outside its window "
+                          f"{iso(self.planned_start_ns)} - {iso(self.planned_end_ns)}")
+        return replace(self, status=ACTIVE, started_at_ns=now_ns, urgent=True, urgent_by=actor, urgent_rank=rank,
+                       urgent_reason=reason.strip(), urgent_confirm_by_ns=now_ns + confirm_within_ns,
+                       authorised_digest=current_digest,
+                       approvals=tuple(a for a in self.approvals if a.digest == current_digest))
+
+    def confirm(self, actor: str, digest: str, reviewed_digest: str, required: int, reasons: list[str],
+                now_ns: int) -> DeploymentRecord:
+        """An authorisation of an urgent deployment's list after its start; confirmed once `required` are in
+        (the officer who started it under urgency does not count)."""
+        if not self.urgent_unconfirmed or self.urgent_lapsed_at_ns or self.status not in (ACTIVE, ENDED):
+            raise Refused("FAILED_PRECONDITION", f"deployment {self.id} is {status_name(self.status)} and not "
+                          "awaiting confirmation of urgent use")
+        if now_ns >= self.urgent_confirm_by_ns:
+            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: urgent use had to be confirmed by "
+                          f"{iso(self.urgent_confirm_by_ns)}")
+        if not actor:
+            raise Refused("INVALID_ARGUMENT", "actor (the authorising officer) is required")
+        if actor in self.builders or actor == self.urgent_by:
+            raise Refused("PERMISSION_DENIED", f"{actor} built the watchlist or started deployment {self.id} "
+                          "under urgency and cannot confirm it: another officer must")
+        if digest != self.authorised_digest or (reviewed_digest and reviewed_digest != digest):
+            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} differs from the one "
+                          "started under urgency")
+        approvals = tuple(a for a in self.approvals if a.digest == digest and a.actor != self.urgent_by)
+        if any(a.actor == actor for a in approvals):
+            raise Refused("FAILED_PRECONDITION", f"{actor} has already approved this watchlist; "
+                          f"a second authoriser is required ({'; '.join(reasons)})")
+        approvals = (*approvals, Approval(actor, now_ns, digest))
+        d = replace(self, approvals=approvals, authorisers_required=required, second_reasons=tuple(reasons))
+        if len(approvals) >= required:
+            d = replace(d, urgent_confirmed_at_ns=now_ns)
+        return d
 
     # Watchlist changes and authorisation -----------------------------------------------------------
     def changed_by(self, actor: str) -> DeploymentRecord:
@@ -211,6 +291,8 @@ def composition_digest(d: DeploymentRecord, entries: list[EntryRecord]) -> str:
         "entries": sorted([e.entry_id, e.subject_ref, e.category, e.source_system, e.legal_basis, e.under_18,
                            sorted([i.sha256, i.captured_ns] for i in e.images)] for e in entries),
     }
+    if d.authority:  # the written authority (#16) is approved with the list
+        body["authority"] = {k: v for k, v in sorted(d.authority.items())}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -259,8 +341,10 @@ def validate_new_deployment(req: pb.CreateDeploymentRequest, recipe: Recipe) -> 
     return "", threshold
 
 
-def validate_governance(req: pb.CreateDeploymentRequest, now_ns: int) -> str:
-    """What a deployment needs beyond its technical fields: an actor, a place, a purpose and a window."""
+def validate_governance(req: pb.CreateDeploymentRequest, now_ns: int, policy: Policy | None = None,
+                        model_id: str = "", threshold: float = 0.0) -> str:
+    """What a deployment needs beyond its technical fields: an actor, a place, a purpose and a window; with
+    the policy, its written authority, its time limits and the threshold floor of its model."""
     if not req.actor.strip():
         return "actor is required"
     if not req.site.strip():
@@ -275,6 +359,10 @@ def validate_governance(req: pb.CreateDeploymentRequest, now_ns: int) -> str:
         loc = req.site_location
         if not (-90 <= loc.latitude <= 90 and -180 <= loc.longitude <= 180):
             return "site_location: latitude must be in [-90, 90] and longitude in [-180, 180]"
+    if policy is not None:
+        return (policy.authority_refusal(dict(req.authority))
+                or policy.time_refusal(req.planned_start.ToNanoseconds(), req.planned_end.ToNanoseconds(), now_ns)
+                or policy.threshold_refusal(model_id, threshold, req.threshold_reason))
     return ""
 
 

@@ -10,7 +10,13 @@ recorded with every deployment, and each decision below names the rule and the p
       "enrollment": {"min_inter_eye_px": 24, "min_sharpness": 40, "max_abs_yaw_deg": 45,
                      "max_abs_pitch_deg": 30, "max_image_age_days": 1825},   # 0 = no age limit
       "approved_sites": [{"name": "Queen Street, Cardiff", "latitude": 51.48, "longitude": -3.17}],
-      "second_authoriser": {"unapproved_site": true, "under_18": true}
+      "second_authoriser": {"unapproved_site": true, "under_18": true},
+      # optional, #16 (governance a regulator checks):
+      "authority_fields": [{"name": "dpia_reference", "label": "DPIA reference", "required": true}, ...],
+      "time_limits": {"max_deployment_hours": 24, "max_days_ahead": 30},
+      "urgent": {"ranks": ["superintendent"], "confirm_within_hours": 24},   # absent: no urgent use
+      "threshold_floors": {"sface-2021dec": {"floor": 0.467, "reason": "why this floor"}},
+      "equitability": {"attributes": {"perceived_sex": ["female", "male"]}, "min_count": 3}
     }
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from lfr.pb import watchlist_pb2 as pb
@@ -35,7 +42,9 @@ CATEGORY_NAMES: dict[str, int] = {
 CATEGORY_BY_VALUE = {v: k for k, v in CATEGORY_NAMES.items()}
 
 _TOP_KEYS = {"version", "description", "categories", "max_watchlist_size", "enrollment", "approved_sites",
-             "second_authoriser"}
+             "second_authoriser", "authority_fields", "time_limits", "urgent", "threshold_floors", "equitability"}
+NS_PER_HOUR = 3600 * 1_000_000_000
+URGENT_MAX_HOURS = 24  # the EU AI Act's limit for confirming urgent use of real-time remote identification
 _ENROLL_KEYS = {"min_inter_eye_px", "min_sharpness", "max_abs_yaw_deg", "max_abs_pitch_deg", "max_image_age_days"}
 _SECOND_KEYS = {"unapproved_site", "under_18"}
 
@@ -60,6 +69,19 @@ class Site:
 
 
 @dataclass(frozen=True)
+class AuthorityField:
+    name: str
+    label: str
+    required: bool
+
+
+@dataclass(frozen=True)
+class Floor:
+    floor: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Policy:
     version: str
     digest: str
@@ -74,6 +96,75 @@ class Policy:
     approved_sites: tuple[Site, ...]
     second_for_unapproved_site: bool
     second_for_under_18: bool
+    authority_fields: tuple[AuthorityField, ...] = ()
+    max_deployment_hours: float = 0.0  # 0 = no limit
+    max_days_ahead: float = 0.0
+    urgent_ranks: tuple[str, ...] = ()  # empty: urgent use is not allowed
+    urgent_confirm_hours: float = 0.0
+    threshold_floors: tuple[tuple[str, Floor], ...] = ()
+    equitability: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attribute -> allowed values
+    equitability_min_count: int = 0
+
+    def rule(self, key: str) -> str:
+        """Where a rule is set, for messages people read."""
+        return f"{key} of policy {self.version}, LFR_POLICY_FILE"
+
+    # Written authority, time limits, urgent use, threshold floor (#16) --------------------------------
+    def authority_refusal(self, authority: dict[str, str]) -> str:
+        """'' if a deployment's written authority holds every field the policy requires and no other."""
+        known = {f.name for f in self.authority_fields}
+        for name in sorted(authority):
+            if name not in known:
+                allowed = ", ".join(sorted(known)) or "none"
+                return f"authority field {name!r} is not one the policy names (authority_fields: {allowed})"
+        for f in self.authority_fields:
+            if f.required and not authority.get(f.name, "").strip():
+                return (f"authority field {f.name} ({f.label}) is required by "
+                        f"{self.rule('authority_fields')}")
+        return ""
+
+    def time_refusal(self, start_ns: int, end_ns: int, now_ns: int) -> str:
+        """'' if a deployment's window keeps to the policy's time limits."""
+        hours = (end_ns - start_ns) / NS_PER_HOUR
+        if self.max_deployment_hours and hours > self.max_deployment_hours:
+            return (f"the deployment would last {hours:.1f} hours: at most {self.max_deployment_hours:g} "
+                    f"({self.rule('time_limits.max_deployment_hours')})")
+        days = (start_ns - now_ns) / NS_PER_DAY
+        if self.max_days_ahead and days > self.max_days_ahead:
+            return (f"the deployment starts {days:.1f} days ahead: at most {self.max_days_ahead:g} "
+                    f"({self.rule('time_limits.max_days_ahead')})")
+        return ""
+
+    def urgent_refusal(self, rank: str) -> str:
+        if not self.urgent_ranks:
+            return f"policy {self.version} does not allow urgent use (no 'urgent' section in LFR_POLICY_FILE)"
+        if rank.strip().casefold() not in {r.casefold() for r in self.urgent_ranks}:
+            return (f"urgent use needs an officer of rank {' or '.join(self.urgent_ranks)} "
+                    f"({self.rule('urgent.ranks')}); rank given: {rank.strip() or 'none'}")
+        return ""
+
+    def floor(self, model_id: str) -> Floor | None:
+        return dict(self.threshold_floors).get(model_id)
+
+    def threshold_refusal(self, model_id: str, threshold: float, reason: str) -> str:
+        """'' if the threshold is at or above the model's floor, or under it with a stated reason."""
+        f = self.floor(model_id)
+        if f is None or threshold >= f.floor or reason.strip():
+            return ""
+        return (f"threshold {threshold:g} is under the floor {f.floor:g} for {model_id} "
+                f"({self.rule('threshold_floors')}: {f.reason}); a lower threshold needs a stated reason "
+                "(threshold_reason)")
+
+    # Equitability ------------------------------------------------------------------------------------
+    def attributes_refusal(self, attributes: dict[str, str]) -> str:
+        allowed = dict(self.equitability)
+        for name, value in sorted(attributes.items()):
+            if name not in allowed:
+                return (f"attribute {name!r} is not one the policy names "
+                        f"(equitability.attributes: {', '.join(sorted(allowed)) or 'none'})")
+            if value not in allowed[name]:
+                return f"attribute {name}: {value!r} is not one of {', '.join(allowed[name])}"
+        return ""
 
     # Sites -----------------------------------------------------------------------------------------
     def approved_site(self, name: str) -> Site | None:
@@ -230,6 +321,7 @@ def parse_policy(text: str) -> Policy:
         if not isinstance(second.get(key, True), bool):
             raise PolicyError(f"second_authoriser.{key}: must be true or false")
 
+    extra = _governance(raw)
     canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
     return Policy(
         version=version.strip(), digest=hashlib.sha256(canonical.encode()).hexdigest(), canonical_json=canonical,
@@ -238,6 +330,87 @@ def parse_policy(text: str) -> Policy:
         max_abs_yaw_deg=e["max_abs_yaw_deg"], max_abs_pitch_deg=e["max_abs_pitch_deg"],
         max_image_age_days=e["max_image_age_days"], approved_sites=tuple(sites),
         second_for_unapproved_site=second.get("unapproved_site", True),
-        second_for_under_18=second.get("under_18", True),
+        second_for_under_18=second.get("under_18", True), **extra,
     )
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def _governance(raw: dict) -> dict:
+    """The optional #16 sections, validated; keyword arguments of Policy."""
+    out: dict = {}
+    fields_raw = raw.get("authority_fields", [])
+    if not isinstance(fields_raw, list):
+        raise PolicyError("authority_fields: must be a list")
+    fields = []
+    for i, f in enumerate(fields_raw):
+        where = f"authority_fields[{i}]."
+        if not isinstance(f, dict):
+            raise PolicyError(f"authority_fields[{i}]: must be an object")
+        _unknown(f, {"name", "label", "required"}, where)
+        if not isinstance(f.get("name"), str) or not _NAME.match(f["name"]):
+            raise PolicyError(f"{where}name: must be a lower-case identifier (a-z, 0-9, _)")
+        if not isinstance(f.get("required", False), bool):
+            raise PolicyError(f"{where}required: must be true or false")
+        fields.append(AuthorityField(f["name"], str(f.get("label") or f["name"]), f.get("required", False)))
+    if len({f.name for f in fields}) != len(fields):
+        raise PolicyError("authority_fields: names must be unique")
+    out["authority_fields"] = tuple(fields)
+
+    limits = raw.get("time_limits", {})
+    if not isinstance(limits, dict):
+        raise PolicyError("time_limits: must be an object")
+    _unknown(limits, {"max_deployment_hours", "max_days_ahead"}, "time_limits.")
+    for key in ("max_deployment_hours", "max_days_ahead"):
+        if key in limits:
+            out[key] = _number(limits, key, "time_limits.")
+
+    if "urgent" in raw:
+        u = raw["urgent"]
+        if not isinstance(u, dict):
+            raise PolicyError("urgent: must be an object")
+        _unknown(u, {"ranks", "confirm_within_hours"}, "urgent.")
+        ranks = u.get("ranks")
+        if not isinstance(ranks, list) or not ranks or not all(isinstance(r, str) and r.strip() for r in ranks):
+            raise PolicyError("urgent.ranks: must be a non-empty list of ranks")
+        hours = _number(u, "confirm_within_hours", "urgent.", 0.001)
+        if hours > URGENT_MAX_HOURS:
+            raise PolicyError(f"urgent.confirm_within_hours: must be at most {URGENT_MAX_HOURS}")
+        out["urgent_ranks"], out["urgent_confirm_hours"] = tuple(r.strip() for r in ranks), hours
+
+    floors = raw.get("threshold_floors", {})
+    if not isinstance(floors, dict):
+        raise PolicyError("threshold_floors: must be an object (model id -> {floor, reason})")
+    parsed = []
+    for model_id, f in sorted(floors.items()):
+        where = f"threshold_floors.{model_id}."
+        if not isinstance(f, dict):
+            raise PolicyError(f"threshold_floors.{model_id}: must be an object")
+        _unknown(f, {"floor", "reason"}, where)
+        value = _number(f, "floor", where, -1e9)
+        if not isinstance(f.get("reason"), str) or not f["reason"].strip():
+            raise PolicyError(f"{where}reason: required (why this floor)")
+        parsed.append((model_id, Floor(value, f["reason"].strip())))
+    out["threshold_floors"] = tuple(parsed)
+
+    eq = raw.get("equitability", {})
+    if not isinstance(eq, dict):
+        raise PolicyError("equitability: must be an object")
+    _unknown(eq, {"attributes", "min_count"}, "equitability.")
+    attrs = eq.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise PolicyError("equitability.attributes: must be an object (name -> list of values)")
+    parsed_attrs = []
+    for name, values in sorted(attrs.items()):
+        if not _NAME.match(name):
+            raise PolicyError(f"equitability.attributes.{name}: the name must be a lower-case identifier")
+        if (not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values)
+                or len(set(values)) != len(values)):
+            raise PolicyError(f"equitability.attributes.{name}: must be a non-empty list of distinct values")
+        parsed_attrs.append((name, tuple(values)))
+    out["equitability"] = tuple(parsed_attrs)
+    if "min_count" in eq:
+        out["equitability_min_count"] = _number(eq, "min_count", "equitability.", 0, integer=True)
+    return out
 

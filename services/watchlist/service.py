@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from lfr.models import scoring
+from lfr.models import nonmated, scoring
 from lfr.pb import (
     audit_pb2,
     common_pb2,
@@ -35,7 +35,7 @@ from lfr.pb import (
 from lfr.pb import (
     watchlist_pb2 as pb,
 )
-from lfr.runtime import events, limits, subjects
+from lfr.runtime import clock, events, limits, subjects
 from lfr.runtime.config import ConfigError
 from lfr.runtime.outbox import Outbox
 from lfr.runtime.rpc import abort, channel
@@ -153,7 +153,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     async def CreateDeployment(self, request, context):
         model = await self.svc.model()
         error, threshold = validate_new_deployment(request, self.svc.recipe(model))
-        error = error or validate_governance(request, self.svc.now_ns())
+        error = error or validate_governance(request, self.svc.now_ns(), self.svc.policy, model.model_id, threshold)
         if error:
             raise Refused("INVALID_ARGUMENT", error)
         return await self.svc.create(request, threshold, model)
@@ -174,6 +174,8 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
 
     @refusals
     async def StartDeployment(self, request, context):
+        if request.urgent:
+            return await self.svc.start_urgent(request.deployment_id, request.actor, request.rank, request.reason)
         return await self.svc.start_deployment(request.deployment_id, request.actor)
 
     @refusals
@@ -350,12 +352,14 @@ class WatchlistService(Service):
     name = "watchlist"
 
     def now_ns(self) -> int:
-        """The one clock of the service (tests replace it to move time)."""
-        return time.time_ns()
+        """The one clock of the service's time rules (LFR_CLOCK_OFFSET_FILE moves it in drills and tests)."""
+        rules = getattr(self, "clock", None)
+        return rules.now_ns() if rules is not None else time.time_ns()
 
     async def start(self, rt: Runtime) -> None:
         cfg = self.config
         self.policy = load_policy(cfg.policy_file)
+        self.clock = clock.from_config(cfg)
         self.purge_after_ns = int(cfg.purge_after_s * 1e9)
         self.meta = MetadataStore(cfg.state_path("watchlist.sqlite"))
         # durable facts are written to the metadata database, in the transaction of the change they report
@@ -426,8 +430,12 @@ class WatchlistService(Service):
     async def current(self, deployment_id: str) -> DeploymentRecord:
         """The deployment as it stands now: one past its planned end is ended before anyone reads it."""
         d = self.get(deployment_id)
-        if d.due_action(self.now_ns(), self.purge_after_ns) == "end":
+        action = d.due_action(self.now_ns(), self.purge_after_ns)
+        if action == "end":
             await self.auto_end(d.id)
+            d = self.get(deployment_id)
+        elif action == "urgent_lapsed":
+            await self.urgent_lapse(d.id)
             d = self.get(deployment_id)
         return d
 
@@ -445,7 +453,21 @@ class WatchlistService(Service):
             authorisers_required=d.authorisers_required, second_authoriser_reasons=list(d.second_reasons),
             builders=list(d.builders), started_at=_ts(d.started_at_ns), ended_at=_ts(d.ended_at_ns),
             purged_at=_ts(d.purged_at_ns), purge_due=_ts(d.purge_due_ns(self.purge_after_ns)),
-            end_reason=d.end_reason)
+            end_reason=d.end_reason, **self.governance_fields(d, len(entries)))
+
+    @staticmethod
+    def governance_fields(d: DeploymentRecord, size: int) -> dict:
+        """#16: the written authority, urgent use, the threshold floor, and the expected false alerts per 10,000
+        faces for this list size and threshold (from the model's shipped non-mated table)."""
+        per_10k, rate, table = nonmated.expected(d.model_id, d.threshold, size)
+        return dict(
+            authority=d.authority, urgent=d.urgent, urgent_by=d.urgent_by, urgent_rank=d.urgent_rank,
+            urgent_reason=d.urgent_reason, urgent_started_at=_ts(d.started_at_ns if d.urgent else 0),
+            urgent_confirm_by=_ts(d.urgent_confirm_by_ns), urgent_confirmed_at=_ts(d.urgent_confirmed_at_ns),
+            expected_false_alerts_per_10k=per_10k, nonmated_match_rate=rate, false_alert_table=table,
+            threshold_floor=d.threshold_floor, threshold_reason=d.threshold_reason,
+            threshold_below_floor=d.threshold_below_floor, equitability_attributes=list(d.equitability_attributes),
+            equitability_min_count=d.equitability_min_count)
 
     def lifecycle(self, d: DeploymentRecord, action: str, actor: str, reason: str = "") -> pb.Deployment:
         msg = self.deployment_pb(d)
@@ -487,15 +509,33 @@ class WatchlistService(Service):
             threshold_from_model=not req.threshold, policy_version=self.policy.version,
             policy_digest=self.policy.digest, builders=(req.actor,),
             authorisers_required=1 + bool(self.policy.second_authoriser_reasons(req.site, False)),
-            second_reasons=tuple(self.policy.second_authoriser_reasons(req.site, False)))
+            second_reasons=tuple(self.policy.second_authoriser_reasons(req.site, False)),
+            **self.policy_fields(model.model_id, threshold, dict(req.authority), req.threshold_reason))
         with self.outbox.transaction():  # the record and its fact commit together (lfr.runtime.outbox)
             self.meta.put_deployment(d)
-            return self.lifecycle(d, "created", req.actor)
+            msg = self.lifecycle(d, "created", req.actor)
+            if d.threshold_below_floor:  # audited on its own, with the reason
+                msg = self.lifecycle(d, "threshold_below_floor", req.actor,
+                                     f"threshold {d.threshold:g} under the floor {d.threshold_floor:g} of policy "
+                                     f"{self.policy.version}: {d.threshold_reason}")
+            return msg
+
+    def policy_fields(self, model_id: str, threshold: float, authority: dict, reason: str) -> dict:
+        """What the policy adds to a new deployment record (#16)."""
+        floor = self.policy.floor(model_id)
+        below = floor is not None and threshold < floor.floor
+        return dict(authority={k: v.strip() for k, v in authority.items()},
+                    threshold_floor=floor.floor if floor else 0.0, threshold_below_floor=below,
+                    threshold_reason=reason.strip() if below else "",
+                    equitability_attributes=tuple(name for name, _ in self.policy.equitability),
+                    equitability_min_count=self.policy.equitability_min_count)
 
     async def authorise(self, deployment_id: str, actor: str, reviewed_digest: str) -> pb.Deployment:
         async with self.locks[deployment_id]:
             d = self.get(deployment_id)
             entries = self.meta.entries(d.id)
+            if d.urgent_unconfirmed:
+                return await self._confirm_urgent(d, entries, actor, reviewed_digest)
             try:
                 d.check("authorise")
                 await self._same_model(d, "authorise")
@@ -508,7 +548,9 @@ class WatchlistService(Service):
                                   reasons, self.now_ns())
             except Refused as exc:
                 raise self.refused(d, "authorisation", actor, exc) from None
-            after = self._replace(after, policy_version=self.policy.version, policy_digest=self.policy.digest)
+            after = self._replace(after, policy_version=self.policy.version, policy_digest=self.policy.digest,
+                                  expected_false_alerts_per_10k=nonmated.expected(d.model_id, d.threshold,
+                                                                                  len(entries))[0])
             with self.outbox.transaction():
                 self.meta.put_deployment(after)
                 msg = self.lifecycle(after, "approved", actor,
@@ -516,6 +558,77 @@ class WatchlistService(Service):
                 if after.status == AUTHORISED:
                     msg = self.lifecycle(after, "authorised", actor)
             return msg
+
+    async def _confirm_urgent(self, d: DeploymentRecord, entries: list[EntryRecord], actor: str,
+                              reviewed_digest: str) -> pb.Deployment:
+        """An authorisation of a deployment started under urgency: it confirms the urgent use once the
+        authorisers it needs (other than the officer who started it) are in. Call with the lock held."""
+        try:
+            reasons = self.policy.second_authoriser_reasons(d.site, any(e.under_18 for e in entries))
+            after = d.confirm(actor, composition_digest(d, entries), reviewed_digest, 1 + bool(reasons), reasons,
+                              self.now_ns())
+        except Refused as exc:
+            raise self.refused(d, "urgent_confirmation", actor, exc) from None
+        with self.outbox.transaction():
+            self.meta.put_deployment(after)
+            msg = self.lifecycle(after, "approved", actor,
+                                 f"approval {len(after.approvals)} of {after.authorisers_required} (urgent use)")
+            if after.urgent_confirmed_at_ns:
+                msg = self.lifecycle(after, "urgent_confirmed", actor,
+                                     f"urgent use by {after.urgent_by} ({after.urgent_rank}) confirmed")
+        return msg
+
+    async def start_urgent(self, deployment_id: str, actor: str, rank: str, reason: str) -> pb.Deployment:
+        """Start before authorisation under urgency (policy 'urgent'): by an officer of a named rank, with a
+        reason; to be confirmed within the policy's limit."""
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            try:
+                refusal = self.policy.urgent_refusal(rank)
+                if refusal:
+                    raise Refused("PERMISSION_DENIED", refusal)
+                d.check("start_urgent")
+                await self._same_model(d, "start")
+                entries = self.meta.entries(d.id)
+                violations = watchlist_violations(self.policy, entries, self.now_ns())
+                if violations:
+                    raise Refused("FAILED_PRECONDITION", f"policy {self.policy.version} refuses the watchlist: "
+                                  + "; ".join(violations[:5]))
+                within = int(self.policy.urgent_confirm_hours * 3600 * 1e9)
+                after = d.start_urgent(self.now_ns(), actor, rank.strip(), reason, within,
+                                       composition_digest(d, entries))
+                reasons = self.policy.second_authoriser_reasons(d.site, any(e.under_18 for e in entries))
+                after = self._replace(after, authorisers_required=1 + bool(reasons), second_reasons=tuple(reasons),
+                                      expected_false_alerts_per_10k=nonmated.expected(
+                                          d.model_id, d.threshold, len(entries))[0])
+            except Refused as exc:
+                raise self.refused(d, "urgent_start", actor, exc) from None
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                return self.lifecycle(after, "started", actor,
+                                      f"urgent use by {actor} ({after.urgent_rank}): {after.urgent_reason}; to be "
+                                      f"confirmed by {_iso(after.urgent_confirm_by_ns)} "
+                                      f"({self.policy.rule('urgent.confirm_within_hours')})")
+
+    async def urgent_lapse(self, deployment_id: str) -> None:
+        """Urgent use not confirmed in time: stop the deployment, purge its watchlist now, and announce the lapse
+        (match deletes the images of its alerts on it). Each step is a durable, audited fact."""
+        async with self.locks[deployment_id]:
+            d = self.get(deployment_id)
+            if d.due_action(self.now_ns(), self.purge_after_ns) != "urgent_lapsed":
+                return
+            why = (f"urgent use by {d.urgent_by} ({d.urgent_rank}) was not confirmed by "
+                   f"{_iso(d.urgent_confirm_by_ns)} ({self.policy.rule('urgent.confirm_within_hours')})")
+            after = d.end(self.now_ns(), why) if d.status == pb.DEPLOYMENT_STATUS_ACTIVE else d
+            after = self._replace(after, urgent_lapsed_at_ns=self.now_ns())
+            with self.outbox.transaction():
+                self.meta.put_deployment(after)
+                if d.status == pb.DEPLOYMENT_STATUS_ACTIVE:
+                    self.lifecycle(after, "ended", SWEEPER, why)
+                self.lifecycle(after, "urgent_lapsed", SWEEPER, why + ": its watchlist and its alerts' images are "
+                               "purged")
+        if not after.purged_at_ns:
+            await self.purge(after.id)
 
     @staticmethod
     def _replace(d: DeploymentRecord, **changes) -> DeploymentRecord:
@@ -616,6 +729,8 @@ class WatchlistService(Service):
             try:
                 if action == "end":
                     await self.auto_end(d.id)
+                elif action == "urgent_lapsed":
+                    await self.urgent_lapse(d.id)
                 elif action == "purge":
                     await self.purge(d.id)
             except Exception as exc:  # one failing deployment must not stop the others; retried next sweep

@@ -38,7 +38,7 @@ def _deployment_from_json(text: str) -> DeploymentRecord:
     data = json.loads(text)
     fields = {f.name for f in dataclasses.fields(DeploymentRecord)}
     data = {k: v for k, v in data.items() if k in fields}
-    for key in ("cameras", "builders", "second_reasons"):
+    for key in ("cameras", "builders", "second_reasons", "equitability_attributes"):
         if key in data:
             data[key] = tuple(data[key])
     data["approvals"] = tuple(Approval(**a) for a in data.get("approvals", ()))

@@ -68,6 +68,13 @@ def allow_relative_values(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=TEXT, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def category(text: str) -> int:
     if text not in CATEGORIES:
         raise argparse.ArgumentTypeError(f"unknown category {text!r} (one of: {', '.join(CATEGORIES)})")
@@ -116,7 +123,41 @@ def deployment_json(d: pb.Deployment) -> dict:
         "created_by": d.created_by, "created_at": iso(d.created_at), "started_at": iso(d.started_at),
         "ended_at": iso(d.ended_at), "end_reason": d.end_reason, "purge_due": iso(d.purge_due),
         "purged_at": iso(d.purged_at), "policy_version": d.policy_version,
+    } | governance_json(d)
+
+
+def governance_json(d: pb.Deployment) -> dict:
+    """#16: the written authority, urgent use, the threshold floor and the expected false-alert rate."""
+    return {
+        "authority": dict(sorted(d.authority.items())),
+        "urgent": {"by": d.urgent_by, "rank": d.urgent_rank, "reason": d.urgent_reason,
+                   "started_at": iso(d.urgent_started_at), "confirm_by": iso(d.urgent_confirm_by),
+                   "confirmed_at": iso(d.urgent_confirmed_at)} if d.urgent else None,
+        "threshold_floor": round(d.threshold_floor, 6) if d.threshold_floor else None,
+        "threshold_below_floor": d.threshold_below_floor, "threshold_reason": d.threshold_reason,
+        "expected_false_alerts_per_10k": (round(d.expected_false_alerts_per_10k, 4)
+                                          if d.expected_false_alerts_per_10k >= 0 else None),
+        "nonmated_match_rate": d.nonmated_match_rate, "false_alert_table": d.false_alert_table,
     }
+
+
+def expected_text(d: pb.Deployment) -> str:
+    if d.expected_false_alerts_per_10k < 0:
+        return f"no non-mated score table for {d.model_id}: the expected false-alert rate is not known"
+    return (f"{d.expected_false_alerts_per_10k:.2f} per 10,000 faces for {d.watchlist_size} entries at threshold "
+            f"{d.threshold:.3f} (non-mated rate {d.nonmated_match_rate:.2e}; {d.false_alert_table})")
+
+
+def governance_lines(d: pb.Deployment) -> list[str]:
+    lines = [f"  authority   {k}: {v}" for k, v in sorted(d.authority.items())]
+    lines.append(f"  expected false alerts  {expected_text(d)}")
+    if d.threshold_below_floor:
+        lines.append(f"  THRESHOLD UNDER THE POLICY FLOOR {d.threshold_floor:.3f}: {d.threshold_reason}")
+    if d.urgent:
+        state = (f"confirmed {iso(d.urgent_confirmed_at)}" if d.urgent_confirmed_at.seconds
+                 else f"to be confirmed by {iso(d.urgent_confirm_by)}")
+        lines.append(f"  URGENT USE  by {d.urgent_by} ({d.urgent_rank}): {d.urgent_reason}; {state}")
+    return lines
 
 
 def quality_json(q) -> dict:
@@ -156,7 +197,7 @@ def describe(d: pb.Deployment) -> str:
     for key in ("started_at", "ended_at", "purge_due", "purged_at"):
         if j[key]:
             lines.append(f"  {key.replace('_', ' '):<11} {j[key]}")
-    return "\n".join(lines)
+    return "\n".join(lines + governance_lines(d))
 
 
 class Progress:
@@ -185,7 +226,8 @@ def deployment_create(args, stub) -> None:
     req = pb.CreateDeploymentRequest(
         name=args.name, purpose=args.purpose, legal_basis=args.legal_basis, site=args.site,
         planned_start=ts_from_ns(args.start), planned_end=ts_from_ns(args.end), cameras=args.camera,
-        threshold=args.threshold, actor=args.actor)
+        threshold=args.threshold, actor=args.actor, threshold_reason=args.threshold_reason,
+        authority=dict(args.authority or ()))
     if args.lat is not None or args.lon is not None:
         if args.lat is None or args.lon is None:
             raise Failure("--lat and --lon go together")
@@ -203,17 +245,25 @@ def deployment_authorise(args, stub) -> None:
     if d.status == pb.DEPLOYMENT_STATUS_AUTHORISED:
         text = (f"deployment {d.id} AUTHORISED by {', '.join(a.actor for a in d.approvals)}: "
                 f"{d.watchlist_size} entries, digest {d.authorised_digest[:16]}")
+    elif d.urgent and d.urgent_confirmed_at.seconds:
+        text = (f"deployment {d.id}: urgent use CONFIRMED by {', '.join(a.actor for a in d.approvals)}: "
+                f"{d.watchlist_size} entries, digest {d.authorised_digest[:16]}")
     else:
         text = (f"approval by {args.actor} recorded ({len(d.approvals)} of {d.authorisers_required}); "
                 f"a second authoriser is required: {'; '.join(d.second_authoriser_reasons)}")
-    emit(args, deployment_json(d), text)
+    emit(args, deployment_json(d), "\n".join([text, *governance_lines(d)]))
 
 
 def deployment_transition(rpc: str, verb: str):
     def run(args, stub) -> None:
         d = getattr(stub, rpc)(pb.TransitionRequest(deployment_id=args.id, actor=args.actor,
-                                                    reason=getattr(args, "reason", "") or ""), timeout=120)
+                                                    reason=getattr(args, "reason", "") or "",
+                                                    urgent=getattr(args, "urgent", False),
+                                                    rank=getattr(args, "rank", "") or ""), timeout=120)
         text = f"deployment {d.id} {verb}: now {status_name(d.status)}"
+        if d.urgent and not d.urgent_confirmed_at.seconds and d.status == pb.DEPLOYMENT_STATUS_ACTIVE:
+            text += (f" UNDER URGENCY: it must be authorised by {iso(d.urgent_confirm_by)}, else it stops and its "
+                     "watchlist and alerts' images are purged")
         if d.status in (pb.DEPLOYMENT_STATUS_PURGED,) or d.purged_at.seconds:
             text += f" (watchlist purged; {d.watchlist_size} nominal ids kept)"
         elif d.purge_due.seconds:
@@ -516,6 +566,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--legal-basis", default="", help="legal basis of the deployment")
     p.add_argument("--id-only", action="store_true", help="print only the new deployment's id (for scripts: "
                    "ID=$(lfr deployment create ... --id-only))")
+    p.add_argument("--authority", action="append", type=key_value, metavar="FIELD=TEXT",
+                   help="the written authority, one field a time (the policy's authority_fields, e.g. "
+                   "dpia_reference=DPIA-2026-014); `lfr policy show` lists them")
+    p.add_argument("--threshold-reason", default="", help="why a threshold under the policy's floor is needed")
     p.set_defaults(run=deployment_create)
     p = dsub.add_parser("authorise", parents=[common], help="approve the exact watchlist (--as the officer)")
     p.add_argument("id")
@@ -527,6 +581,11 @@ def add_parsers(sub) -> None:
         p.add_argument("id")
         if name != "start":
             p.add_argument("--reason", default="")
+        else:
+            p.add_argument("--urgent", action="store_true", help="urgent use: start before authorisation (an "
+                           "officer of a rank the policy names; confirmed within its limit, else stopped and purged)")
+            p.add_argument("--rank", default="", help="with --urgent: your rank")
+            p.add_argument("--reason", default="", help="with --urgent: why it cannot wait")
         p.set_defaults(run=deployment_transition(rpc, verb))
     p = dsub.add_parser("reembed", parents=[common], help="re-embed the watchlist with the current model")
     p.add_argument("id")
