@@ -1,9 +1,11 @@
 """Published records, the audit, and alerts: `lfr report …`, `lfr audit …`, `lfr alerts …`.
 
-- `lfr report deployments --from DATE --to DATE --format json|csv|html [--out FILE]`: the published record of
-  every deployment that started in the period (no names, no images); the HTML page is self-contained (a
-  table and two charts, inline SVG, no script) for a member of the public.
-- `lfr report totals --from DATE --to DATE`, `lfr report deployment ID`.
+- `lfr report deployments [--from DATE] [--to DATE] --format json|csv|html [--out FILE]`: the published record
+  of every deployment that started in the period (no names, no images); the HTML page is self-contained (a
+  table and two charts, inline SVG, no script) for a member of the public, and anyone may make it (the chain
+  is verified on it only when an auditor makes it). DATE: YYYY-MM-DD (UTC), `today` or `-30d`; an end left
+  out is open.
+- `lfr report totals [--from DATE] [--to DATE]`, `lfr report deployment ID`.
 - `lfr audit verify [--json] [--index-only]`: recompute the chain, compare it with the durable stream.
 - `lfr audit query [--deployment ID] [--type PREFIX]`.
 - `lfr alerts list DEPLOYMENT`, `lfr alerts show ALERT [--probe FILE] [--reference FILE]`, `lfr alerts adjudicate
