@@ -64,17 +64,30 @@ def published_pb(p: report.Published) -> pb.PublishedRecord:
         alerts=p.alerts, confirmed_alerts=p.confirmed_alerts, false_alerts=p.false_alerts,
         not_engaged=p.not_engaged, unadjudicated=p.unadjudicated, arrests=p.arrests, threshold=p.threshold,
         model=p.model, false_alert_rate=p.false_alert_rate, false_alert_one_in=p.false_alert_one_in,
-        status=p.status)
+        status=p.status, threshold_below_floor=p.threshold_below_floor, threshold_floor=p.threshold_floor,
+        threshold_reason=p.threshold_reason, urgent=p.urgent, urgent_confirmed=p.urgent_confirmed,
+        engagements=engagements_pb(p), equitability=[pb.EquitabilityRow(**r) for r in p.equitability.rows()],
+        suppress_below=p.equitability.min_count, expected_false_alerts_per_10k=p.expected_false_alerts_per_10k)
     if p.end_ns:
         out.end_time.CopyFrom(events.ts_from_ns(p.end_ns))
     return out
 
 
-def totals_pb(from_date: str, to_date: str, n: int, t: report.Counts) -> pb.PeriodTotals:
+def engagements_pb(c: report.Counts) -> pb.Engagements:
+    return pb.Engagements(none=c.engagements_none, words_of_advice=c.words_of_advice, arrests=c.arrests,
+                          other_outcome=c.other_outcome, minutes=c.engagement_minutes,
+                          false_alerts_informed=c.false_alerts_informed)
+
+
+def totals_pb(from_date: str, to_date: str, n: int, t: report.Counts,
+              eq: report.Breakdown | None = None) -> pb.PeriodTotals:
+    eq = eq or report.Breakdown()
     return pb.PeriodTotals(from_date=from_date, to_date=to_date, deployments=n, faces_seen=t.faces_seen,
                            alerts=t.alerts, confirmed_alerts=t.confirmed_alerts, false_alerts=t.false_alerts,
                            not_engaged=t.not_engaged, unadjudicated=t.unadjudicated, arrests=t.arrests,
-                           false_alert_rate=t.false_alert_rate, false_alert_one_in=t.false_alert_one_in)
+                           false_alert_rate=t.false_alert_rate, false_alert_one_in=t.false_alert_one_in,
+                           engagements=engagements_pb(t), equitability=[pb.EquitabilityRow(**r) for r in eq.rows()],
+                           suppress_below=eq.min_count, below_floor=t.below_floor, urgent=t.urgent_uses)
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
@@ -119,11 +132,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         records = await self._period(request, context, "PublicRecords")
         n, t = report.totals(records)
         return pb.PublicRecordsResponse(records=[published_pb(p) for p in records],
-                                        totals=totals_pb(request.from_date, request.to_date, n, t))
+                                        totals=totals_pb(request.from_date, request.to_date, n, t,
+                                                         report.breakdown(records)))
 
     async def Totals(self, request, context):
-        n, t = report.totals(await self._period(request, context, "Totals"))
-        return totals_pb(request.from_date, request.to_date, n, t)
+        records = await self._period(request, context, "Totals")
+        n, t = report.totals(records)
+        return totals_pb(request.from_date, request.to_date, n, t, report.breakdown(records))
 
     async def _period(self, request, context, method: str) -> list[report.Published]:
         try:

@@ -199,6 +199,33 @@ class AlertBook:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return flagged, deleted
 
+    def delete_deployment_images(self, deployment_id: str, reason: str) -> pb.CropsDeleted | None:
+        """Delete every retained probe crop and reference copy of a deployment's alerts now (urgent use not
+        confirmed in time), with its CropsDeleted fact naming the reason; None when nothing was left."""
+        now = self.clock.now_ns()
+        with self.lock:
+            with self.outbox.transaction():
+                rows = self.db.execute(
+                    "SELECT alert_id, alert, probe_jpeg IS NOT NULL, reference_jpeg IS NOT NULL FROM alerts"
+                    " WHERE deployment_id = ? AND crops_deleted_ns IS NULL ORDER BY raised_clock_ns",
+                    (deployment_id,)).fetchall()
+                if not rows:
+                    return None
+                ev = pb.CropsDeleted(envelope=events.envelope(PRODUCER, deployment_id), reason=reason)
+                for alert_id, data, had_probe, had_reference in rows:
+                    a = pb.Alert.FromString(data)
+                    if not ev.alert_ids:
+                        ev.oldest_raised_at.CopyFrom(a.raised_at)
+                    ev.alert_ids.append(alert_id)
+                    ev.probe_crops_deleted += int(had_probe)
+                    ev.reference_copies_deleted += int(had_reference)
+                    ev.newest_raised_at.CopyFrom(a.raised_at)
+                self.db.execute("UPDATE alerts SET probe_jpeg = NULL, reference_jpeg = NULL, crops_deleted_ns = ?"
+                                " WHERE deployment_id = ? AND crops_deleted_ns IS NULL", (now, deployment_id))
+                self._pending(subjects.retention(deployment_id), ev)
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return ev
+
     # Events waiting for JetStream --------------------------------------------------------------------
     def _pending(self, subject: str, msg: Message) -> None:
         self.outbox.add(subject, msg, msg.envelope.event_id)

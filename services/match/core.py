@@ -83,6 +83,28 @@ def adjudication_refusal(outcome: int, engagement: int, note: str, actor: str, a
     return "", ""
 
 
+MAX_ENGAGEMENT_MINUTES = 24 * 60
+
+
+def engagement_refusal(outcome: int, minutes: int, informed: bool, attributes: dict[str, str],
+                       allowed: dict[str, list[str]]) -> str:
+    """'' if the engagement's duration, the informed flag and the equitability attributes may be recorded with
+    this outcome; `allowed` is the policy's equitability.attributes (name -> values)."""
+    if not 0 <= minutes <= MAX_ENGAGEMENT_MINUTES:
+        return f"engagement_minutes must be between 0 and {MAX_ENGAGEMENT_MINUTES}"
+    if outcome == match_pb2.OUTCOME_NOT_ENGAGED and minutes:
+        return "a not-engaged alert has no engagement duration"
+    if informed and outcome != match_pb2.OUTCOME_FALSE_ALERT:
+        return "person_informed is recorded for false alerts only (the person was told of the wrong match)"
+    for name, value in sorted(attributes.items()):
+        if name not in allowed:
+            return (f"attribute {name!r} is not one the policy names "
+                    f"(equitability.attributes: {', '.join(sorted(allowed)) or 'none'})")
+        if value not in allowed[name]:
+            return f"attribute {name}: {value!r} is not one of {', '.join(allowed[name])}"
+    return ""
+
+
 def reference_refusal(code: str, details: str) -> str:
     """AlertReview.reference_status for a refused or failed fetch of the reference image (status name, message)."""
     if code == "FAILED_PRECONDITION":  # the watchlist was purged: its message says when

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 
 import grpc
 
 from lfr.match.alerts import AlertBook
-from lfr.match.core import Counters, adjudication_refusal, decide, reference_refusal
+from lfr.match.core import Counters, adjudication_refusal, decide, engagement_refusal, reference_refusal
 from lfr.match.tracker import Action, AlertState, Sighting, Tracker
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
 from lfr.pb import match_pb2 as pb
@@ -94,9 +95,16 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
                                             book.adjudication(request.alert_id) is not None, request.amend)
         if code:
             await abort(context, code, reason)
+        attributes = {k: v for k, v in request.attributes.items() if v}
+        reason = engagement_refusal(request.outcome, request.engagement_minutes, request.person_informed,
+                                    attributes, await self.svc.equitability_attributes() if attributes else {})
+        if reason:
+            await abort(context, "INVALID_ARGUMENT", reason)
         engagement = request.engagement or pb.ENGAGEMENT_NO_ACTION
         ev = book.adjudicate(request.alert_id, pb.Adjudication(
-            outcome=request.outcome, engagement=engagement, note=request.note, actor=request.actor.strip()))
+            outcome=request.outcome, engagement=engagement, note=request.note, actor=request.actor.strip(),
+            engagement_minutes=request.engagement_minutes, person_informed=request.person_informed,
+            attributes=attributes))
         self.svc.log.info("alert.adjudicated", deployment_id=ev.envelope.deployment_id, alert_id=ev.alert_id,
                           outcome=pb.Outcome.Name(request.outcome), engagement=pb.Engagement.Name(engagement))
         return book.get(request.alert_id, with_images=False)
@@ -155,6 +163,9 @@ class MatchService(Service):
             (self._publish_stats(), "match-stats"), (self._tick(), "match-tracker"),
             (self._apply_rules(), "match-rules"))]
         await self.deployments.follow(self.rt.bus)
+        # urgent use not confirmed in time: the watchlist says so once (durable), and the alerts' images go
+        self.tasks.append(await self.rt.bus.consume_durable(subjects.EVENTS.name, subjects.lifecycle(),
+                                                            "match-urgent-lapsed", self._on_lifecycle))
         self.sub = await self.rt.bus.subscribe(subjects.embeddings(), embedding_pb2.EmbeddingsEvent,
                                                lambda m, _s: self.stage.offer(m), queue=subjects.QUEUE["match"],
                                                stage="match")
@@ -255,6 +266,28 @@ class MatchService(Service):
                               alerts=len(ev.alert_ids), probe_crops=ev.probe_crops_deleted,
                               reference_copies=ev.reference_copies_deleted)
             await asyncio.sleep(self.config.alert_sweep_interval_s)
+
+    async def _on_lifecycle(self, data: bytes, _subject: str, _seq: int) -> None:
+        ev = watchlist_pb2.DeploymentEvent.FromString(data)
+        if ev.action != "urgent_lapsed":
+            return
+        deleted = self.book.delete_deployment_images(ev.deployment.id, ev.reason or "urgent use not confirmed")
+        if deleted is not None:
+            self.log.warning("alert.images_purged_urgent_lapsed", deployment_id=ev.deployment.id,
+                             alerts=len(deleted.alert_ids), probe_crops=deleted.probe_crops_deleted)
+
+    async def equitability_attributes(self) -> dict[str, list[str]]:
+        """The policy's equitability attributes (name -> allowed values), asked of the watchlist service (the
+        policy's owner), kept for a minute."""
+        cached = getattr(self, "_attributes", None)
+        if cached is None or time.monotonic() - cached[0] > 60:
+            try:
+                policy = await self.watchlist.GetPolicy(watchlist_pb2.GetPolicyRequest(), timeout=5)
+            except grpc.aio.AioRpcError:
+                return cached[1] if cached else {}
+            attrs = json.loads(policy.json or "{}").get("equitability", {}).get("attributes", {})
+            cached = self._attributes = (time.monotonic(), {k: list(v) for k, v in attrs.items()})
+        return cached[1]
 
     async def attach_reference(self, review: pb.AlertReview, actor: str, context) -> None:
         """The alert's entry's first enrolled image, asked of the watchlist service as the officer (their bearer
