@@ -34,12 +34,16 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
 
 class DetectionService(Service):
     name = "detection"
+    runs_models = True
 
     async def start(self, rt: Runtime) -> None:
-        from lfr.models.engines import get_engine
+        from lfr.models.engines import DETECTION_PARTS, get_engine
 
         cfg = self.config
-        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None))
+        # the detector and the chip makers of the model's components: no embedder weights here
+        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None,
+                                                          parts=DETECTION_PARTS))
+        self.log.info("models.built", **self.engine.built())
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
         self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000)

@@ -41,13 +41,17 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
 class EmbeddingService(Service):
     name = "embedding"
+    runs_models = True
 
     async def start(self, rt: Runtime) -> None:
-        from lfr.models.engines import get_engine
+        from lfr.models.engines import EMBEDDING_PARTS, get_engine
 
         cfg = self.config
         flip = {"on": True, "off": False, "model": None}[cfg.flip]
-        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None, flip=flip))
+        # the model's embedders only: no detector, no alignment here
+        self.engine = await rt.run_cpu(lambda: get_engine(cfg.model or None, device=cfg.device or None, flip=flip,
+                                                          parts=EMBEDDING_PARTS))
+        self.log.info("models.built", **self.engine.built())
         self.description = describe(self.engine)
         # Batches are counted in faces (chips), not frames, so one batch's latency stays bounded.
         self.stage = Stage(self.name, "embed", cfg.queue_size, cfg.embedding_batch, self._process,

