@@ -191,6 +191,27 @@ def test_chart_axes_have_distinct_ticks_and_same_day_deployments_distinct_labels
     assert "UTC" not in "".join(re.findall(r'<text class="x-label".*?</text>', single))
 
 
+def test_same_minute_deployments_are_labelled_by_the_second():
+    rows = _rows(2)
+    rows[1]["start_time"] = rows[0]["start_time"][:17] + "30Z"  # the same minute
+    labels = report.x_labels(rows)
+    assert labels[0] != labels[1] and labels[1][1].endswith(":30 UTC"), labels
+
+
+def test_status_gives_up_at_once_when_the_supervisor_is_gone(tmp_path):
+    import json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "endpoints.json").write_text(json.dumps({"watchlist": "127.0.0.1:9", "supervisor": {
+        "pid": dead.pid, "processes": {}}}))
+    t0 = time.monotonic()
+    r = subprocess.run([*LFR, "status", "--wait", "120", "--state-dir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and time.monotonic() - t0 < 30, r.stderr
+    assert f"`lfr up` (pid {dead.pid}), is not running" in r.stderr
+
+
 # On a running system ---------------------------------------------------------------------------------------
 def lfr(system, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*LFR, *args, "--state-dir", str(system.state_dir)], capture_output=True, text=True,

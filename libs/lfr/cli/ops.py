@@ -491,6 +491,20 @@ def supervisor_of(state: Path) -> dict:
         return {}
 
 
+def supervisor_gone(state: Path) -> int:
+    """The pid of the `lfr up` that wrote endpoints.json when it is no longer running on this machine, else 0."""
+    pid = int(supervisor_of(state).get("pid") or 0)
+    if pid <= 0:
+        return 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:  # another user's process: it exists
+        return 0
+    return 0
+
+
 def system_status(args) -> None:
     """`lfr status [--wait S]`: exit 0 when every service of the system answers SERVING."""
     state = Path(args.state_dir or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
@@ -499,7 +513,8 @@ def system_status(args) -> None:
     while True:
         health = system_health(state)
         ready = bool(health) and all(v == "SERVING" for v in health.values())
-        if ready or time.monotonic() >= deadline:
+        gone = supervisor_gone(state)
+        if ready or gone or time.monotonic() >= deadline:
             break
         waiting = ", ".join(f"{s} {v}" for s, v in health.items() if v != "SERVING") or \
             f"no {state / 'endpoints.json'} yet (`lfr up` writes it once every service is ready)"
@@ -518,6 +533,8 @@ def system_status(args) -> None:
     if not ready:
         why = ", ".join(f"{s} {v}" for s, v in health.items() if v != "SERVING") or \
             f"{state / 'endpoints.json'} is missing"
+        if gone:
+            why = f"its supervisor, `lfr up` (pid {gone}), is not running; {why}"
         raise Failure(f"the system in {state} is not ready" + (f" after {args.wait:g} s" if args.wait else "")
                       + f": {why} (is `lfr up --state-dir {state}` running? its services log to {state / 'logs'})")
 

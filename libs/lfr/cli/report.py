@@ -129,8 +129,16 @@ def x_labels(rows: list[dict]) -> list[list[str]]:
     per_day: dict[str, int] = {}
     for r in rows:
         per_day[r["date"]] = per_day.get(r["date"], 0) + 1
-    return [[r["date"]] + ([r["start_time"][11:16] + " UTC"] if per_day[r["date"]] > 1 and r["start_time"] else [])
-            for r in rows]
+    minutes = [r["start_time"][11:16] for r in rows]
+    out = []
+    for r, hm in zip(rows, minutes, strict=True):
+        if per_day[r["date"]] > 1 and r["start_time"]:  # the minute, or the second where a minute is shared
+            t = r["start_time"][11:19] if sum(m == hm and q["date"] == r["date"]
+                                              for q, m in zip(rows, minutes, strict=True)) > 1 else hm
+            out.append([r["date"], f"{t} UTC"])
+        else:
+            out.append([r["date"]])
+    return out
 
 
 def _x_label(x: float, y: float, lines: list[str]) -> str:
