@@ -31,6 +31,7 @@ IDLE_S = 30 * 60
 TOKEN_TTL_S = 900
 IMAGE_TTL_S = 120
 MAX_IMAGES = 64
+MAX_SESSIONS = 5000
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Sessions:
     def new(self) -> Session:
         s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32))
         with self._lock:
+            while len(self._by_id) >= MAX_SESSIONS:  # bounded: the least recently used goes first
+                del self._by_id[min(self._by_id, key=lambda k: self._by_id[k].last_seen)]
             self._by_id[s.sid] = s
         return s
 

@@ -419,6 +419,8 @@ async def control_events(request: Request) -> Response:
     queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
     call = calls.stream("match", "StreamAlerts", match_pb2.StreamAlertsRequest(deployment_id=did, from_start=True))
 
+    st = _state(request)
+
     async def follow():
         try:
             async for a in call:
@@ -426,14 +428,18 @@ async def control_events(request: Request) -> Response:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 await queue.put(("problem", {"message": api_error(exc, "The alert stream").message}))
+        await queue.put(("end", {}))  # the stream ended (match restarted, ...): the browser reconnects
 
     async def tick():
         while True:
+            if st.login is not None:  # dev: a fresh token before the last one expires
+                st.login.refresh(s)
+            now = st.backend.as_person(s.token)
             try:
                 stats, flagged, sources = await asyncio.gather(
-                    calls.unary("match", "GetStats", match_pb2.GetStatsRequest(deployment_id=did)),
-                    calls.unary("match", "ListAlerts", match_pb2.ListAlertsRequest(deployment_id=did)),
-                    _sources(calls, s, did))
+                    now.unary("match", "GetStats", match_pb2.GetStatsRequest(deployment_id=did)),
+                    now.unary("match", "ListAlerts", match_pb2.ListAlertsRequest(deployment_id=did)),
+                    _sources(now, s, did))
                 await queue.put(("stats", {
                     "faces_seen": stats.faces_seen, "alerts": stats.alerts, "disposed": stats.nonmatches_disposed,
                     "dropped": stats.stale_dropped, "disposal_p50": round(stats.disposal_ms_p50),
@@ -445,6 +451,9 @@ async def control_events(request: Request) -> Response:
                     "sources": {x.source_id: {"state": SOURCE_STATE[x.state], "frames": x.frames_published}
                                 for x in sources}}))
             except ApiError as exc:
+                if exc.code == "UNAUTHENTICATED":  # the forwarded token expired: reconnect through the proxy
+                    await queue.put(("end", {}))
+                    return
                 await queue.put(("problem", {"message": exc.message}))
             await asyncio.sleep(STATS_EVERY_S)
 
@@ -458,6 +467,8 @@ async def control_events(request: Request) -> Response:
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                     continue
+                if kind == "end":
+                    return  # EventSource reconnects (retry: 2 s) and replays the queue from the start
                 yield _sse(kind, data)
         finally:
             call.cancel()

@@ -82,6 +82,15 @@ def browser():
         b.close()
 
 
+def tab_to(page, element_id: str, limit: int = 80) -> None:
+    """Move the keyboard focus with Tab until it is on the element (a keyboard user's way there)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement && document.activeElement.id") == element_id:
+            return
+    raise AssertionError(f"#{element_id} cannot be reached with the Tab key")
+
+
 class Officer:
     """One person's browser context, signed in through the development login page."""
 
@@ -216,13 +225,20 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         assert "Form refused" in o.page.locator("h1").inner_text()
         assert "CSRF" in o.page.locator("#refusal").inner_text()
         o.check("refused-csrf")
+        # The decision by keyboard only: Tab to each control, Space on the radio button, type-ahead in the
+        # list, Enter on the button.
         o.page.goto(alert_url)
-        o.page.check("#o-confirmed")
-        o.page.select_option("#engagement", "arrest")
-        o.page.fill("#note", "stopped and spoken to")
-        o.page.click("#adjudicate-submit")
+        tab_to(o.page, "o-confirmed")
+        o.page.keyboard.press("Space")
+        tab_to(o.page, "engagement")
+        o.page.keyboard.type("arrest")
+        tab_to(o.page, "note")
+        o.page.keyboard.type("stopped and spoken to")
+        tab_to(o.page, "adjudicate-submit")
+        o.page.keyboard.press("Enter")
+        o.page.wait_for_load_state()
         decision = o.page.locator("#decision").inner_text()
-        assert "confirmed match" in decision and "decided by operator" in decision, decision
+        assert "confirmed match, arrest" in decision and "decided by operator" in decision, decision
         o.check("alert-decided")
         img = o.page.request.get(alert_url + "/probe.jpg")
         assert img.ok and img.headers["cache-control"].startswith("no-store"), img.headers
