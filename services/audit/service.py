@@ -25,6 +25,7 @@ from lfr.runtime.rpc import abort
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
 
+JETSTREAM_STORE = "NATS JetStream store (LFR_AUDIT stream)"
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Sequence did not hold
 
 
@@ -194,10 +195,14 @@ class AuditService(Service):
         while True:
             try:
                 await self.append(source, data)
+                self.rt.storage.succeeded(JETSTREAM_STORE)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # a full or read-only index (or JetStream's store): NOT_SERVING, saying which, until it is writable
+                self.rt.storage.failed(exc, "append", remote="" if isinstance(exc, (OSError, sqlite3.Error))
+                                       else JETSTREAM_STORE)
                 self.log.warning("audit.append_retry", source=source, error=type(exc).__name__,
                                  detail=str(exc)[:200])
                 await asyncio.sleep(delay)

@@ -118,6 +118,7 @@ class MatchService(Service):
         self.instance_id = events.new_id()
         self.watchlist = watchlist_pb2_grpc.WatchlistServiceStub(channel(cfg.watchlist_target, cfg))
         self.counters: dict[str, Counters] = {}
+        self.unrecorded: list[Action] = []  # alerts waiting for the alert book's disk to take writes again
         self.deployments = DeploymentCache(self.watchlist)
         self.tracker = Tracker(track_gap_s=cfg.track_gap_s, realert_window_s=cfg.realert_window_s,
                                update_interval_s=cfg.alert_update_interval_s)
@@ -224,7 +225,32 @@ class MatchService(Service):
                 self._publish_alert(action)
 
     def _publish_alert(self, action: Action) -> None:
-        """Raise or update an alert: the alert book first (with the crop), then the durable stream (without)."""
+        """Raise or update an alert; while the alert book's disk refuses writes, the alert waits (in order) and
+        is written once the disk takes writes again (the tracker's tick retries): it is never dropped."""
+        if self.unrecorded:
+            self.unrecorded.append(action)
+            return
+        try:
+            self._write_alert(action)
+        except Exception as exc:
+            if self.rt.storage.failed(exc, "alert") is None:
+                raise
+            self.unrecorded.append(action)
+            self.log.warning("alert.waiting_for_storage", alert_id=action.alert.alert_id, waiting=len(self.unrecorded))
+
+    def _retry_unrecorded(self) -> None:
+        waiting, self.unrecorded = self.unrecorded, []
+        for i, action in enumerate(waiting):
+            try:
+                self._write_alert(action)
+            except Exception as exc:
+                if self.rt.storage.failed(exc, "alert") is None:
+                    raise
+                self.unrecorded = waiting[i:] + self.unrecorded
+                return
+
+    def _write_alert(self, action: Action) -> None:
+        """The alert book first (with the crop), then the durable stream (without), in one transaction."""
         a = action.alert
         p: Probe = a.best_probe
         if action.kind == "raise":
@@ -253,6 +279,8 @@ class MatchService(Service):
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
+            if self.unrecorded and not self.rt.storage.reason:
+                self._retry_unrecorded()
             for action in self.tracker.tick(time.time_ns()):
                 self._publish_alert(action)
 

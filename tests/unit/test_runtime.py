@@ -140,6 +140,31 @@ async def test_stage_batches_by_weight_and_drops_what_cannot_finish_in_budget():
     assert dropped == [(20, "stale")] and batches[-1] == [21]
 
 
+async def test_stage_recovers_from_one_slow_batch():
+    """A prediction learnt from one slow batch (a restarted detection's first inference took 5 s) dropped every
+    later item before it was tried, so it never learnt otherwise: the stage stayed blind for good. Now an item
+    still inside its budget goes through as a probe once nothing was processed for a second."""
+    import time
+
+    done: list[int] = []
+
+    async def process(batch):
+        done.extend(i for i, _t in batch)
+        await asyncio.sleep(0.005)
+
+    stage = Stage("t", "probe", maxsize=10, batch=2, process=process,
+                  age_ms=lambda it: (time.monotonic() - it[1]) * 1000, budget_ms=100)
+    stage.unit_ms = 5000.0  # as learnt from the slow batch
+    task = asyncio.create_task(stage.run())
+    for i in range(100):  # 2 s of frames at 50 fps
+        stage.offer((i, time.monotonic()))
+        await asyncio.sleep(0.02)
+    await stage.drain(2.0)
+    await task
+    assert stage.unit_ms < 50, stage.unit_ms
+    assert len(done) > 30, done  # after the first probe (about 1 s in), frames are processed again
+
+
 def test_readme_documents_every_config_key():
     from pathlib import Path
 

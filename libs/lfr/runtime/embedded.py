@@ -11,7 +11,6 @@ supervisor stops them in order."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -36,24 +35,25 @@ TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_
 NATS = "nats"  # the supervised nats-server's name in restart counts and status
 CONSOLE = "console"  # the operator console (HTTP), started once the services serve (not when insecure)
 
-_PR_SET_PDEATHSIG = 1
+# Every child starts through this launcher: it sets SIGKILL as its own parent-death signal (kept across the exec)
+# and, unless its parent already died, execs the real program. (A preexec_fn would do the same in the forked
+# child, but runs Python there: in a process with gRPC threads that child can abort in gRPC's fork handlers,
+# as seen in the chaos benchmark; the launcher lets Popen spawn without running any Python in between.)
+LAUNCHER = """import ctypes, os, signal, sys
 try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before any fork: the child only calls it
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _prctl = None
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
-def die_with_parent(parent_pid: int):
-    """A preexec_fn: the child gets SIGKILL when the thread that started it ends (its supervisor died), and
-    kills itself at once if that already happened between fork and prctl."""
-
-    def preexec() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
+def die_with_parent(args: list[str]) -> list[str]:
+    """The command line that runs `args` as a child that gets SIGKILL when the thread that started it ends (its
+    supervisor died)."""
+    return [sys.executable, "-c", LAUNCHER, str(os.getpid()), *map(str, args)]
 
 
 class Backoff:
@@ -169,9 +169,10 @@ class EmbeddedSystem:
                 os.killpg(group, 0)
             except OSError:  # every member ended: the next child leads a new group
                 group = 0
-        return {"process_group": group, "preexec_fn": die_with_parent(os.getpid())}
+        return {"process_group": group}
 
     def _popen(self, args, **kwargs) -> subprocess.Popen:
+        args = die_with_parent(args)
         spawn = self._spawn_kwargs()
         try:
             proc = subprocess.Popen(args, **spawn, **kwargs)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +30,7 @@ from lfr.runtime.bus import Bus
 from lfr.runtime.config import Config, ConfigError
 from lfr.runtime.logs import get_logger, setup_logging
 from lfr.runtime.security import AuthInterceptor, Guard, Identity, server_credentials
+from lfr.runtime.storage import StorageGuard
 
 
 class Service:
@@ -59,8 +62,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Logs and counts every call by code and time; an unexpected exception becomes INTERNAL with a generic
     message (the details go to the log, never to the caller)."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, storage: StorageGuard | None = None):
         self.service = service
+        self.storage = storage
         self.log = get_logger(component="grpc")
 
     async def intercept_service(self, continuation, details):
@@ -68,7 +72,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-        service, log = self.service, self.log
+        service, log, storage = self.service, self.log, self.storage
 
         def wrap_unary(fn):
             async def inner(request, context):
@@ -86,6 +90,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if isinstance(exc, grpc.aio.AbortError):
                         code = (context.code() or grpc.StatusCode.UNKNOWN).name
                         raise
+                    refusal = storage.failed(exc, method) if storage is not None else None
+                    if refusal is not None:  # a full or read-only disk: the caller is told which, and may retry
+                        code = refusal[0]
+                        await context.abort(getattr(grpc.StatusCode, code), refusal[1])
                     code = "INTERNAL"
                     log.error("rpc.failed", method=method, error=type(exc).__name__, exc_info=True)
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
@@ -137,6 +145,7 @@ class Runtime:
         self.service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=config.service)
         self.inflight = 0
+        self.storage = StorageGuard(config.service, [])  # replaced by serve()'s, which knows the stores
 
     def add_servicer(self, add_fn: Callable, servicer, descriptor) -> None:
         add_fn(servicer, self.server)
@@ -179,7 +188,11 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
     guard = Guard(config)  # fails fast on missing TLS/auth settings, before anything is opened
     metrics_port = metrics.start_metrics_server(config.metrics_port, config.grpc_host)
     health = HealthServicer()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(config.service), AuthInterceptor(guard)],
+    # the folders this service writes: a write failing on a full or read-only one is refused precisely
+    stores = [Path(p) for p in (config.state_dir, os.path.dirname(config.audit_db), os.path.dirname(config.alert_db))
+              if p]
+    storage = StorageGuard(config.service, stores)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(config.service, storage), AuthInterceptor(guard)],
                              options=grpc_options(config))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     creds = server_credentials(config)
@@ -212,6 +225,8 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
             stack.callback(guard.flush)  # the last period's summary, before the NATS drain publishes it
             stack.callback(summaries.cancel)
         rt = Runtime(config, bus, server, health)
+        rt.storage = storage
+        storage.bind(health, rt.service_names)
         service.rt = rt
         stack.callback(rt.executor.shutdown, wait=True)
         await service.start(rt)

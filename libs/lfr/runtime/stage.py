@@ -21,6 +21,10 @@ T = TypeVar("T")
 # budget runs out has been disposed of.
 BUDGET_SHARE = {"detect": 0.4, "embed": 0.65, "match": 0.8}
 REAP_INTERVAL_S = 0.05
+# The prediction learns only from batches it lets through: after one slow batch (a cold start, a CPU stall) it
+# would drop every item for ever. So when nothing has been processed for PROBE_AFTER_S, an item still inside
+# its budget by age alone goes through as a probe, and its batch's cost replaces the estimate.
+PROBE_AFTER_S = 1.0
 
 
 class Stage(Generic[T]):
@@ -43,6 +47,7 @@ class Stage(Generic[T]):
         self.batch_ms = 0.0  # moving average of a batch's processing time
         self.unit_ms = 0.0  # moving average of processing time per unit of weight (per item without `weight`)
         self._busy_end = 0.0  # when the batch in progress is expected to finish (monotonic seconds)
+        self._last_done = time.monotonic()  # when a batch last finished (or the stage started)
 
     def _w(self, item: T) -> int:
         return self.weight(item) if self.weight else 1
@@ -78,7 +83,10 @@ class Stage(Generic[T]):
 
     def reap(self) -> None:
         """Drop queued items that have outlived the budget (the queue is in arrival order)."""
+        probe_due = not self.busy and time.monotonic() - self._last_done > PROBE_AFTER_S
         while self.queue and self._late(self.queue[0]):
+            if probe_due and self.age_ms(self.queue[0]) < self.budget_ms:
+                break  # the worker takes it as a probe
             self._drop(self.queue.popleft(), "stale")
         self._depth.set(len(self.queue))
 
@@ -109,14 +117,19 @@ class Stage(Generic[T]):
                 if batch and self.weight and total + self.weight(self.queue[0]) > self.batch:
                     break
                 item = self.queue.popleft()
-                if self._late(item, total):
+                probe = (not batch and time.monotonic() - self._last_done > PROBE_AFTER_S
+                         and self.age_ms(item) < self.budget_ms)
+                if self._late(item, total) and not probe:
                     self._drop(item, "stale")
                 else:
                     batch.append(item)
                     total += self._w(item)
+                    if probe and self._late(item, 0):
+                        break  # a probe goes alone
             self._depth.set(len(self.queue))
             if not batch:
                 continue
+            probing = time.monotonic() - self._last_done > PROBE_AFTER_S
             self.busy = True
             t0 = time.perf_counter()
             self._busy_end = time.monotonic() + self.unit_ms * total / 1000
@@ -134,7 +147,8 @@ class Stage(Generic[T]):
                 elapsed = time.perf_counter() - t0
                 self.batch_ms = 0.7 * self.batch_ms + 0.3 * elapsed * 1000 if self.batch_ms else elapsed * 1000
                 unit = elapsed * 1000 / max(1, total)
-                self.unit_ms = 0.7 * self.unit_ms + 0.3 * unit if self.unit_ms else unit
+                self.unit_ms = 0.7 * self.unit_ms + 0.3 * unit if self.unit_ms and not probing else unit
+                self._last_done = time.monotonic()
                 metrics.LATENCY.labels(self.service, self.name).observe(elapsed)
 
     async def drain(self, timeout_s: float) -> None:
