@@ -199,6 +199,10 @@ class AlertBook:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return flagged, deleted
 
+    def deployments_with_images(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT deployment_id FROM alerts WHERE crops_deleted_ns IS NULL"
+                                              " AND (probe_jpeg IS NOT NULL OR reference_jpeg IS NOT NULL)")]
+
     def delete_deployment_images(self, deployment_id: str, reason: str) -> pb.CropsDeleted | None:
         """Delete every retained probe crop and reference copy of a deployment's alerts now (urgent use not
         confirmed in time), with its CropsDeleted fact naming the reason; None when nothing was left."""

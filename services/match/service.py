@@ -164,9 +164,10 @@ class MatchService(Service):
             (self._publish_stats(), "match-stats"), (self._tick(), "match-tracker"),
             (self._apply_rules(), "match-rules"))]
         await self.deployments.follow(self.rt.bus)
-        # urgent use not confirmed in time: the watchlist says so once (durable), and the alerts' images go
-        self.tasks.append(await self.rt.bus.consume_durable(subjects.EVENTS.name, subjects.lifecycle(),
-                                                            "match-urgent-lapsed", self._on_lifecycle))
+        # urgent use not confirmed in time: the watchlist announces it, and the alerts' images go at once; the
+        # rules loop catches up on an announcement missed while match was down (lapsed_deployments)
+        self.lifecycle_sub = await self.rt.bus.subscribe(subjects.lifecycle(), watchlist_pb2.DeploymentEvent,
+                                                         self._on_lifecycle, stage="lifecycle")
         self.sub = await self.rt.bus.subscribe(subjects.embeddings(), embedding_pb2.EmbeddingsEvent,
                                                lambda m, _s: self.stage.offer(m), queue=subjects.QUEUE["match"],
                                                stage="match")
@@ -293,16 +294,32 @@ class MatchService(Service):
                 self.log.info("alert.crops_deleted", deployment_id=ev.envelope.deployment_id,
                               alerts=len(ev.alert_ids), probe_crops=ev.probe_crops_deleted,
                               reference_copies=ev.reference_copies_deleted)
+            await self._catch_up_lapsed()
             await asyncio.sleep(self.config.alert_sweep_interval_s)
 
-    async def _on_lifecycle(self, data: bytes, _subject: str, _seq: int) -> None:
-        ev = watchlist_pb2.DeploymentEvent.FromString(data)
-        if ev.action != "urgent_lapsed":
-            return
-        deleted = self.book.delete_deployment_images(ev.deployment.id, ev.reason or "urgent use not confirmed")
+    def _on_lifecycle(self, ev: watchlist_pb2.DeploymentEvent, _subject: str) -> None:
+        if ev.action == "urgent_lapsed":
+            self._purge_lapsed(ev.deployment.id, ev.reason)
+
+    def _purge_lapsed(self, deployment_id: str, reason: str) -> None:
+        deleted = self.book.delete_deployment_images(deployment_id, reason or "urgent use was not confirmed in time")
         if deleted is not None:
-            self.log.warning("alert.images_purged_urgent_lapsed", deployment_id=ev.deployment.id,
+            self.log.warning("alert.images_purged_urgent_lapsed", deployment_id=deployment_id,
                              alerts=len(deleted.alert_ids), probe_crops=deleted.probe_crops_deleted)
+
+    async def _catch_up_lapsed(self) -> None:
+        """Deployments with retained alert images whose urgent use the watchlist has let lapse (an announcement
+        missed while match was down): their images go now."""
+        for dep in self.book.deployments_with_images():
+            try:
+                d = await self.deployments.get(dep)
+            except grpc.aio.AioRpcError:
+                return  # the watchlist is unreachable: next round
+            if (d is not None and d.urgent and not d.urgent_confirmed_at.seconds
+                    and d.status != watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE
+                    and d.urgent_confirm_by.ToNanoseconds() <= self.book.clock.now_ns()):
+                self._purge_lapsed(dep, "urgent use was not confirmed by "
+                                   f"{d.urgent_confirm_by.ToJsonString()[:19]}Z (found by match's sweep)")
 
     async def equitability_attributes(self) -> dict[str, list[str]]:
         """The policy's equitability attributes (name -> allowed values), asked of the watchlist service (the
@@ -364,6 +381,8 @@ class MatchService(Service):
                 published[dep] = mark
 
     async def stop_intake(self) -> None:
+        if hasattr(self, "lifecycle_sub"):
+            await self.lifecycle_sub.unsubscribe()
         if hasattr(self, "sub"):
             await self.sub.unsubscribe()
             await self.stage.drain(self.config.grace_s)
