@@ -154,6 +154,15 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
             b.page.click("#enroll-submit")
             msg = b.page.locator(".msg").first.inner_text()
             assert "enrolled" in msg and "accepted" in msg, msg
+        # an image with two faces: the entry is refused, with the reason shown beside the image
+        b.page.fill("#subject_ref", "two-people")
+        b.page.fill("#e_legal_basis", "custody image, public test data")
+        b.page.fill("#captured_at", time.strftime("%Y-%m-%d", time.gmtime()))
+        b.page.set_input_files("#images", str(data / "faces/misc/two_people.jpg"))
+        b.page.click("#enroll-submit")
+        refused = b.page.locator(".msg.error").first.inner_text()
+        assert "refused" in refused and "two_people.jpg" in refused, refused
+        b.check("deployment-refused-image")
         assert b.page.locator("#entries tbody tr").count() == 2
         b.check("deployment-enrolled")
         # ... and may not authorise it: a clear refusal page, not a stack trace.
@@ -225,9 +234,13 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         assert "Form refused" in o.page.locator("h1").inner_text()
         assert "CSRF" in o.page.locator("#refusal").inner_text()
         o.check("refused-csrf")
-        # The decision by keyboard only: Tab to each control, Space on the radio button, type-ahead in the
-        # list, Enter on the button.
         o.page.goto(alert_url)
+        o.page.check("#o-false")
+        o.page.select_option("#engagement", "none")
+        o.page.click("#adjudicate-submit")
+        assert "false alert" in o.page.locator("#decision").inner_text()
+        # Amended, by keyboard only: Tab to each control, Space on the radio button, type-ahead in the list,
+        # Enter on the button.
         tab_to(o.page, "o-confirmed")
         o.page.keyboard.press("Space")
         tab_to(o.page, "engagement")
@@ -235,10 +248,11 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         tab_to(o.page, "note")
         o.page.keyboard.type("stopped and spoken to")
         tab_to(o.page, "adjudicate-submit")
-        o.page.keyboard.press("Enter")
-        o.page.wait_for_load_state()
+        with o.page.expect_navigation():
+            o.page.keyboard.press("Enter")
         decision = o.page.locator("#decision").inner_text()
         assert "confirmed match, arrest" in decision and "decided by operator" in decision, decision
+        assert "amended 1 times" in decision, decision
         o.check("alert-decided")
         img = o.page.request.get(alert_url + "/probe.jpg")
         assert img.ok and img.headers["cache-control"].startswith("no-store"), img.headers
