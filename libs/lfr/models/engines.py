@@ -61,7 +61,6 @@ from .scoring import (  # noqa: F401 - the model ids and thresholds are part of 
     FUSION,
     SFACE,
     SFACE_THRESHOLD,
-    resolve_model_id,
 )
 from .types import Face, ModelInfo
 
@@ -120,6 +119,19 @@ def _fusion_info() -> ModelInfo:
             "flip": dict(_fusion_params().get("flip", {})),
         },
     )
+
+
+def resolve_model_id(model_id: str) -> str:
+    """A model id (or alias) of a built-in model or of an engine installed by manifest (lfr.models.onnx_engine),
+    which joins the registry on first use; KeyError when it is neither."""
+    try:
+        return scoring.resolve_model_id(model_id)
+    except KeyError:
+        from .onnx_engine import register_installed
+
+        if not register_installed(model_id):
+            raise
+        return scoring.resolve_model_id(model_id)
 
 
 def model_info(model_id: str) -> ModelInfo:
@@ -314,6 +326,15 @@ DETECTORS: dict[str, Any] = {DETECTOR: _yunet}
 CHIP_MAKERS: dict[str, type] = {SFACE: SFaceChips, DLIB: DlibChips}
 EMBEDDERS: dict[str, type[_Embedder]] = {SFACE: SFaceEmbedder, DLIB: DlibEmbedder}
 
+
+def register(component: scoring.Component, threshold: float, flip: bool, chips, embedder, similarity: str) -> None:
+    """Add a single-engine model's parts (``chips(align=None)`` and ``embedder(device, flip)`` factories) to the
+    registry; its recipe is :func:`lfr.models.scoring.register`'s. Used by :mod:`lfr.models.onnx_engine`."""
+    info = _component_info(component, threshold, similarity)
+    MODELS[component.model_id] = dataclasses.replace(info, extra={**info.extra, "flip": flip})
+    CHIP_MAKERS[component.model_id] = chips
+    EMBEDDERS[component.model_id] = embedder
+
 # What an engine builds: the detection service needs the detector and the chip makers of the model's components
 # (its consumers embed those chips), the embedding service only the embedders.
 ALL_PARTS = ("detector", "chips", "embedders")
@@ -351,7 +372,7 @@ class FaceEngine:
         unknown = set(parts) - set(ALL_PARTS)
         if unknown:
             raise ValueError(f"unknown engine parts {sorted(unknown)}: {ALL_PARTS}")
-        self.scorer = scoring.recipe(model_id or DEFAULT_MODEL)
+        self.scorer = scoring.recipe(resolve_model_id(model_id or DEFAULT_MODEL))
         self.model_id = self.scorer.model_id
         self.info: ModelInfo = model_info(self.model_id)
         self.components: list[str] = list(self.scorer.components)

@@ -36,6 +36,7 @@ DLIB = "dlib-resnet-v1"
 SFACE = "sface-2021dec"
 FUSION = "fusion-v1"
 ALIASES = {"dlib": DLIB, "sface": SFACE, "fusion": FUSION}
+BUILT_IN = frozenset({DLIB, SFACE, FUSION})  # the models the project ships; others are registered (`register`)
 
 COSINE = "cosine"
 EUCLIDEAN = "euclidean"
@@ -249,6 +250,17 @@ COMPONENTS: dict[str, Component] = {
     SFACE: Component(SFACE, "face_recognition_sface_2021dec_int8bq", 128, COSINE, 112, 0.363),
 }
 _SINGLE_THRESHOLDS = {DLIB: DLIB_THRESHOLD, SFACE: SFACE_THRESHOLD}
+
+
+def register(component: Component, threshold: float) -> None:
+    """Add (or replace) a single-engine model by id, e.g. an engine a force installed by manifest
+    (:mod:`lfr.models.onnx_engine`). Its recipe is checked here; built-in ids cannot be replaced."""
+    if component.model_id in BUILT_IN or component.model_id in ALIASES:
+        raise ValueError(f"{component.model_id!r} is a built-in model id")
+    Recipe(component.model_id, component.version, (component,), float(threshold))  # raises when incoherent
+    COMPONENTS[component.model_id] = component
+    _SINGLE_THRESHOLDS[component.model_id] = float(threshold)
+    _RECIPES.pop(component.model_id, None)
 
 
 def fusion_params() -> dict[str, Any]:
