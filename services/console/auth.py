@@ -32,6 +32,7 @@ TOKEN_TTL_S = 900
 IMAGE_TTL_S = 120
 MAX_IMAGES = 64
 MAX_SESSIONS = 5000
+PENDING_TTL_S = 300
 
 
 @dataclass
@@ -45,6 +46,16 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     flash: list[dict] = field(default_factory=list)
     images: OrderedDict = field(default_factory=OrderedDict)  # key -> (bytes, expiry): memory only
+    pending: dict = field(default_factory=dict)  # an enrollment waiting for its face choice: key -> (dict, expiry)
+
+    def keep_pending(self, key: str, value: dict) -> None:
+        now = time.monotonic()
+        self.pending = {k: v for k, v in self.pending.items() if v[1] > now}
+        self.pending[key] = (value, now + PENDING_TTL_S)
+
+    def take_pending(self, key: str) -> dict | None:
+        hit = self.pending.pop(key, None)
+        return hit[0] if hit and hit[1] > time.monotonic() else None
 
     def keep_image(self, key: str, data: bytes) -> None:
         self.images.pop(key, None)

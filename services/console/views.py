@@ -289,20 +289,82 @@ async def entry_enroll(request: Request) -> Response:
         category = int(f.get("category") or 0)
     except ValueError:
         category = 0
-    resp = await calls.unary("watchlist", "EnrollEntry", watchlist_pb2.EnrollEntryRequest(
-        deployment_id=did, subject_ref=f.get("subject_ref", ""), category=category,
-        source_system=f.get("source_system", ""), legal_basis=f.get("legal_basis", ""), images=images,
-        captured_at=captured, under_18=bool(f.get("under_18")), actor=s.user), timeout=120,
-        what="Enrolling the entry")
+    request_fields = {"deployment_id": did, "subject_ref": f.get("subject_ref", ""), "category": category,
+                      "source_system": f.get("source_system", ""), "legal_basis": f.get("legal_basis", ""),
+                      "captured_at": captured, "under_18": bool(f.get("under_18"))}
     names = [u.filename or f"image {i + 1}" for i, u in enumerate(uploads)]
+    return await _enroll(request, s, calls, request_fields, images, names, [])
+
+
+async def _enroll(request: Request, s: Session, calls: Calls, fields: dict, images: list[bytes], names: list[str],
+                  faces: list[int]) -> Response:
+    """EnrollEntry, then the result of each image on the deployment page; when an image shows several faces,
+    the faces found (cut from the upload, in memory) to choose from, and the upload kept five minutes for that."""
+    did = fields["deployment_id"]
+    resp = await calls.unary("watchlist", "EnrollEntry", watchlist_pb2.EnrollEntryRequest(
+        images=images, face=faces, actor=s.user, **fields), timeout=120, what="Enrolling the entry")
     results = [{"name": names[r.index] if r.index < len(names) else f"image {r.index + 1}", "accepted": r.accepted,
-                "reason": r.reason, "q": r.quality} for r in resp.results]
+                "reason": r.reason, "q": r.quality, "face": r.face, "face_choice": r.face_choice}
+               for r in resp.results]
+    choose = []
+    for r in resp.results:
+        if not r.accepted and len(r.faces) > 1 and r.index < len(images):
+            crops = _crops(images[r.index], r.faces)
+            for face, crop in crops:
+                key = secrets.token_urlsafe(12)
+                s.keep_image(f"mem:{key}", crop)
+                choose.append({"index": r.index, "name": names[r.index], "n": face.face, "key": key,
+                               "q": face.quality})
+    pending = ""
+    if choose:
+        pending = secrets.token_urlsafe(12)
+        s.keep_pending(pending, {"fields": fields, "images": images, "names": names})
     if resp.entry_id:
         s.say("ok", f"{resp.subject_ref}: enrolled ({sum(r.accepted for r in resp.results)} of "
               f"{len(resp.results)} images accepted).", results=results)
     else:
-        s.say("error", f"{resp.subject_ref or 'The entry'} was refused: {resp.reason}", results=results)
+        s.say("error", f"{resp.subject_ref or 'The entry'} was refused: {resp.reason}", results=results,
+              choose=choose, pending=pending)
     return redirect(request, f"/deployments/{did}")
+
+
+def _crops(image: bytes, faces) -> list:
+    """Each found face cut from the uploaded image (with a margin), as JPEG, for the builder to choose from."""
+    from PIL import Image
+
+    out = []
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im = im.convert("RGB")
+            for face in faces:
+                b = face.box
+                mx, my = (b.x2 - b.x1) * 0.25, (b.y2 - b.y1) * 0.25
+                crop = im.crop((max(0, int(b.x1 - mx)), max(0, int(b.y1 - my)), min(im.width, int(b.x2 + mx)),
+                                min(im.height, int(b.y2 + my))))
+                crop.thumbnail((160, 160))
+                buf = io.BytesIO()
+                crop.save(buf, "JPEG", quality=85)
+                out.append((face, buf.getvalue()))
+    except (OSError, ValueError):
+        return []
+    return out
+
+
+async def entry_choose(request: Request) -> Response:
+    s, calls = person(request)
+    need(s, "watchlist", "EnrollEntry", "Building a watchlist")
+    f = await form_of(request)
+    pending = s.take_pending(f.get("pending", ""))
+    if pending is None or pending["fields"]["deployment_id"] != request.path_params["id"]:
+        raise ApiError(410, "Upload no longer held", "The images are kept in memory for five minutes only; "
+                       "upload them again.")
+    faces = []
+    for i in range(len(pending["images"])):
+        try:
+            faces.append(int(f.get(f"face-{i}") or 0))
+        except ValueError:
+            faces.append(0)
+    return await _enroll(request, s, calls, pending["fields"], pending["images"], pending["names"], faces)
 
 
 async def entry_remove(request: Request) -> Response:
@@ -739,6 +801,7 @@ def routes() -> list[Route]:
         Route("/deployments", deployment_create, methods=["POST"]),
         Route("/deployments/{id}", deployment_page),
         Route("/deployments/{id}/entries", entry_enroll, methods=["POST"]),
+        Route("/deployments/{id}/entries/choose", entry_choose, methods=["POST"]),
         Route("/deployments/{id}/entries/{entry}/remove", entry_remove, methods=["POST"]),
         Route("/deployments/{id}/authorise", authorise_page, methods=["GET"]),
         Route("/deployments/{id}/authorise", authorise_post, methods=["POST"]),

@@ -163,6 +163,13 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         refused = b.page.locator(".msg.error").first.inner_text()
         assert "refused" in refused and "two_people.jpg" in refused, refused
         b.check("deployment-refused-image")
+        # ... the builder picks one of the faces shown (cut from the upload) and it is enrolled; then removed
+        b.page.check("#face-0-1")
+        b.page.click("#choose-face-submit")
+        chosen = b.page.locator(".msg").first.inner_text()
+        assert "two-people: enrolled" in chosen and "face 1" in chosen, chosen
+        assert b.page.locator("#entries tbody tr").count() == 3
+        b.page.click("button[aria-label='Remove two-people']")
         assert b.page.locator("#entries tbody tr").count() == 2
         b.check("deployment-enrolled")
         # ... and may not authorise it: a clear refusal page, not a stack trace.
