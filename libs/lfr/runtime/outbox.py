@@ -94,6 +94,7 @@ class Outbox:
             self.db.executescript(SCHEMA)
         self._subjects: list[str] = []  # of the facts written in the open transaction
         self._wake: asyncio.Event | None = None
+        self._sending: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._depth()
 
@@ -179,7 +180,14 @@ class Outbox:
             self.db.execute("DELETE FROM lfr_outbox WHERE n = ?", (n,))
 
     async def send_pending(self, js) -> bool:
-        """Publish what is waiting, in order; True when nothing is left, False at the first failure."""
+        """Publish what is waiting, in order; True when nothing is left, False at the first failure. One sender
+        at a time (a flush beside the publisher task must not send a row twice: core subscribers would see it)."""
+        if self._sending is None:
+            self._sending = asyncio.Lock()
+        async with self._sending:
+            return await self._send(js)
+
+    async def _send(self, js) -> bool:
         while True:
             rows = self.pending()
             if not rows:
