@@ -1,7 +1,8 @@
 """The embedded default's supervisor (`lfr up`): a killed service or nats-server is started again and counted;
 SIGTERM stops everything even when stdout is a closed pipe; a SIGTERM to the documented launcher
-(`tox -e lfr -- up`) stops the system too; a SIGKILL of the supervisor leaves no process. The PIDs checked
-are the ones the system recorded (endpoints.json), never processes found by name."""
+(`tox -e lfr -- up`) stops the system too. (A SIGKILL of the supervisor alone, after which its children die by
+their parent-death signal, is a round of tests/integration/test_power_loss.py.) The PIDs checked are the ones
+the system recorded (endpoints.json), never processes found by name."""
 
 from __future__ import annotations
 
@@ -124,21 +125,3 @@ def test_sigterm_to_the_tox_launcher_stops_the_system(tmp_path):
         launcher.wait(30)
     wait_for(lambda: not still_running(seen), 90, f"no process left after SIGTERM to tox: {still_running(seen)}")
     assert '"supervisor.parent_gone"' in (tmp_path / "logs" / "supervisor.log").read_text()
-
-
-def test_sigkill_of_the_supervisor_leaves_no_process(tmp_path):
-    proc = subprocess.Popen([*LFR, "up", "--state-dir", str(tmp_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    seen: dict[str, tuple[int, int]] = {}
-    try:
-        wait_serving(tmp_path)
-        # one service restarted by the supervisor thread first: it must die with the supervisor as well
-        match = system_processes(tmp_path)["match"][0]
-        os.kill(match, signal.SIGKILL)
-        wait_for(lambda: read_endpoints(tmp_path)["supervisor"]["processes"]["match"]["restarts"] == 1, 30,
-                 "match restarted")
-        seen = system_processes(tmp_path)
-    finally:
-        proc.kill()
-        proc.wait(10)
-    wait_for(lambda: not still_running(seen), 15, f"no process left after SIGKILL: {still_running(seen)}")

@@ -573,8 +573,23 @@ def power_loss_round(proc: subprocess.Popen, eps: dict, state: Path, video: str,
     'supervisor' (only it: its children die by their parent-death signal). Records what was acknowledged."""
     recorded = {"supervisor": proc.pid, **{n: p["pid"] for n, p in eps["supervisor"]["processes"].items()}}
     started = {n: proc_start(p) for n, p in recorded.items()}
-    kill_after = rng.uniform(0.5, active_s)
+    kill_after = rng.uniform(0.0, active_s)
     killed = threading.Event()
+    c = Clients.connect(eps, access=_access(state)("operator"))
+    phase = "starting"
+
+    def ready_deployment(n: int) -> watchlist_pb2.Deployment:
+        nonlocal phase
+        phase = "create"
+        d = create_deployment(c, f"power loss {n}", [CAMERA])
+        ledger.transitions.setdefault(d.id, set()).add("created")
+        phase = "enroll"
+        enroll(c, d.id, subjects)
+        phase = "start"
+        c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"),
+                                    timeout=30)
+        ledger.transitions[d.id].add("started")
+        return d
 
     def killer() -> None:
         time.sleep(kill_after)
@@ -583,28 +598,17 @@ def power_loss_round(proc: subprocess.Popen, eps: dict, state: Path, video: str,
         os.kill(proc.pid, signal.SIGKILL)
         killed.set()
 
-    threading.Thread(target=killer, daemon=True).start()
-    c = Clients.connect(eps, access=_access(state)("operator"))
-    phase = "starting"
     try:
-        n = 0
+        n = 1
+        d = ready_deployment(n)  # an active deployment first: the moments fall while frames and alerts flow
+        threading.Thread(target=killer, daemon=True).start()
         while not killed.is_set():
-            n += 1
-            phase = "create"
-            d = create_deployment(c, f"power loss {n}", [CAMERA])
-            ledger.transitions.setdefault(d.id, set()).add("created")
-            phase = "enroll"
-            enroll(c, d.id, subjects)
-            phase = "start"
-            c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"),
-                                        timeout=30)
-            ledger.transitions[d.id].add("started")
             phase = "stream"
             c.ingest.StartSource(ingest_pb2.StartSourceRequest(deployment_id=d.id, camera_id=CAMERA, url=video,
                                                                target_fps=fps, realtime=True), timeout=10)
             seen: set[str] = set()
             stream = c.match.StreamAlerts(match_pb2.StreamAlertsRequest(deployment_id=d.id, from_start=True))
-            timer = threading.Timer(8, stream.cancel)
+            timer = threading.Timer(6, stream.cancel)
             timer.start()
             try:
                 for alert in stream:
@@ -627,6 +631,8 @@ def power_loss_round(proc: subprocess.Popen, eps: dict, state: Path, video: str,
             c.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator",
                                                                       reason="round over"), timeout=60)
             ledger.transitions[d.id].add("ended")
+            n += 1
+            d = ready_deployment(n)
     except grpc.RpcError:
         pass  # the power went
     finally:
