@@ -259,6 +259,8 @@ class ImageRecord:
     captured_ns: int
     quality: dict  # FaceQuality fields
     file: str = ""  # name in the deployment's image folder ('' once purged)
+    face: int = 0  # which face of the image was enrolled (1-based) when it showed several (#14)
+    face_choice: str = ""  # how: "face 2 of 3, chosen by the enroller", or the policy's dominant-face rule
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from lfr.models.face_choice import Candidate, dominant_index
 from lfr.pb import watchlist_pb2 as pb
 
 NS_PER_DAY = 86_400 * 1_000_000_000
@@ -46,6 +47,13 @@ _TOP_KEYS = {"version", "description", "categories", "max_watchlist_size", "enro
 NS_PER_HOUR = 3600 * 1_000_000_000
 URGENT_MAX_HOURS = 24  # the EU AI Act's limit for confirming urgent use of real-time remote identification
 _ENROLL_KEYS = {"min_inter_eye_px", "min_sharpness", "max_abs_yaw_deg", "max_abs_pitch_deg", "max_image_age_days"}
+# Optional: what an image with several faces does (#14). "refuse" (the default) asks the enroller to choose one;
+# "dominant" takes the face the photo is clearly about (lfr.models.face_choice, margins measured by
+# `lfr bench dominant`). A face chosen by the enroller (face=N) is always taken.
+SEVERAL_FACES = ("refuse", "dominant")
+DOMINANT_MIN_SIZE_RATIO = 1.5
+DOMINANT_MAX_CENTRE_OFFSET = 0.75  # every single-face portrait of the shared data lies within 0.67
+_ENROLL_OPTIONAL = {"several_faces", "dominant_min_size_ratio", "dominant_max_centre_offset"}
 _SECOND_KEYS = {"unapproved_site", "under_18"}
 
 
@@ -104,6 +112,9 @@ class Policy:
     threshold_floors: tuple[tuple[str, Floor], ...] = ()
     equitability: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attribute -> allowed values
     equitability_min_count: int = 0
+    several_faces: str = "refuse"  # an image with several faces: "refuse" or "dominant" (#14)
+    dominant_min_size_ratio: float = DOMINANT_MIN_SIZE_RATIO
+    dominant_max_centre_offset: float = DOMINANT_MAX_CENTRE_OFFSET
 
     def rule(self, key: str) -> str:
         """Where a rule is set, for messages people read."""
@@ -185,6 +196,38 @@ class Policy:
     def _setting(self, key: str) -> str:
         """Where a limit a person reads about is set: its key in the policy file."""
         return f"enrollment.{key} of policy {self.version}, LFR_POLICY_FILE"
+
+    def enrollment_face(self, width: int, height: int, faces: list[Candidate], requested: int = 0
+                        ) -> tuple[int, str, str]:
+        """Which face of an enrollment image to enroll: (0-based index or -1, refusal reason, how it was chosen).
+
+        One face: that face. Several: the one the enroller chose (`requested`, 1-based, as the refusal numbers
+        them), else under ``several_faces: dominant`` the face the photo is clearly about (the gallery's central
+        face, by this policy's margins: `lfr.models.face_choice`), else a refusal that lists every face."""
+        n = len(faces)
+        if n == 0:
+            return -1, "no face found", ""
+        if requested < 0:
+            return -1, f"face {requested} does not exist: faces are numbered from 1", ""
+        if requested:
+            if requested > n:
+                return -1, f"face {requested} does not exist: the image holds {n} face(s)", ""
+            return requested - 1, "", (f"face {requested} of {n}, chosen by the enroller" if n > 1 else "")
+        if n == 1:
+            return 0, "", ""
+        listing = "; ".join(
+            f"face {i + 1}: box ({f.box[0]:.0f},{f.box[1]:.0f})-({f.box[2]:.0f},{f.box[3]:.0f}), "
+            f"{f.inter_eye_px:.0f} px between the eyes, detector score {f.score:.2f}" for i, f in enumerate(faces))
+        if self.several_faces == "dominant":
+            c = dominant_index(width, height, faces, self.dominant_min_size_ratio, self.dominant_max_centre_offset)
+            if c.index >= 0:
+                return c.index, "", (f"{c.why} (enrollment.several_faces=dominant, ratio >= "
+                                     f"{self.dominant_min_size_ratio:g}, offset <= {self.dominant_max_centre_offset:g},"
+                                     f" policy {self.version})")
+            return -1, (f"{n} faces found and none dominates ({c.why}): choose one with --face N (face in the "
+                        f"request) [{listing}]"), ""
+        return -1, (f"{n} faces found; an enrollment image must show exactly one: choose one with --face N (face in "
+                    f"the request), or set enrollment.several_faces to \"dominant\" (policy {self.version}, LFR_POLICY_FILE) [{listing}]"), ""
 
     def image_refusal(self, n_faces: int, inter_eye_px: float, sharpness: float, yaw_deg: float,
                       pitch_deg: float, captured_ns: int, now_ns: int) -> str:
@@ -285,11 +328,23 @@ def parse_policy(text: str) -> Policy:
     enroll = raw["enrollment"]
     if not isinstance(enroll, dict):
         raise PolicyError("enrollment: must be an object")
-    _unknown(enroll, _ENROLL_KEYS, "enrollment.")
+    _unknown(enroll, _ENROLL_KEYS | _ENROLL_OPTIONAL, "enrollment.")
     for key in _ENROLL_KEYS:
         if key not in enroll:
             raise PolicyError(f"enrollment.{key}: required")
     e = {k: _number(enroll, k, "enrollment.", integer=(k == "max_image_age_days")) for k in _ENROLL_KEYS}
+    several = enroll.get("several_faces", "refuse")
+    if several not in SEVERAL_FACES:
+        raise PolicyError(f"enrollment.several_faces: must be one of {', '.join(SEVERAL_FACES)}")
+    dominant = {"dominant_min_size_ratio": DOMINANT_MIN_SIZE_RATIO,
+                "dominant_max_centre_offset": DOMINANT_MAX_CENTRE_OFFSET}
+    for key in dominant:
+        if key in enroll:
+            dominant[key] = _number(enroll, key, "enrollment.")
+    if dominant["dominant_min_size_ratio"] < 1:
+        raise PolicyError("enrollment.dominant_min_size_ratio: must be at least 1 (the chosen face the largest)")
+    if dominant["dominant_max_centre_offset"] > 1:
+        raise PolicyError("enrollment.dominant_max_centre_offset: must be at most 1 (a fraction of the half image)")
     for key in ("max_abs_yaw_deg", "max_abs_pitch_deg"):
         if e[key] > 90:
             raise PolicyError(f"enrollment.{key}: must be at most 90")
@@ -328,7 +383,9 @@ def parse_policy(text: str) -> Policy:
         categories=frozenset(CATEGORY_NAMES[c] for c in cats), max_watchlist_size=max_size,
         min_inter_eye_px=e["min_inter_eye_px"], min_sharpness=e["min_sharpness"],
         max_abs_yaw_deg=e["max_abs_yaw_deg"], max_abs_pitch_deg=e["max_abs_pitch_deg"],
-        max_image_age_days=e["max_image_age_days"], approved_sites=tuple(sites),
+        max_image_age_days=e["max_image_age_days"], approved_sites=tuple(sites), several_faces=several,
+        dominant_min_size_ratio=dominant["dominant_min_size_ratio"],
+        dominant_max_centre_offset=dominant["dominant_max_centre_offset"],
         second_for_unapproved_site=second.get("unapproved_site", True),
         second_for_under_18=second.get("under_18", True), **extra,
     )

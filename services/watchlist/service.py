@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lfr.models import nonmated, scoring
+from lfr.models.face_choice import Candidate
 from lfr.pb import (
     audit_pb2,
     common_pb2,
@@ -105,6 +106,21 @@ def _images_captured(request) -> list[int]:
     raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
 
 
+def _images_faces(request) -> list[int]:
+    """The face to enroll in each image (``face``: none, one for all, or one per image; 1-based, 0 = the
+    policy decides)."""
+    n, chosen = len(request.images), list(request.face)
+    if any(f < 0 for f in chosen):
+        raise Refused("INVALID_ARGUMENT", "face: faces are numbered from 1 (0 = the policy decides)")
+    if not chosen:
+        return [0] * n
+    if len(chosen) == 1:
+        return chosen * n
+    if len(chosen) == n:
+        return chosen
+    raise Refused("INVALID_ARGUMENT", "face: give none, one for all images, or one per image")
+
+
 def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -126,8 +142,8 @@ def entry_pb(e: EntryRecord) -> pb.Entry:
         entry_id=e.entry_id, subject_ref=e.subject_ref, category=e.category, source_system=e.source_system,
         legal_basis=e.legal_basis, vectors=e.vectors, added_by=e.added_by, added_at=_ts(e.added_at_ns),
         under_18=e.under_18, image_count=e.image_count, from_reference=e.from_reference,
-        images=[pb.EntryImage(captured_at=_ts(i.captured_ns), quality=quality_pb(i.quality), sha256=i.sha256)
-                for i in e.images])
+        images=[pb.EntryImage(captured_at=_ts(i.captured_ns), quality=quality_pb(i.quality), sha256=i.sha256,
+                              face=i.face, face_choice=i.face_choice) for i in e.images])
 
 
 def refusals(method):
@@ -219,7 +235,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         return await self.svc.enroll(
             d.id, subject_ref=request.subject_ref, category=request.category, source_system=request.source_system,
             legal_basis=request.legal_basis, images=list(request.images), captured=captured,
-            under_18=request.under_18, actor=request.actor)
+            under_18=request.under_18, actor=request.actor, faces=_images_faces(request))
 
     @refusals
     async def AddFromReference(self, request, context):
@@ -539,6 +555,12 @@ class WatchlistService(Service):
             try:
                 d.check("authorise")
                 await self._same_model(d, "authorise")
+                from lfr.models.onnx_engine import authorisation_refusal
+
+                # an engine plugged in by manifest needs its completed check (lfr model check)
+                unchecked = authorisation_refusal(d.model_id, d.model_version)
+                if unchecked:
+                    raise Refused("FAILED_PRECONDITION", unchecked)
                 violations = watchlist_violations(self.policy, entries, self.now_ns())
                 if violations:
                     raise Refused("FAILED_PRECONDITION", f"policy {self.policy.version} refuses the watchlist: "
@@ -743,10 +765,13 @@ class WatchlistService(Service):
             await self.sweep()
 
     # Watchlist changes -----------------------------------------------------------------------------
-    async def _detect(self, images: list[bytes], captured: list[int]
+    async def _detect(self, images: list[bytes], captured: list[int], faces: list[int] | None = None
                       ) -> tuple[list[pb.ImageResult], list[tuple[int, list, dict]]]:
-        """Quality gate: per image a result; the accepted ones as (index, chips, quality)."""
+        """Quality gate: per image a result; the accepted ones as (index, chips, quality). An image with several
+        faces enrolls the one `faces[i]` names (1-based), else the policy decides (`Policy.enrollment_face`);
+        the result says which face and how it was chosen."""
         results, accepted = [], []
+        faces = faces or [0] * len(images)
         now = self.now_ns()
         for i, image in enumerate(images):
             try:
@@ -761,13 +786,22 @@ class WatchlistService(Service):
                     raise
                 results.append(pb.ImageResult(index=i, accepted=False, reason=exc.details()))
                 continue
-            q = det.faces[0].quality if len(det.faces) == 1 else common_pb2.FaceQuality()
-            reason = self.policy.image_refusal(len(det.faces), q.inter_eye_px, q.sharpness, q.yaw_deg,
-                                               q.pitch_deg, captured[i], now)
-            results.append(pb.ImageResult(index=i, accepted=not reason, reason=reason,
-                                          quality=det.faces[0].quality if det.faces else None))
+            found = [Candidate((f.box.x1, f.box.y1, f.box.x2, f.box.y2), f.quality.inter_eye_px, f.score)
+                     for f in det.faces]
+            chosen, reason, how = self.policy.enrollment_face(det.width, det.height, found, faces[i])
+            face = det.faces[chosen] if chosen >= 0 else None
+            q = face.quality if face is not None else common_pb2.FaceQuality()
+            if face is not None:
+                reason = self.policy.image_refusal(1, q.inter_eye_px, q.sharpness, q.yaw_deg, q.pitch_deg,
+                                                   captured[i], now)
+            shown = face if face is not None else (det.faces[0] if det.faces else None)
+            results.append(pb.ImageResult(
+                index=i, accepted=not reason, reason=reason, quality=shown.quality if shown is not None else None,
+                faces=[pb.FoundFace(face=n + 1, box=f.box, quality=f.quality) for n, f in enumerate(det.faces)]
+                if len(det.faces) > 1 else [],
+                face=chosen + 1 if not reason else 0, face_choice=how if not reason else ""))
             if not reason:
-                accepted.append((i, list(det.faces[0].chips), {k: getattr(q, k) for k in QUALITY_FIELDS}))
+                accepted.append((i, list(face.chips), {k: getattr(q, k) for k in QUALITY_FIELDS}))
         return results, accepted
 
     async def _embed(self, chips_per_image: list[list], model) -> dict[tuple[str, str], list[list[float]]]:
@@ -796,7 +830,7 @@ class WatchlistService(Service):
 
     async def enroll(self, deployment_id: str, *, subject_ref: str, category: int, source_system: str,
                      legal_basis: str, images: list[bytes], captured: list[int], under_18: bool, actor: str,
-                     from_reference: bool = False) -> pb.EnrollEntryResponse:
+                     from_reference: bool = False, faces: list[int] | None = None) -> pb.EnrollEntryResponse:
         async with self.locks[deployment_id]:
             d = self.get(deployment_id)
             after = d.changed_by(actor)  # refuses a started or finished deployment, and a missing actor
@@ -808,7 +842,7 @@ class WatchlistService(Service):
             reason = self.policy.entry_refusal(category, size)
             if reason:
                 return self._refuse_entry(d, subject_ref, category, actor, reason, [], len(images))
-            results, accepted = await self._detect(images, captured)
+            results, accepted = await self._detect(images, captured, faces)
             if not accepted:
                 return self._refuse_entry(d, subject_ref, category, actor, "no image passed the quality gate",
                                           results, len(images))
@@ -819,7 +853,8 @@ class WatchlistService(Service):
             kept = []
             for i, _chips, quality in accepted:
                 name = await self.rt.run_cpu(self.images.put, d.id, images[i])
-                kept.append(ImageRecord(hashlib.sha256(images[i]).hexdigest(), captured[i], quality, name))
+                kept.append(ImageRecord(hashlib.sha256(images[i]).hexdigest(), captured[i], quality, name,
+                                        results[i].face if results[i].faces else 0, results[i].face_choice))
             entry = EntryRecord(entry_id, d.id, subject_ref, int(category), source_system, legal_basis, under_18,
                                 actor, self.now_ns(), tuple(kept), len(accepted), from_reference, len(kept))
             with self.outbox.transaction():
@@ -879,7 +914,9 @@ class WatchlistService(Service):
             responses = []
             for e in self.meta.entries(d.id):
                 images = [self.images.read(d.id, i.file) for i in e.images]
-                results, accepted = await self._detect(images, [i.captured_ns for i in e.images])
+                results, accepted = await self._detect(
+                    images, [i.captured_ns for i in e.images],
+                    [i.face if "enroller" in i.face_choice else 0 for i in e.images])  # the enroller's choice holds
                 responses.append(pb.EnrollEntryResponse(entry_id=e.entry_id if accepted else "", results=results,
                                                         subject_ref=e.subject_ref,
                                                         reason="" if accepted else "no image passed the quality gate"))
@@ -932,7 +969,8 @@ class WatchlistService(Service):
                 data = await self.rt.run_cpu(self.images.read, d.id, img.file)
                 images.append(pb.EntryImage(captured_at=_ts(img.captured_ns), quality=quality_pb(img.quality),
                                             sha256=img.sha256, image_id=f"{entry_id}-{n}", data=data,
-                                            media_type=_media_type(data)))
+                                            media_type=_media_type(data), face=img.face,
+                                            face_choice=img.face_choice))
             self.accessed("GetEntryImages", actor, entry_id, d.id, peer)
         return pb.GetEntryImagesResponse(
             deployment_id=d.id, entry_id=entry_id, images=images, subject_ref=entry.subject_ref,

@@ -24,6 +24,7 @@ BENCHES = {
     "abuse": "lfr.bench.abuse",
     "chaos": "lfr.bench.chaos",
     "console": "lfr.bench.console",
+    "dominant": "lfr.bench.dominant",
 }
 
 
@@ -146,13 +147,14 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=10.0, help="sampling rate")
     s.set_defaults(func=cmd_demo)
 
-    from lfr.cli import certs, investigate, liveops, ops, report
+    from lfr.cli import certs, investigate, liveops, model, ops, report
 
     ops.add_parsers(sub)
     liveops.add_parsers(sub)  # lfr source; lfr deployment stats
     report.add_parsers(sub)  # lfr report | audit | alerts
     investigate.add_parsers(sub)  # lfr identify | gallery | job
     certs.add_parsers(sub)  # lfr certs dev
+    model.add_parsers(sub)  # lfr model add | list | check (engines plugged in by manifest)
 
     b = sub.add_parser("bench", help="benchmarks (print JSON); never part of the test run: "
                        + ", ".join(BENCHES))

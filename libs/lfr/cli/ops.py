@@ -33,7 +33,12 @@ CATEGORY_NAME = CATEGORY_BY_VALUE
 
 
 class Failure(Exception):
-    """A refusal or error: one line on stderr, exit code 1."""
+    """A refusal or error: one line on stderr, exit code 1 (or `code`: `watchlist import` exits with the number
+    of subjects refused)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 # Arguments -------------------------------------------------------------------------------------------
@@ -171,7 +176,9 @@ def entry_json(e: pb.Entry) -> dict:
         "under_18": e.under_18, "images": e.image_count, "vectors": e.vectors, "from_reference": e.from_reference,
         "added_by": e.added_by, "added_at": iso(e.added_at),
         "provenance": {"source_system": e.source_system, "legal_basis": e.legal_basis,
-                       "captured": [iso(i.captured_at) for i in e.images]},
+                       "captured": [iso(i.captured_at) for i in e.images],
+                       # which face of each image was enrolled when it showed several, and how it was chosen
+                       "faces": [{"face": i.face, "choice": i.face_choice} for i in e.images]},
         "quality": [quality_json(i.quality) for i in e.images],
     }
 
@@ -322,6 +329,12 @@ def image_results(resp: pb.EnrollEntryResponse, deployment_id: str, paths: list[
                 "captured": iso(ts_from_ns(dates[r.index][0])), "captured_from": dates[r.index][1]}
         if r.HasField("quality"):
             item["quality"] = quality_json(r.quality)
+        if r.faces:  # several faces: every one, numbered as --face takes them
+            item["faces"] = [{"face": f.face, "box": [round(v, 1) for v in (f.box.x1, f.box.y1, f.box.x2, f.box.y2)],
+                              "inter_eye_px": round(f.quality.inter_eye_px, 1),
+                              "detector_score": round(f.quality.detector_score, 3)} for f in r.faces]
+        if r.face_choice:
+            item["face"], item["face_choice"] = r.face, r.face_choice
         out.append(item)
     return out
 
@@ -331,14 +344,16 @@ def enroll_one(args, stub, subject: str, paths: list[Path]) -> tuple[pb.EnrollEn
     resp = stub.EnrollEntry(pb.EnrollEntryRequest(
         deployment_id=args.deployment, subject_ref=subject, category=args.category, source_system=args.source,
         legal_basis=args.legal_basis, images=[p.read_bytes() for p in paths],
-        captured_at=[ts_from_ns(ns) for ns, _ in dates], under_18=args.under_18, actor=args.actor), timeout=300)
+        captured_at=[ts_from_ns(ns) for ns, _ in dates], under_18=args.under_18, actor=args.actor,
+        face=getattr(args, "face", None) or []), timeout=300)
     return resp, image_results(resp, args.deployment, paths, dates)
 
 
 def watchlist_add(args, stub) -> None:
     paths = image_paths(args.images)
     resp, results = enroll_one(args, stub, args.subject, paths)
-    lines = [f"{r['image']}: " + ("accepted" if r["accepted"] else f"refused: {r['reason']}") for r in results]
+    lines = [f"{r['image']}: " + (f"accepted ({r['face_choice']})" if r.get("face_choice") else "accepted"
+                                  if r["accepted"] else f"refused: {r['reason']}") for r in results]
     if resp.entry_id:
         lines.append(f"entry {resp.entry_id} added for {args.subject}")
     emit(args, results, "\n".join(lines))
@@ -354,11 +369,17 @@ def watchlist_import(args, stub) -> None:
     if not subjects:
         raise Failure(f"no <subject>/<image> files in {args.dir}")
     progress = Progress(len(subjects), "subjects")
-    results, refused = [], []
+    results, refused, per_subject = [], [], []
     for subject, paths in subjects.items():
         resp, items = enroll_one(args, stub, subject, paths)
         results.extend(items)
         why = "; ".join(f"{Path(r['image']).name}: {r['reason']}" for r in items if not r["accepted"])
+        per_subject.append({"subject": subject, "entry_id": resp.entry_id, "added": bool(resp.entry_id),
+                            "reason": resp.reason, "images_accepted": sum(r["accepted"] for r in items),
+                            "images_refused": sum(not r["accepted"] for r in items),
+                            "refused_images": [{"image": r["image"], "reason": r["reason"],
+                                                **({"faces": r["faces"]} if "faces" in r else {})}
+                                               for r in items if not r["accepted"]]})
         if not resp.entry_id:
             refused.append(f"{subject}: {resp.reason}" + (f" ({why})" if why else ""))
         ok = sum(r["accepted"] for r in items)
@@ -367,13 +388,15 @@ def watchlist_import(args, stub) -> None:
     added = len(subjects) - len(refused)
     summary = {"deployment": args.deployment, "subjects": len(subjects), "entries_added": added,
                "images_accepted": sum(r["accepted"] for r in results),
-               "images_refused": sum(not r["accepted"] for r in results), "results": results}
+               "images_refused": sum(not r["accepted"] for r in results), "subjects_refused": len(refused),
+               "refused": [s for s in per_subject if not s["added"]], "by_subject": per_subject, "results": results}
     emit(args, summary, f"{added} of {len(subjects)} subjects added to deployment {args.deployment}: "
          f"{summary['images_accepted']} images accepted, {summary['images_refused']} refused"
          + "".join(f"\n  {r['image']}: refused: {r['reason']}" for r in results if not r["accepted"])
          + "".join(f"\n  refused {r}" for r in refused))
-    if refused:
-        raise Failure(f"{len(refused)} of {len(subjects)} subjects refused (first: {refused[0]})")
+    if refused:  # the exit status is the number of subjects refused (at most 100: exit codes end at 255)
+        raise Failure(f"{len(refused)} of {len(subjects)} subjects refused (first: {refused[0]})",
+                      code=min(len(refused), 100))
 
 
 def watchlist_select(args, stub) -> None:
@@ -619,6 +642,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--deployment", required=True)
     p.add_argument("--subject", required=True, help="nominal id (no name required)")
     _provenance(p)
+    p.add_argument("--face", type=int, action="append", metavar="N",
+                   help="an image shows several faces: enroll face N (1-based, as the refusal lists them); once for "
+                   "all images or once per image (default: the policy decides: refuse, or the dominant face)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=watchlist_add)
     p = wsub.add_parser("import", parents=[common], help="enroll a folder of <subject>/<image> files")
@@ -702,4 +728,4 @@ def run(args) -> None:
         sys.exit(1)
     except Failure as exc:
         print(f"lfr: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.code)

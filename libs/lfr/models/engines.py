@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -198,17 +197,14 @@ def dlib_box_from_yunet(
 
 
 def central_face(image: np.ndarray, faces: list[Face]) -> Face | None:
-    """The face a portrait is about: the largest box containing the image centre, else the nearest box."""
+    """The face a portrait is about: the largest box containing the image centre, else the nearest box (the one
+    rule of :mod:`lfr.models.face_choice`, which watchlist enrollment applies with the policy's margins)."""
+    from .face_choice import central_index
+
     if not faces:
         return None
     h, w = image.shape[:2]
-    cx, cy = w / 2.0, h / 2.0
-    inside = [f for f in faces if f.box[0] <= cx <= f.box[2] and f.box[1] <= cy <= f.box[3]]
-    if inside:
-        return max(inside, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-    return min(
-        faces, key=lambda f: math.hypot((f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy)
-    )
+    return faces[central_index(w, h, [f.box for f in faces])]
 
 
 # -----------------------------------------------------------------------------------------------------
