@@ -366,15 +366,15 @@ _LOCK = threading.Lock()
 
 def register_installed(model_id: str, root: Path | None = None) -> bool:
     """Add an installed engine to the model registry (scoring recipe, chip maker, embedder). False when no
-    engine of that id is installed. Its default threshold is the one its completed check derived, else the
-    manifest's."""
+    engine of that id is installed. Its default threshold is the one its completed check derived (when its
+    data resolved the false-accept target), else the manifest's."""
     from . import engines, scoring
 
     m = installed_manifest(model_id, root)
     if m is None:
         return False
     rec = check_record(model_id, root)
-    threshold = float(rec["threshold"]["value"]) if rec else m.threshold
+    threshold = float(rec["threshold"]["value"]) if rec and rec["threshold"].get("resolved") else m.threshold
     comp = scoring.Component(m.model_id, m.version, m.dim, m.metric, m.size, m.threshold_1to1)
     with _LOCK:
         scoring.register(comp, threshold)
