@@ -200,6 +200,15 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         o.go(f"/deployments/{did}")
         o.page.click("#start")
         o.page.wait_for_selector("#queue")
+        # a source the ingest service refuses (outside its media roots): its status and message, no trace
+        o.page.fill("#url", "/etc/passwd")
+        with o.page.expect_navigation() as nav:
+            o.page.click("#start-source-button")
+        assert nav.value.status in (400, 403), nav.value.status
+        refusal = o.page.locator("#refusal").inner_text()
+        assert refusal.startswith("Starting the source:") and "Traceback" not in o.page.content(), refusal
+        o.check("refused-source")
+        o.go(f"/deployments/{did}/control")
         o.page.fill("#url", str(data / VIDEO))
         o.page.fill("#fps", "10")
         o.page.click("#start-source-button")
@@ -316,6 +325,9 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         assert resp.status == 410 and "purged" in o.page.locator("#refusal").inner_text()
         o.check("refused-reference-after-purge")
 
+        # nothing biometric or secret in the console's log
+        log = (system.state_dir / "logs" / "console.log").read_bytes()
+        assert b"\xff\xd8\xff" not in log and b"\x89PNG" not in log and b"eyJ" not in log
     finally:
         for p in people.values():
             p.close()
