@@ -47,6 +47,17 @@ def test_steady_memory_and_latency_pass():
     assert len(r["windows"]) == 2
 
 
+def test_a_stalled_pipeline_fails():
+    s = Soak(_System(), every_s=60, window_s=300)
+    for k in range(11):  # frames processed in the first window, none after (every frame dropped as stale)
+        n = 100.0 * min(k, 5)
+        hist = {0.1: n / 2, 0.2: n, INF: n}
+        s.samples.append({"t": 60.0 * k, "procs": {}, "disposal": hist, "detect": hist, "processed": n,
+                          "dropped": 100.0 * max(0, k - 5)})
+    r = s.report()
+    assert not r["ok"] and "throughput collapse" in r["problems"][0]
+
+
 def test_growth_and_creep_fail():
     r = _soak(rss_end=800.0, creep=False)
     assert not r["ok"] and "match: RSS" in r["problems"][0]

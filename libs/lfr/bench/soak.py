@@ -17,12 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # Verdict thresholds (first window against last): a process "grows" when its median RSS rose by more than
 # both GROWTH_MIB and GROWTH_SHARE; latency "creeps" when the last window's p95 exceeds the first's by CREEP_SHARE
-# and CREEP_MS; open files grow when the count rose by more than FDS_MORE.
+# and CREEP_MS; open files grow when the count rose by more than FDS_MORE; and any window processing under
+# THROUGHPUT_SHARE of the first window's frames is a stall.
 GROWTH_MIB = 64.0
 GROWTH_SHARE = 0.25
 CREEP_SHARE = 0.5
 CREEP_MS = 50.0
 FDS_MORE = 32
+THROUGHPUT_SHARE = 0.5  # a later window processing under half the first window's frames fails the soak
 
 
 def proc_sample(pid: int) -> tuple[float, int] | None:
@@ -172,6 +174,12 @@ class Soak:
                 if fb - fa > FDS_MORE:
                     problems.append(f"{name}: open files {fa} -> {fb}")
             per_process[name] = row
+        for w in wins[1:]:  # the pipeline must keep deciding: a window that processes far fewer frames than the
+            # first, at the same input rate, is a stall (the stage that dropped every frame after one slow batch)
+            if w["frames_processed"] < THROUGHPUT_SHARE * first["frames_processed"]:
+                problems.append(f"throughput collapse: {w['frames_processed']} frames processed in minutes "
+                                f"{w['from_min']}-{w['to_min']} against {first['frames_processed']} in the first "
+                                f"window ({w['drops']} dropped)")
         if len(wins) >= 2:
             p0, p1 = first["disposal_ms"]["p95"], last["disposal_ms"]["p95"]
             if p0 is not None and p1 is not None and p1 > p0 * (1 + CREEP_SHARE) and p1 - p0 > CREEP_MS:
@@ -180,5 +188,6 @@ class Soak:
                 "sample_s": self.every_s, "window_min": self.window_s / 60, "processes": per_process,
                 "windows": wins, "problems": problems, "ok": not problems and len(wins) >= 1,
                 "thresholds": {"rss_growth": f"> {GROWTH_MIB:g} MiB and > {GROWTH_SHARE:.0%}",
+                               "throughput": f"a window under {THROUGHPUT_SHARE:.0%} of the first's frames",
                                "latency_creep": f"p95 > first window's by {CREEP_SHARE:.0%} and {CREEP_MS:g} ms",
                                "fds_growth": f"> {FDS_MORE}"}}
