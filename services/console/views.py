@@ -248,9 +248,23 @@ async def deployment_create(request: Request) -> Response:
         name=f.get("name", ""), purpose=f.get("purpose", ""), site=f.get("site", ""),
         legal_basis=f.get("legal_basis", ""), planned_start=_ts_from_date(f.get("planned_start", "")),
         planned_end=_ts_from_date(f.get("planned_end", "")), cameras=cameras,
-        threshold=_float(f, "threshold"), actor=s.user), what="Creating the deployment")
+        threshold=_float(f, "threshold"), actor=s.user, authority=_authority(f.get("authority", "")),
+        threshold_reason=f.get("threshold_reason", "")), what="Creating the deployment")
     s.say("ok", f"Deployment {d.name!r} created ({d.id}). Now build its watchlist.")
     return redirect(request, f"/deployments/{d.id}")
+
+
+def _authority(text: str) -> dict[str, str]:
+    """The written authority's fields from "field: text" lines."""
+    out = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            raise ApiError(400, "Request refused", f"written authority: {line.strip()[:60]!r} is not 'field: text'")
+        out[key.strip().lower().replace(" ", "_")] = value.strip()
+    return out
 
 
 async def _deployment(calls: Calls, deployment_id: str):
