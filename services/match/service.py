@@ -121,7 +121,8 @@ class MatchService(Service):
         self.unrecorded: list[Action] = []  # alerts waiting for the alert book's disk to take writes again
         self.deployments = DeploymentCache(self.watchlist)
         self.tracker = Tracker(track_gap_s=cfg.track_gap_s, realert_window_s=cfg.realert_window_s,
-                               update_interval_s=cfg.alert_update_interval_s)
+                               update_interval_s=cfg.alert_update_interval_s, min_frames=cfg.alert_min_frames,
+                               strong_margin=cfg.alert_strong_margin)
         if not cfg.alert_db and not cfg.state_dir:
             raise ConfigError("LFR_ALERT_DB (or LFR_STATE_DIR): match keeps its alert book (alerts, their crops while "
                               "retained, adjudications) in a file; name one on a persistent volume")

@@ -7,6 +7,12 @@ vectors are alike; a track ends when its face has gone unmatched for `track_gap_
 track starts one; it raises a new alert unless the same entry was seen in the deployment within
 `realert_window_s`, in which case it continues that alert. While a pass goes on, a better probe updates the
 alert (same id, revision + 1), at most every `update_interval_s`; the best probe is always published in the end.
+
+The decision is per pass (#14): a new track raises its alert only once it holds `min_frames` matching sightings
+of its entry (consistent frames of one person), or at once when one sighting scores `strong_margin` above the
+deployment threshold. A stranger who matches in one blurred frame makes a track that ends unconfirmed and
+raises nothing (its probe is dropped with it, and counted in `unconfirmed`); a person on the list, seen in
+several frames, is alerted at the frame that completes the evidence. ``min_frames=1`` is the per-frame rule.
 """
 
 from __future__ import annotations
@@ -60,7 +66,9 @@ class Track:
     box: Box
     vector: tuple[float, ...] | None
     last_ns: int
-    alert: AlertState
+    alert: AlertState | None  # None while the pass has not yet shown enough evidence (`min_frames`)
+    frames: int = 1
+    pending: Sighting | None = None  # the best sighting of an unconfirmed track
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,9 @@ class Tracker:
     update_interval_s: float = 1.0
     iou_min: float = 0.1
     similarity_min: float = 0.6
+    min_frames: int = 1  # matching sightings a pass needs before it raises (1 = the first frame raises)
+    strong_margin: float = 0.0  # ... unless one scores this far above the threshold (0 = no shortcut)
+    unconfirmed: int = 0  # passes that ended without enough evidence: nothing was raised
     new_id: Callable[[], str] = field(default=lambda: uuid.uuid4().hex)
     tracks: dict[tuple[str, str], list[Track]] = field(default_factory=dict)  # (deployment, camera) -> tracks
     open_alerts: dict[tuple[str, str], AlertState] = field(default_factory=dict)  # (deployment, entry) -> alert
@@ -118,6 +129,22 @@ class Tracker:
         touched: list[AlertState] = []
         for i, s in enumerate(sightings):
             track = taken.get(i)
+            confirmed = False
+            if track is not None and track.alert is None:  # an unconfirmed pass: one more frame of evidence
+                track.box, track.last_ns, track.frames = s.box, capture_ns, track.frames + 1
+                if vectors[i] is not None:
+                    track.vector = vectors[i]
+                if track.pending is None or s.score > track.pending.score:
+                    track.pending = s
+                if not self._convincing(track.frames, s):
+                    continue
+                tracks.remove(track)  # confirmed: it becomes an alerting track below, from its best sighting
+                s, track, confirmed = track.pending, None, True
+            if track is None and not confirmed and not self._convincing(1, s) and \
+                    self._open_alert(deployment_id, s.entry_id, capture_ns) is None:
+                tracks.append(Track(self.new_id(), camera_id, s.entry_id, s.box, vectors[i], capture_ns, None,
+                                    pending=s))
+                continue
             if track is None:
                 alert = self._open_alert(deployment_id, s.entry_id, capture_ns)
                 if alert is None:
@@ -163,10 +190,17 @@ class Tracker:
         if current is None or current.last_seen_ns < alert.last_seen_ns:
             self.open_alerts[key] = alert
 
+    def _convincing(self, frames: int, s: Sighting) -> bool:
+        """Enough evidence for a pass: `min_frames` matching frames, or one strong frame."""
+        if frames >= self.min_frames:
+            return True
+        return self.strong_margin > 0 and s.probe is not None and hasattr(s.probe, "threshold") and \
+            s.score >= s.probe.threshold + self.strong_margin
+
     # -------------------------------------------------------------------------------------------------
     def close(self, now_ns: int) -> list[Action]:
         """At shutdown: publish every alert's best probe not yet published."""
-        alerts = {id(t.alert): t.alert for ts in self.tracks.values() for t in ts}
+        alerts = {id(t.alert): t.alert for ts in self.tracks.values() for t in ts if t.alert is not None}
         alerts.update({id(a): a for a in self.open_alerts.values()})
         return [act for a in alerts.values() for act in self._flush(a, now_ns, force=True)]
 
@@ -201,6 +235,10 @@ class Tracker:
             keep = [t for t in tracks if now_ns - t.last_ns <= self.track_gap_s * 1e9]
             live = {id(k.alert) for k in keep}
             for t in tracks:
+                if t.alert is None:  # a pass that ended without enough evidence: nothing raised, probe dropped
+                    if now_ns - t.last_ns > self.track_gap_s * 1e9:
+                        self.unconfirmed += 1
+                    continue
                 if now_ns - t.last_ns > self.track_gap_s * 1e9 and id(t.alert) not in live:
                     actions.extend(self._flush(t.alert, now_ns, force=True))  # the pass is over: its best probe
             if keep:

@@ -137,3 +137,38 @@ def test_a_restored_alert_is_continued_not_raised_again():
     # outside the window it is a new pass: a new alert
     late = walk(restarted, "e1", 200.0, 1.0)
     assert [a.kind for a in late].count("raise") == 1
+
+
+# Pass-level decisions (#14) ---------------------------------------------------------------------------
+class _Probe:
+    def __init__(self, k: int, threshold: float = 0.5):
+        self.k, self.threshold = k, threshold
+
+
+def _one(t: Tracker, entry: str, ts: float, x: float, score: float, k: int = 0):
+    return t.observe("dep", "cam", int(ts * S), [Sighting((x, 100, x + 80, 190), (1.0, 0.0), entry, "S-" + entry,
+                                                          score, probe=_Probe(k))])
+
+
+def test_one_matching_frame_of_a_stranger_raises_nothing_under_the_pass_rule():
+    t = tracker(min_frames=3, strong_margin=0.2)
+    assert _one(t, "e1", 0.0, 0, 0.55) == []  # one blurred frame above the threshold, then gone
+    assert t.tick(int(3 * S)) == [] and t.unconfirmed == 1
+    assert tracker(min_frames=1).observe("dep", "cam", 0, [Sighting((0, 100, 80, 190), None, "e1", "S", 0.55)])
+
+
+def test_a_pass_raises_once_at_the_frame_that_completes_the_evidence_with_its_best_probe():
+    t = tracker(min_frames=3, strong_margin=0.2)
+    assert _one(t, "e1", 0.0, 0, 0.55, 0) == []
+    assert _one(t, "e1", 0.1, 6, 0.62, 1) == []
+    raised = _one(t, "e1", 0.2, 12, 0.58, 2)
+    assert [a.kind for a in raised] == ["raise"]
+    alert = raised[0].alert
+    assert alert.raised_ns == int(0.2 * S) and alert.best_score == 0.62 and alert.best_probe.k == 1
+    more = [a for k in range(3, 20) for a in _one(t, "e1", k / 10, 6 * k, 0.56, k)]
+    assert all(a.kind == "update" for a in more)  # the same pass: no second alert
+
+
+def test_one_strong_frame_raises_at_once():
+    t = tracker(min_frames=3, strong_margin=0.2)
+    assert [a.kind for a in _one(t, "e1", 0.0, 0, 0.75)] == ["raise"]

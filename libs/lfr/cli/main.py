@@ -25,6 +25,7 @@ BENCHES = {
     "chaos": "lfr.bench.chaos",
     "console": "lfr.bench.console",
     "dominant": "lfr.bench.dominant",
+    "walkby": "lfr.bench.walkby",
 }
 
 

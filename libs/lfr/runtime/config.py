@@ -61,6 +61,10 @@ class Config:
     stream_replicas: int = _opt(1, "JetStream replicas of the platform's durable streams (3 on a 3-node cluster)")
     stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
     track_gap_s: float = _opt(1.5, "a pass ends when its tracked face has not been matched for this long")
+    alert_min_frames: int = _opt(2, "a pass raises its alert once this many of its frames match the same entry "
+                                 "(1 = the first matching frame raises: the per-frame rule)")
+    alert_strong_margin: float = _opt(0.1, "... or at once when one frame scores this far above the threshold "
+                                      "(0 = never)")
     realert_window_s: float = _opt(120.0, "a watchlist entry raises no new alert in a deployment until it has gone "
                                    "unseen this long; sightings within the window update its open alert")
     alert_update_interval_s: float = _opt(1.0, "while a pass goes on, its alert is re-published with a better "
@@ -166,6 +170,10 @@ class Config:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if self.live_embed_interval_ms < 0:
             raise ConfigError("LFR_LIVE_EMBED_INTERVAL_MS: must be 0 or more")
+        if self.alert_min_frames < 1:
+            raise ConfigError("LFR_ALERT_MIN_FRAMES: must be 1 or more")
+        if self.alert_strong_margin < 0:
+            raise ConfigError("LFR_ALERT_STRONG_MARGIN: must be 0 or more")
         if self.realert_window_s < 0:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
         if self.flip not in ("on", "off", "model"):
