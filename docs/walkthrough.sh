@@ -43,8 +43,8 @@ lfr deployment authorise "$ID" --as inspector     # AUTHORISED: the digest of th
 lfr deployment start "$ID" --as operator
 lfr source start --deployment "$ID" --camera cam-1 --as operator "$DATA/video/stage-audience-360p30.mp4"
 
-# 5. Watch the alerts arrive (by hand: Ctrl-C stops watching; here it stops after 20 s, the 9 s video is over).
-timeout --preserve-status --signal INT 20 lfr alerts watch "$ID" --from-start --no-bell --as operator
+# 5. Watch the alerts arrive for 30 s, while the 9 s video plays (without --seconds: until Ctrl-C).
+lfr alerts watch "$ID" --from-start --seconds 30 --no-bell --as operator
 
 # 6. Review the first alert (the probe crop beside the enrolled image, written to files) and adjudicate it.
 ALERT=$(lfr alerts list "$ID" --pending --ids --as operator | sed -n 1p)

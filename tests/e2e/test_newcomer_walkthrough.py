@@ -64,6 +64,7 @@ def test_the_walkthrough_runs_as_written(data, tmp_path):
     assert "image too old" in out  # a refused image says why
     # the alert arrived on the watch, was reviewed (both images written) and adjudicated
     assert "ALERT" in out and "subject lin-manuel-miranda" in out, out
+    assert "lfr: watched for 30 s" in err  # the watch ended by itself (--seconds), exit status 0
     assert (tmp_path / "probe.jpg").stat().st_size > 0 and (tmp_path / "reference.jpg").stat().st_size > 0
     docs = json_objects(out)
     decided = [d for d in docs if d.get("adjudication", {}).get("outcome") == "confirmed_match"]

@@ -140,10 +140,12 @@ class AlertBoard:
 def alerts_watch(args) -> None:
     stub = match_pb2_grpc.MatchServiceStub(channel(args, "match"))
     call = stub.StreamAlerts(match_pb2.StreamAlertsRequest(deployment_id=args.deployment,
-                                                           from_start=args.from_start))
+                                                           from_start=args.from_start),
+                             timeout=args.seconds or None)  # --seconds: the stream's own deadline ends it
     board = AlertBoard(sys.stdout, args.json, bell=not args.no_bell)
     print(f"lfr: watching the alerts of deployment {args.deployment}"
-          + (" (from its first)" if args.from_start else "") + "; Ctrl-C stops", file=sys.stderr, flush=True)
+          + (" (from its first)" if args.from_start else "")
+          + (f" for {args.seconds:g} s" if args.seconds else "") + "; Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         for alert in call:
             board.show(alert)
@@ -152,6 +154,10 @@ def alerts_watch(args) -> None:
         print(f"lfr: stopped watching ({len(board.order)} alerts shown)", file=sys.stderr, flush=True)
         return
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and args.seconds:  # the time asked for is up
+            print(f"lfr: watched for {args.seconds:g} s ({len(board.order)} alerts shown)", file=sys.stderr,
+                  flush=True)
+            return
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             raise Failure(f"the alert stream ended: the match service is unavailable; {UNAVAILABLE_HINT}") from None
         if exc.code() == grpc.StatusCode.CANCELLED:  # not by us (Ctrl-C is handled above): the server went away
@@ -224,6 +230,8 @@ def add_watch_parser(alsub, common) -> None:
     p.add_argument("deployment")
     p.add_argument("--from-start", action="store_true", help="first the alerts raised so far, then new ones")
     p.add_argument("--no-bell", action="store_true", help="no terminal bell on a new alert")
+    p.add_argument("--seconds", type=float, default=0.0, metavar="S",
+                   help="stop after S seconds, exit status 0 (default: until Ctrl-C); for scripts")
     p.set_defaults(run=alerts_watch, func=run)
 
 
