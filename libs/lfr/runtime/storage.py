@@ -35,8 +35,20 @@ STORAGE_OK = metrics.Gauge("lfr_storage_ok", "1 while every store of the service
                            "full or read-only", ["service"], registry=metrics.REGISTRY)
 
 
-def storage_error(exc: BaseException) -> str | None:
-    """FULL, READ_ONLY, or None when `exc` is not a failed write to a disk."""
+def storage_error(exc: BaseException | None) -> str | None:
+    """FULL, READ_ONLY, or None when `exc` is not a failed write to a disk. The exceptions it was raised while
+    handling count too: SQLite rolls a transaction back itself on SQLITE_FULL, so the caller's ROLLBACK then
+    fails with "no transaction is active", hiding the full disk behind it."""
+    seen = 0
+    while exc is not None and seen < 8:
+        kind = _storage_error(exc)
+        if kind is not None:
+            return kind
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _storage_error(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno is not None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return FULL

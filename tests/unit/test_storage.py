@@ -1,0 +1,36 @@
+"""Which failures are a disk's (full or read-only), and the write probe that decides recovery."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+from lfr.runtime.storage import FULL, READ_ONLY, STATUS, probe, storage_error
+
+
+def test_disk_failures_are_told_apart_from_other_errors():
+    assert storage_error(OSError(errno.ENOSPC, "No space left on device")) == FULL
+    assert storage_error(OSError(errno.EROFS, "Read-only file system")) == READ_ONLY
+    assert storage_error(sqlite3.OperationalError("database or disk is full")) == FULL
+    assert storage_error(sqlite3.OperationalError("attempt to write a readonly database")) == READ_ONLY
+    assert storage_error(Exception("nats: code=503 err_code=10023 description='insufficient resources'")) == FULL
+    assert storage_error(sqlite3.OperationalError("no such table: x")) is None
+    assert storage_error(ValueError("bad input")) is None
+    assert STATUS == {FULL: "RESOURCE_EXHAUSTED", READ_ONLY: "UNAVAILABLE"}
+
+
+def test_a_full_disk_hidden_behind_a_failed_rollback_is_still_seen():
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.Error:
+            raise sqlite3.OperationalError("cannot rollback - no transaction is active") from None
+    except sqlite3.Error as exc:
+        assert exc.__cause__ is None and exc.__context__ is not None
+        assert storage_error(exc) == FULL
+
+
+def test_the_probe_writes_and_removes_its_file(tmp_path):
+    assert probe(tmp_path) is None
+    assert not any(tmp_path.iterdir())
+    assert probe(tmp_path / "missing") is not None
