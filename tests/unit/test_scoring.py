@@ -177,3 +177,29 @@ def test_gallery_index_scores_with_the_recipe(tmp_path):
                                        [brute_similarity(model_id, q[i], stored[n]) for n in ann_ids[i] if n >= 0],
                                        atol=1e-6)
         idx.close()
+
+
+@pytest.mark.parametrize("model_id", [SFACE, DLIB, FUSION])
+def test_exact_index_equals_brute_force(model_id):
+    """The in-memory exact search: each entry's best vector per engine, combined by the recipe, ranked."""
+    r = scoring.recipe(model_id)
+    idx = scoring.ExactIndex(r)
+    entries = {}
+    for e in range(40):
+        n = 1 + e % 3  # entries with one to three images
+        entries[f"e{e}"] = {c: VECTORS[c](n) for c in r.components}
+        idx.add(f"e{e}", entries[f"e{e}"])
+    probes = {c: VECTORS[c](4) for c in r.components}
+    probes = {c: np.concatenate([v, entries["e7"][c][:1] + 0.01]) for c, v in probes.items()}  # one near e7
+    got = idx.search(probes, k=5)
+    for i in range(5):
+        scores = {}
+        for e, vecs in entries.items():
+            best = {c: max(brute_similarity(c, probes[c][i], v) for v in vecs[c]) for c in r.components}
+            scores[e] = brute_fusion(best) if r.fused else best[model_id]
+        expect = sorted(scores.items(), key=lambda kv: -kv[1])[:5]
+        assert [e for e, _ in got[i]] == [e for e, _ in expect]
+        np.testing.assert_allclose([s for _, s in got[i]], [s for _, s in expect], atol=2e-5)  # float32
+    assert got[4][0][0] == "e7"
+    with pytest.raises(ValueError):
+        idx.add("partial", {r.components[0]: VECTORS[r.components[0]](1)} if r.fused else {})

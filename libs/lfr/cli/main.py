@@ -26,6 +26,7 @@ BENCHES = {
     "console": "lfr.bench.console",
     "dominant": "lfr.bench.dominant",
     "walkby": "lfr.bench.walkby",
+    "match": "lfr.bench.match",
 }
 
 

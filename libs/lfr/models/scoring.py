@@ -52,16 +52,20 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"unknown metric {metric!r}: {sorted(METRICS)}")
 
 
-def similarity_matrix(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(P, M) similarities of vectors a (P, D) (or one (D,)) against b (M, D), in float64."""
+def similarity_matrix(metric: str, a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None,
+                      dtype=np.float64) -> np.ndarray:
+    """(P, M) similarities of vectors a (P, D) (or one (D,)) against b (M, D), computed in ``dtype`` (float64 by
+    default; float32 is what a vector store computes in). ``b_sq``: the squared norms of b's rows, when the
+    caller keeps them (euclidean)."""
     _check_metric(metric)
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    a = np.asarray(a, dtype=dtype)
+    b = np.asarray(b, dtype=dtype)
     a = a.reshape(-1, a.shape[-1])
     b = b.reshape(-1, b.shape[-1])
     if metric == COSINE:
         return a @ b.T
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    b_sq = (b * b).sum(1) if b_sq is None else b_sq
+    d2 = (a * a).sum(1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
     return 1.0 - np.sqrt(np.maximum(d2, 0.0))
 
 
@@ -237,6 +241,66 @@ class Recipe:
         return cls(d.model_id, d.model_version, parts, float(d.default_threshold),
                    dict(zip(ids, map(float, weights), strict=True)) if weights else {},
                    float(d.fusion_bias), dict(zip(ids, map(float, floors), strict=True)) if weights else {})
+
+
+class ExactIndex:
+    """A watchlist's vectors in memory, searched exactly with a recipe, by the same rule as the watchlist's
+    search: an entry's score per component is its best vector's; a fused model combines those with its floors.
+    Similarities are computed in float32, as the vector store computes them (scores agree within ~1e-6).
+    What a process holds to decide per face without asking the vector store (see ``lfr bench match``)."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.entries: list[str] = []
+        self._rows: dict[str, list[np.ndarray]] = {c: [] for c in recipe.components}
+        self._owner: dict[str, list[int]] = {c: [] for c in recipe.components}
+        self._packed: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry_id: str, vectors: dict[str, np.ndarray]) -> None:
+        """One entry's vectors: component -> (n, D), at least one per component."""
+        if any(len(np.atleast_2d(vectors.get(c, np.zeros((0, 1))))) == 0 for c in self.recipe.components):
+            raise ValueError(f"entry {entry_id}: a vector of every component ({self.recipe.components}) is needed")
+        n = len(self.entries)
+        self.entries.append(entry_id)
+        for c in self.recipe.components:
+            v = np.atleast_2d(np.asarray(vectors[c], dtype=np.float64))
+            self._rows[c].append(v)
+            self._owner[c].extend([n] * len(v))
+        self._packed = None
+
+    def _pack(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per component: the rows (entries contiguous, in order), their squared norms, each entry's first row."""
+        if self._packed is None:
+            packed = {}
+            for c in self.recipe.components:
+                rows = np.concatenate(self._rows[c]).astype(np.float32)  # as the vector store computes
+                owner = np.asarray(self._owner[c], dtype=np.int64)
+                starts = np.searchsorted(owner, np.arange(len(self.entries)))
+                packed[c] = (rows, (rows * rows).sum(1), None if len(rows) == len(self.entries) else starts)
+            self._packed = packed
+        return self._packed
+
+    def search(self, probes: dict[str, np.ndarray], k: int = 1) -> list[list[tuple[str, float]]]:
+        """Per probe ((P, D) per component, or one (D,)): the k best (entry id, score), best first."""
+        if not self.entries:
+            n = len(np.atleast_2d(next(iter(probes.values()))))
+            return [[] for _ in range(n)]
+        best = {}
+        for c, (rows, sq, starts) in self._pack().items():
+            sims = similarity_matrix(self.recipe.part(c).metric, probes[c], rows, sq, dtype=np.float32)
+            # (P, entries): each entry's best vector (one vector per entry: the row is the entry)
+            best[c] = sims if starts is None else np.maximum.reduceat(sims, starts, axis=1)
+        scores = self.recipe.combine(best)
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out = []
+        for i in range(scores.shape[0]):
+            order = top[i][np.argsort(-scores[i, top[i]], kind="stable")]
+            out.append([(self.entries[j], float(scores[i, j])) for j in order])
+        return out
 
 
 # The registry ---------------------------------------------------------------------------------------------
