@@ -15,6 +15,8 @@ from pathlib import Path
 def _engines_dir(args) -> None:
     if getattr(args, "engines_dir", None):
         os.environ["LFR_ENGINES_DIR"] = str(args.engines_dir)
+    elif getattr(args, "state_dir", None):
+        os.environ["LFR_ENGINES_DIR"] = str(Path(args.state_dir) / "engines")
 
 
 def cmd_add(args) -> None:
@@ -74,6 +76,7 @@ def add_parsers(sub) -> None:
     def common(q):
         q.add_argument("--engines-dir", type=Path, default=None,
                        help="engines folder (default $LFR_ENGINES_DIR, else <$LFR_STATE_DIR or ./state>/engines)")
+        q.add_argument("--state-dir", type=Path, default=None, help="the system's state folder: its engines/")
 
     a = msub.add_parser("add", help="verify an engine's manifest and file (sha256, opset, sizes) and install it")
     a.add_argument("manifest", type=Path)
