@@ -51,9 +51,16 @@ def manifest(folder: Path, model_id: str = "acme-face-v1", file: str = "acme.onn
 
 @pytest.fixture
 def engines_dir(tmp_path, monkeypatch):
+    """A fresh engines folder; afterwards the model registry is as it was (engines registered here leave it)."""
     d = tmp_path / "engines"
     monkeypatch.setenv("LFR_ENGINES_DIR", str(d))
-    return d
+    tables = (scoring.COMPONENTS, scoring._SINGLE_THRESHOLDS, scoring._RECIPES, engines.MODELS,
+              engines.CHIP_MAKERS, engines.EMBEDDERS)
+    saved = [dict(t) for t in tables]
+    yield d
+    for table, before in zip(tables, saved, strict=True):
+        table.clear()
+        table.update(before)
 
 
 def refused(path: Path) -> ManifestError:
