@@ -70,29 +70,31 @@ class DetectionService(Service):
             except limits.InputError:
                 self.stage._drop(f, "bad_image")
         if not images:
-            return kept, []
+            return kept, [], []
+        counts = [(0, 0)] * len(images)  # per frame: faces detected, faces new (faces seen)
 
         def select(k: int, faces) -> list[bool]:  # the live face sampler: a tracked face every interval
             env = kept[k].envelope
             t = env.capture_time.ToNanoseconds() / 1e9
             keep = self.sampler.select((env.deployment_id, env.camera_id), t, [f.box for f in faces],
                                        [inter_eye_px(f) * f.score for f in faces])
+            counts[k] = (len(faces), len(faces) if self.sampler.interval_s <= 0 else self.sampler.new)
             self.skipped.inc(keep.count(False))
             return keep
 
         out = detect_images(self.engine, images, cfg.detect_max_side, True, True, cfg.min_face_px, select)
         self.sampler.forget(older_than=max(f.envelope.capture_time.ToNanoseconds() for f in kept) / 1e9 - 5.0)
-        return kept, out
+        return kept, out, counts
 
     async def _process(self, frames: list[ingest_pb2.FrameEvent]) -> None:
-        kept, results = await self.rt.run_cpu(self._decode_batch, frames)
-        for frame, faces in zip(kept, results, strict=True):
-            if not faces:
+        kept, results, counts = await self.rt.run_cpu(self._decode_batch, frames)
+        for frame, faces, (detected, new) in zip(kept, results, counts, strict=True):
+            if not faces and not detected:  # no face: nothing to count either
                 continue
             env = frame.envelope
             out = pb.FacesEvent(envelope=events.derive(env, self.name), frame_index=frame.frame_index,
                                 video_time_s=frame.video_time_s, faces=faces, frame_width=frame.width,
-                                frame_height=frame.height)
+                                frame_height=frame.height, faces_detected=detected, faces_new=new)
             await self.rt.bus.publish(subjects.faces(env.deployment_id, env.camera_id), out)
 
     async def stop_intake(self) -> None:

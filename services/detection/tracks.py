@@ -27,6 +27,7 @@ class FaceSampler:
     def __init__(self, interval_s: float = 0.3, expire_s: float = 1.0, min_iou: float = 0.3, better: float = 1.25):
         self.interval_s, self.expire_s, self.min_iou, self.better = interval_s, expire_s, min_iou, better
         self.tracks: dict[object, list[_Track]] = {}
+        self.new = 0  # faces of the last `select` that started a track (a face not seen in the frames before)
 
     def select(self, key: object, t: float, boxes: list[Box], qualities: list[float]) -> list[bool]:
         """For the faces of one frame of camera `key` captured at `t` (seconds): embed this face or not."""
@@ -44,9 +45,11 @@ class FaceSampler:
                 owner[i] = j
                 taken.add(j)
         keep = []
+        self.new = 0
         for i, (box, q) in enumerate(zip(boxes, qualities, strict=True)):
             j = owner.get(i)
             if j is None:
+                self.new += 1
                 tracks.append(_Track(box, t, t, q))
                 keep.append(True)
                 continue

@@ -83,7 +83,8 @@ class EmbeddingService(Service):
         for msg in batch:
             env = msg.envelope
             out = pb.EmbeddingsEvent(envelope=events.derive(env, self.name, info.model_id, info.version),
-                                     frame_index=msg.frame_index, video_time_s=msg.video_time_s)
+                                     frame_index=msg.frame_index, video_time_s=msg.video_time_s,
+                                     faces_detected=msg.faces_detected, faces_new=msg.faces_new)
             for i, f in enumerate(msg.faces):
                 out.faces.append(pb.FaceEmbedding(face_index=i, box=f.box, quality=f.quality,
                                                   vectors=[next(it) for _ in f.chips], crop_jpeg=f.crop_jpeg))

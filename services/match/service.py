@@ -110,6 +110,13 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         return book.get(request.alert_id, with_images=False)
 
 
+def faces_seen(msg: embedding_pb2.EmbeddingsEvent) -> int:
+    """The faces an event adds to "faces seen" (#14): faces first seen in its frame (detection's tracker: a face
+    followed over several frames counts once per pass), embedded or not; from a producer that does not count,
+    the faces embedded."""
+    return msg.faces_new if msg.faces_detected else len(msg.faces)
+
+
 class MatchService(Service):
     name = "match"
 
@@ -179,7 +186,7 @@ class MatchService(Service):
     def _dropped(self, msg: embedding_pb2.EmbeddingsEvent, reason: str) -> None:
         """A dropped event's faces are never matched: they are disposed of, and counted as such."""
         c = self._counters(msg.envelope.deployment_id)
-        c.faces_seen += len(msg.faces)
+        c.faces_seen += faces_seen(msg)
         c.stale_dropped += len(msg.faces)
         for _ in msg.faces:
             ms = events.age_ms(msg.envelope)
@@ -195,7 +202,8 @@ class MatchService(Service):
         env.CopyFrom(msg.envelope)  # a copy: a kept sub-message would keep the whole event (every face) alive
         d = await self.deployments.get(env.deployment_id)
         c = self._counters(env.deployment_id)
-        if not msg.faces:
+        if not msg.faces:  # a frame whose faces were all followed from earlier frames: counted, nothing to match
+            c.faces_seen += faces_seen(msg)
             return
         decisions = []
         if not is_live(d, env.camera_id) and d.watchlist_size > 0:  # the one rule: ACTIVE, in window, its camera
@@ -204,7 +212,7 @@ class MatchService(Service):
                 watchlist_pb2.SearchRequest(deployment_id=d.id, probes=probes, k=1), timeout=2)
             decisions = decide(resp.results, d.threshold)
         matched = {dec.face_index: dec for dec in decisions if dec.matched}
-        c.faces_seen += len(msg.faces)
+        c.faces_seen += faces_seen(msg)
         sightings = []
         for i, face in enumerate(msg.faces):
             dec = matched.get(i)

@@ -35,3 +35,15 @@ def test_cameras_are_separate_tracks_expire_and_interval_zero_embeds_everything(
     every = FaceSampler(interval_s=0.0)
     assert all(every.select("a", i * 0.1, [walk(100)], [30.0])[0] for i in range(5))
     assert every.tracks == {}
+
+
+def test_a_face_followed_over_many_frames_is_one_face_seen():
+    """#14: "faces seen" counts faces first seen (FaceSampler.new), whether the sampler embeds them or not."""
+    s = FaceSampler(interval_s=0.3, expire_s=1.0)
+    seen = []
+    for k in range(20):  # two people walking for 2 s at 10 fps: 2 faces seen, not 40 (nor the ~14 embedded)
+        s.select("cam", k / 10, [(10 + 5 * k, 10, 60 + 5 * k, 60), (400 - 5 * k, 10, 450 - 5 * k, 60)], [1.0, 1.0])
+        seen.append(s.new)
+    assert seen[0] == 2 and sum(seen) == 2
+    s.select("cam", 4.0, [(10, 10, 60, 60)], [1.0])  # lost for more than expire_s, then seen again: a new pass
+    assert s.new == 1
