@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -34,6 +35,16 @@ def add_arguments(p) -> None:
     p.add_argument("--sample-s", type=float, default=15.0, help="soak: sampling interval (default 15 s)")
     p.add_argument("--window-min", type=float, default=5.0, help="soak: window of the percentiles (default 5 min)")
     p.add_argument("--state-dir", default="", help="state folder (default: a temporary folder)")
+    p.add_argument("--truth", default="", help="a walk-by's truth.json (`lfr bench walkby`): its video and watchlist, "
+                   "and the run scored per pass (alerted, missed by name, false alerts per pass and per 10,000 faces, "
+                   "first appearance to alert)")
+    p.add_argument("--min-frames", type=int, default=0, help="match's pass rule: LFR_ALERT_MIN_FRAMES for this run "
+                   "(1 = the per-frame rule; 0 = the default)")
+    p.add_argument("--drain-s", type=float, default=1.5, help="after the video, wait up to this long for every "
+                   "frame to be processed or dropped (default 1.5 s; a slow or loaded machine with a long "
+                   "LFR_FRESHNESS_MS needs more)")
+    p.add_argument("--strong-margin", type=float, default=-1.0, help="LFR_ALERT_STRONG_MARGIN for this run "
+                   "(-1 = the default)")
     p.add_argument("--json", action="store_true", help="one-line JSON")
 
 
@@ -75,16 +86,28 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(args) -> dict:
+    truth = json.loads(Path(args.truth).read_text()) if args.truth else None
+    if truth:
+        args.video, args.enroll = args.video or truth["video"], args.enroll or truth["enroll"]
     data = data_dir(required=not (args.video and args.enroll))
     video = args.video or str(data / "video/pedestrians-1080p25.mp4")
     subjects = subject_images(args.enroll or data / "faces/knn_examples/train")
     with temporary_state("lfr-bench-", keep=args.state_dir) as state:  # removed at the end unless --state-dir
         out = _measure(state, video, subjects, args)
+    if truth:
+        from lfr.bench.walkby import score_passes
+
+        out["truth"] = score_passes(truth, out["alert_list"], out["faces"])
     return out | {"state_dir": args.state_dir or "(a temporary folder, removed)"}
 
 
 def _measure(state: str, video: str, subjects: dict, args) -> dict:
-    with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent]) as system:
+    env = {}
+    if getattr(args, "min_frames", 0):
+        env["LFR_ALERT_MIN_FRAMES"] = str(args.min_frames)
+    if getattr(args, "strong_margin", -1.0) >= 0:
+        env["LFR_ALERT_STRONG_MARGIN"] = str(args.strong_margin)
+    with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent], env=env or None) as system:
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
         d = create_deployment(c, "bench", [CAMERA])
         with closed_on_failure(c, d.id):  # an error or Ctrl-C ends (and purges) the deployment
@@ -112,7 +135,14 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
             if soak:
                 soak.stop()
             cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(system).items()}
-            time.sleep(1.5)  # let the last frames through
+            drain_until = time.monotonic() + getattr(args, "drain_s", 1.5)
+            while time.monotonic() < drain_until:  # let the last frames through
+                time.sleep(0.5)
+                det = scrape(system.endpoints()["metrics"]["detection"])
+                if metric_sum(det, "lfr_items_processed_total", stage="detect") + \
+                        metric_sum(det, "lfr_items_dropped_total", stage="detect") >= frames_in:
+                    time.sleep(1.5)  # and through embedding and match
+                    break
             stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
             deadline = time.monotonic() + 10
             while len({a.alert_id for a, _ in collector.alerts}) < stats.alerts and time.monotonic() < deadline:
