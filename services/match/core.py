@@ -18,15 +18,15 @@ class Decision:
     score: float = 0.0
 
 
-def decide(candidate_lists, threshold: float) -> list[Decision]:
-    """Top candidate per face against the deployment threshold (score: higher = more alike)."""
+def decide_top(tops: list[list[tuple[str, float]]], subject_refs: dict[str, str], threshold: float
+               ) -> list[Decision]:
+    """Per face, its best (entry id, score) from the in-memory watchlist against the deployment threshold."""
     out = []
-    for i, cands in enumerate(candidate_lists):
-        best = cands.candidates[0] if cands.candidates else None
-        if best is not None and best.score >= threshold:
-            out.append(Decision(i, True, best.entry_id, best.subject_ref, best.score))
+    for i, top in enumerate(tops):
+        if top and top[0][1] >= threshold:
+            out.append(Decision(i, True, top[0][0], subject_refs.get(top[0][0], ""), top[0][1]))
         else:
-            out.append(Decision(i, False, score=best.score if best else 0.0))
+            out.append(Decision(i, False, score=top[0][1] if top else 0.0))
     return out
 
 

@@ -9,10 +9,12 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from lfr.match.alerts import AlertBook
-from lfr.match.core import Counters, adjudication_refusal, decide, engagement_refusal, reference_refusal
+from lfr.match.core import Counters, adjudication_refusal, decide_top, engagement_refusal, reference_refusal
 from lfr.match.tracker import Action, AlertState, Sighting, Tracker
+from lfr.models import scoring
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
 from lfr.pb import match_pb2 as pb
 from lfr.runtime import clock, events, metrics, subjects
@@ -127,6 +129,7 @@ class MatchService(Service):
         self.counters: dict[str, Counters] = {}
         self.unrecorded: list[Action] = []  # alerts waiting for the alert book's disk to take writes again
         self.deployments = DeploymentCache(self.watchlist)
+        self.watchlists: dict[str, tuple] = {}  # deployment -> (what was loaded, ExactIndex, entry -> subject_ref)
         self.tracker = Tracker(track_gap_s=cfg.track_gap_s, realert_window_s=cfg.realert_window_s,
                                update_interval_s=cfg.alert_update_interval_s, min_frames=cfg.alert_min_frames,
                                strong_margin=cfg.alert_strong_margin)
@@ -207,10 +210,14 @@ class MatchService(Service):
             return
         decisions = []
         if not is_live(d, env.camera_id) and d.watchlist_size > 0:  # the one rule: ACTIVE, in window, its camera
-            probes = [watchlist_pb2.Probe(vectors=f.vectors) for f in msg.faces]
-            resp = await self.watchlist.Search(
-                watchlist_pb2.SearchRequest(deployment_id=d.id, probes=probes, k=1), timeout=2)
-            decisions = decide(resp.results, d.threshold)
+            index, refs = await self._watchlist(d)  # the live watchlist's vectors, in memory: no call per frame
+            probes = {}
+            for comp in index.recipe.components:
+                rows = [next((v.values for v in f.vectors if v.model_id == comp), None) for f in msg.faces]
+                if any(r is None for r in rows):
+                    raise ValueError(f"a face without a {comp} vector (the model is {index.recipe.model_id})")
+                probes[comp] = np.asarray(rows, dtype=np.float32)
+            decisions = decide_top(index.search(probes, 1), refs, d.threshold)
         matched = {dec.face_index: dec for dec in decisions if dec.matched}
         c.faces_seen += faces_seen(msg)
         sightings = []
@@ -286,9 +293,45 @@ class MatchService(Service):
                       camera_id=env.camera_id, alert_id=alert.alert_id, entry_id=alert.entry_id,
                       revision=alert.revision, score=round(alert.score, 4))
 
+    async def _watchlist(self, d) -> tuple[scoring.ExactIndex, dict[str, str]]:
+        """A live deployment's watchlist vectors in memory (exact search by its model's recipe): fetched from the
+        watchlist once, at the first frame this process sees for it (a start, or this process's restart), again
+        if its authorised watchlist or model changes; dropped when it is no longer live (`_drop_watchlists`)."""
+        key = (d.authorised_digest, d.model_id, d.model_version)
+        held = self.watchlists.get(d.id)
+        if held is None or held[0] != key:
+            wv = await self.watchlist.GetWatchlistVectors(
+                watchlist_pb2.GetWatchlistVectorsRequest(deployment_id=d.id), timeout=10)
+            index, refs = scoring.ExactIndex(scoring.recipe(wv.model_id)), {}
+            for e in wv.entries:
+                vectors: dict[str, list] = {}
+                for v in e.vectors:
+                    vectors.setdefault(v.model_id, []).append(v.values)
+                try:
+                    index.add(e.entry_id, {c: np.asarray(x, dtype=np.float32) for c, x in vectors.items()})
+                except ValueError as exc:  # an entry without every engine's vector cannot be scored
+                    self.log.error("match.entry_skipped", deployment_id=d.id, entry_id=e.entry_id, error=str(exc))
+                    continue
+                refs[e.entry_id] = e.subject_ref
+            held = self.watchlists[d.id] = (key, index, refs)
+            self.log.info("match.watchlist_loaded", deployment_id=d.id, entries=len(index), model=wv.model_id)
+        return held[1], held[2]
+
+    async def _drop_watchlists(self) -> None:
+        """Forget the vectors of every deployment that is no longer live (ended, purged, expired)."""
+        for dep in list(self.watchlists):
+            try:
+                d = await self.deployments.get(dep)
+            except grpc.aio.AioRpcError:
+                continue  # the watchlist is unreachable: decided at the next tick
+            if is_live(d, "", check_camera=False):
+                self.watchlists.pop(dep, None)
+                self.log.info("match.watchlist_dropped", deployment_id=dep)
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
+            await self._drop_watchlists()
             if self.unrecorded and not self.rt.storage.reason:
                 self._retry_unrecorded()
             for action in self.tracker.tick(time.time_ns()):

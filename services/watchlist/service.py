@@ -43,6 +43,7 @@ from lfr.runtime.rpc import abort, channel
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
 from lfr.watchlist.core import (
+    ACTIVE,
     AUTHORISED,
     SWEEPER,
     DeploymentRecord,
@@ -50,6 +51,7 @@ from lfr.watchlist.core import (
     ImageRecord,
     Refused,
     composition_digest,
+    status_name,
     validate_governance,
     validate_new_deployment,
     watchlist_violations,
@@ -301,6 +303,14 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
             raise Refused("INVALID_ARGUMENT", "k must be between 1 and 100")
         results = await self.svc.search(d, list(request.probes), k)
         return pb.SearchResponse(results=results, model_id=d.model_id, model_version=d.model_version)
+
+    @refusals
+    async def GetWatchlistVectors(self, request, context):
+        d = await self.svc.current(request.deployment_id)
+        if d.status != ACTIVE:
+            raise Refused("FAILED_PRECONDITION", f"deployment {d.id} is {status_name(d.status)}: only an ACTIVE "
+                          "deployment's watchlist is handed out for matching")
+        return await self.svc.watchlist_vectors(d)
 
     # Galleries, operator-initiated and retrospective identification ---------------------------------------
     @refusals
@@ -1025,6 +1035,23 @@ class WatchlistService(Service):
                 raise Refused("FAILED_PRECONDITION", f"the embedding service describes an unusable model: {exc}") \
                     from None
         return self._recipe[1]
+
+    async def watchlist_vectors(self, d: DeploymentRecord) -> pb.WatchlistVectors:
+        """Every vector of a live deployment's watchlist, grouped by entry (match decides with them in memory)."""
+        model = await self.model()
+        out = pb.WatchlistVectors(deployment_id=d.id, model_id=d.model_id, model_version=d.model_version,
+                                  authorised_digest=d.authorised_digest)
+        entries: dict[str, pb.EntryVectors] = {}
+        for comp in model.components:
+            points = await self.rt.run_cpu(self.index.vectors_of, collection_name(comp.model_id, comp.model_version),
+                                           d.id)
+            for payload, vector in points:
+                e = entries.get(payload["entry_id"])
+                if e is None:
+                    e = entries[payload["entry_id"]] = out.entries.add(
+                        entry_id=payload["entry_id"], subject_ref=payload["subject_ref"], category=payload["category"])
+                e.vectors.add(model_id=comp.model_id, model_version=comp.model_version, values=vector)
+        return out
 
     async def search(self, d: DeploymentRecord, probes: list[pb.Probe], k: int) -> list[pb.CandidateList]:
         """Each probe's k best entries, scored by the model's recipe (`lfr.models.scoring`): an entry's score per

@@ -227,6 +227,20 @@ class VectorIndex:
         r = self.client.query_points(name, query=query, query_filter=flt, limit=limit, with_payload=True)
         return [(p.payload, p.score) for p in r.points]
 
+    def vectors_of(self, name: str, deployment_id: str) -> list[tuple[dict, list[float]]]:
+        """(payload, vector) of every point of a deployment in a collection."""
+        if not self.client.collection_exists(name):
+            return []
+        flt = models.Filter(must=[models.FieldCondition(key="deployment_id",
+                                                        match=models.MatchValue(value=deployment_id))])
+        out, offset = [], None
+        while True:
+            points, offset = self.client.scroll(name, scroll_filter=flt, limit=1000, offset=offset,
+                                                with_payload=True, with_vectors=True)
+            out += [(p.payload, p.vector) for p in points]
+            if offset is None:
+                return out
+
     def count(self, name: str, deployment_id: str) -> int:
         if not self.client.collection_exists(name):
             return 0

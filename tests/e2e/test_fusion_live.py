@@ -13,6 +13,7 @@ decision is clear; the test then checks what the platform decides."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import time
@@ -120,7 +121,7 @@ def cast(clients, data, tmp_path_factory):
     return {**enrolled, VETO[0]: veto_ref}, {n for n, _ in strangers}, video, segments, refs
 
 
-def test_fusion_live_default_threshold_alerts_and_floor_veto(clients, cast):
+def test_fusion_live_default_threshold_alerts_and_floor_veto(system, clients, cast):
     recipe = scoring.recipe(scoring.FUSION)
     enrolled, strangers, video, segments, refs = cast
 
@@ -167,14 +168,23 @@ def test_fusion_live_default_threshold_alerts_and_floor_veto(clients, cast):
     for a in alerts:
         assert a.score >= a.threshold == pytest.approx(d.threshold) and a.envelope.model_id == scoring.FUSION
     assert stats.faces_seen >= len(alerts) + len(strangers)
+    # match decided with the watchlist's vectors in memory (loaded once), and forgets them when it ends
+    log = system.state_dir / "logs" / "match.log"
+
+    def events_of(kind: str) -> list[dict]:
+        return [e for e in map(json.loads, log.read_text().splitlines()) if e.get("event") == kind
+                and e.get("deployment_id") == d.id]
+    assert [e["entries"] for e in events_of("match.watchlist_loaded")] == [len(enrolled)]
     clients.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="op"))
+    deadline = time.monotonic() + 10
+    while not events_of("match.watchlist_dropped") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert events_of("match.watchlist_dropped")
 
 
 def test_models_only_where_they_run(system):
     """In the running system: the four model-free services have no libtorch mapped (they never import torch);
     detection built the detector and the fused model's chip makers, embedding only its embedders."""
-    import json
-
     from lfr.runtime.embedded import SERVICES
 
     pids = system.pids()

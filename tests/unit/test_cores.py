@@ -10,7 +10,7 @@ from PIL import Image
 
 from lfr.audit.core import record_from_event
 from lfr.ingest.core import Sampler, check_frame
-from lfr.match.core import Counters, decide
+from lfr.match.core import Counters, decide_top
 from lfr.models import scoring
 from lfr.pb import common_pb2, match_pb2, watchlist_pb2
 from lfr.runtime import events
@@ -85,11 +85,9 @@ def test_enrollment_verdict():
 
 
 def test_decide_uses_threshold_on_top_candidate():
-    lists = [watchlist_pb2.CandidateList(candidates=[watchlist_pb2.Candidate(entry_id="e", score=0.7)]),
-             watchlist_pb2.CandidateList(candidates=[watchlist_pb2.Candidate(entry_id="e", score=0.3)]),
-             watchlist_pb2.CandidateList()]
-    d = decide(lists, 0.5)
-    assert [x.matched for x in d] == [True, False, False] and d[0].entry_id == "e"
+    d = decide_top([[("e", 0.7)], [("e", 0.3)], []], {"e": "subject-e"}, 0.5)
+    assert [x.matched for x in d] == [True, False, False] and (d[0].entry_id, d[0].subject_ref) == ("e", "subject-e")
+    assert d[1].score == 0.3 and not d[1].entry_id
 
 
 def test_counters_keep_numbers_only():

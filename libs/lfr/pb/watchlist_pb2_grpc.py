@@ -128,6 +128,11 @@ class WatchlistServiceStub:
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.GetWatchlistVectors = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/GetWatchlistVectors',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetWatchlistVectorsRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.WatchlistVectors.FromString,
+                _registered_method=True)
         self.AddGalleryImages = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/AddGalleryImages',
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.AddGalleryImagesRequest.SerializeToString,
@@ -308,6 +313,14 @@ class WatchlistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWatchlistVectors(self, request, context):
+        """The vectors of an ACTIVE deployment's (authorised) watchlist, for match to decide per face in memory
+        (lfr.models.scoring.ExactIndex, the same rule as Search). Services only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddGalleryImages(self, request, context):
         """Galleries: large searchable sets of reference images (e.g. a custody image store) for operator-initiated and
         retrospective identification. A gallery is created by its first images, embedded with the embedding
@@ -467,6 +480,11 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchResponse.SerializeToString,
+            ),
+            'GetWatchlistVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWatchlistVectors,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetWatchlistVectorsRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.WatchlistVectors.SerializeToString,
             ),
             'AddGalleryImages': grpc.unary_unary_rpc_method_handler(
                     servicer.AddGalleryImages,
@@ -986,6 +1004,33 @@ class WatchlistService:
             '/lfr.watchlist.v1.WatchlistService/Search',
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchRequest.SerializeToString,
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWatchlistVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/GetWatchlistVectors',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.GetWatchlistVectorsRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.WatchlistVectors.FromString,
             options,
             channel_credentials,
             insecure,

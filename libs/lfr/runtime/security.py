@@ -75,6 +75,7 @@ POLICY: dict[str, frozenset[str]] = {
     _W + "ListReferences": _roles("watchlist_manager", "authorising_officer", "auditor"),
     _W + "GetPolicy": frozenset(ROLES),
     _W + "Search": _roles("service", "watchlist_manager"),
+    _W + "GetWatchlistVectors": _roles("service"),  # match holds a live watchlist's vectors in memory
     # watchlist: operator-initiated and retrospective identification (case reference required by the service)
     _W + "AddGalleryImages": _roles("watchlist_manager"),
     _W + "FindGalleryImages": _roles("watchlist_manager", "investigator"),
