@@ -43,6 +43,10 @@ class DeploymentCache:
             d = await self.stub.GetDeployment(watchlist_pb2.GetDeploymentRequest(deployment_id=deployment_id),
                                               timeout=2)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and cached:
+                # The watchlist is restarting: keep what was read last, so live cameras keep matching. Safe: a
+                # lifecycle event (an end, a cancel) drops the cached value, and is_live still applies the window.
+                return cached[1]
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise
             d = None
