@@ -51,7 +51,7 @@ _ENROLL_KEYS = {"min_inter_eye_px", "min_sharpness", "max_abs_yaw_deg", "max_abs
 # "dominant" takes the face the photo is clearly about (lfr.models.face_choice, margins measured by
 # `lfr bench dominant`). A face chosen by the enroller (face=N) is always taken.
 SEVERAL_FACES = ("refuse", "dominant")
-DOMINANT_MIN_SIZE_RATIO = 1.5
+DOMINANT_MIN_SIZE_RATIO = 2.0  # lfr bench dominant: on LFW size alone is then never a bystander (0 of 900)
 DOMINANT_MAX_CENTRE_OFFSET = 0.75  # every single-face portrait of the shared data lies within 0.67
 _ENROLL_OPTIONAL = {"several_faces", "dominant_min_size_ratio", "dominant_max_centre_offset"}
 _SECOND_KEYS = {"unapproved_site", "under_18"}
