@@ -302,7 +302,8 @@ class MatchService(Service):
         if held is None or held[0] != key:
             wv = await self.watchlist.GetWatchlistVectors(
                 watchlist_pb2.GetWatchlistVectorsRequest(deployment_id=d.id), timeout=10)
-            index, refs = scoring.ExactIndex(scoring.recipe(wv.model_id)), {}
+            # scored by the recipe the vectors came with (also an engine installed by manifest, unknown here)
+            index, refs = scoring.ExactIndex(scoring.Recipe.from_description(wv.model)), {}
             for e in wv.entries:
                 vectors: dict[str, list] = {}
                 for v in e.vectors:

@@ -1037,10 +1037,11 @@ class WatchlistService(Service):
         return self._recipe[1]
 
     async def watchlist_vectors(self, d: DeploymentRecord) -> pb.WatchlistVectors:
-        """Every vector of a live deployment's watchlist, grouped by entry (match decides with them in memory)."""
-        model = await self.model()
+        """Every vector of a live deployment's watchlist, grouped by entry, with the recipe that scores them (match
+        decides with them in memory)."""
+        model = await self._same_model(d, "match against its watchlist")
         out = pb.WatchlistVectors(deployment_id=d.id, model_id=d.model_id, model_version=d.model_version,
-                                  authorised_digest=d.authorised_digest)
+                                  authorised_digest=d.authorised_digest, model=model)
         entries: dict[str, pb.EntryVectors] = {}
         for comp in model.components:
             points = await self.rt.run_cpu(self.index.vectors_of, collection_name(comp.model_id, comp.model_version),
