@@ -44,7 +44,9 @@ def cmd_list(args) -> None:
     for m in onnx_engine.installed():
         rec = onnx_engine.check_record(m.model_id)
         rows.append({"id": m.model_id, "version": m.version, "kind": f"onnx {m.dim}-d {m.metric}",
-                     "threshold": rec["threshold"]["value"] if rec else m.threshold,
+                     # the default in use: the check's when its data resolved the target (as the registry does)
+                     "threshold": rec["threshold"]["value"] if rec and rec["threshold"].get("resolved")
+                     else m.threshold,
                      "checked": (f"{rec['completed_at']}" + (f" (--limit {rec['limit']})" if rec.get("limit") else ""))
                      if rec else "NOT CHECKED: cannot be authorised"})
     if args.json:
