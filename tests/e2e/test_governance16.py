@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from lfr.cli.live import AlertCollector, capture_date, stream_video
+from lfr.models import nonmated
 from lfr.pb import audit_pb2, match_pb2, watchlist_pb2
 from lfr.runtime import events
 from lfr.runtime.clock import wait_for
@@ -138,6 +139,12 @@ def urgent(clients, ground_truth, system):
     d = clients.watchlist.AuthoriseDeployment(watchlist_pb2.AuthoriseRequest(
         deployment_id=out["confirmed"].id, actor="ao"), timeout=30)
     assert d.urgent_confirmed_at.seconds and d.status == watchlist_pb2.DEPLOYMENT_STATUS_ACTIVE
+    # the expected false alerts shown at authorisation are the shipped table's for this list size and threshold
+    table = nonmated.load_table(d.model_id)
+    assert table is not None and d.false_alert_table == table.name
+    rate = table.rate_at(d.threshold)
+    assert d.nonmated_match_rate == pytest.approx(rate)
+    assert d.expected_false_alerts_per_10k == pytest.approx(nonmated.expected_per_10k(rate, d.watchlist_size))
     out["confirmed"] = d
     lapsing = out["lapsing"]
     collector = AlertCollector(clients, lapsing.id)
@@ -240,6 +247,8 @@ def test_reports_read_back_and_match_the_audit(clients, urgent, system, tmp_path
     assert int(outcomes["alerts"]) == len(raised) and int(outcomes["confirmed"]) == len(alerts)
     assert int(outcomes["arrests"]) == 1 and int(outcomes["words of advice"]) == len(alerts) - 1
     assert "DPIA-2026-014" in page.ids["authority"] and "NOT confirmed" in page.ids["urgent-flag"]
+    shown = clients.audit.DeploymentReport(audit_pb2.DeploymentReportRequest(deployment_id=lapsing.id), timeout=30)
+    assert f"{shown.expected_false_alerts_per_10k:.2f} per 10,000" in page.ids["expected"]
     assert page.tables["composition"][1:] == [["wanted-by-court", str(lapsing.watchlist_size)]]
     purge_time = json.loads(purged.summary_json)["deployment"]["purged_at"][:19]
     assert purge_time in page.ids["purge"]
