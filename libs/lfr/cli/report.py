@@ -39,7 +39,7 @@ FIELDS = ("deployment_id", "date", "start_time", "end_time", "site", "purpose_ca
 OUTCOMES = {"confirmed": match_pb2.OUTCOME_CONFIRMED_MATCH, "false": match_pb2.OUTCOME_FALSE_ALERT,
             "not-engaged": match_pb2.OUTCOME_NOT_ENGAGED}
 ENGAGEMENTS = {"arrest": match_pb2.ENGAGEMENT_ARREST, "other": match_pb2.ENGAGEMENT_OTHER_ACTION,
-               "none": match_pb2.ENGAGEMENT_NO_ACTION}
+               "none": match_pb2.ENGAGEMENT_NO_ACTION, "words-of-advice": match_pb2.ENGAGEMENT_WORDS_OF_ADVICE}
 
 
 class Failure(Exception):
@@ -413,7 +413,8 @@ def alerts_adjudicate(args) -> None:
     stub = match_pb2_grpc.MatchServiceStub(channel(args, "match"))
     r = stub.Adjudicate(match_pb2.AdjudicateRequest(
         alert_id=args.alert, outcome=OUTCOMES[args.outcome], engagement=ENGAGEMENTS.get(args.engagement, 0),
-        note=args.note, actor=args.actor, amend=args.amend), timeout=30)
+        note=args.note, actor=args.actor, amend=args.amend, engagement_minutes=args.minutes,
+        person_informed=args.informed, attributes=dict(args.attribute or ())), timeout=30)
     print(json.dumps(review_json(r), indent=2))
 
 
@@ -434,6 +435,12 @@ def _date(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD, 'today' or '-30d'): {text!r}") from None
     return text
+
+
+def key_value(text: str) -> tuple[str, str]:
+    from lfr.cli.ops import key_value as parse
+
+    return parse(text)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -505,10 +512,17 @@ def add_parsers(sub) -> None:
                    help="required for confirmed and false; not-engaged is none")
     p.add_argument("--note", default="", help="free text")
     p.add_argument("--amend", action="store_true", help="replace an earlier adjudication")
+    p.add_argument("--minutes", type=int, default=0, help="how long the engagement lasted")
+    p.add_argument("--informed", action="store_true", help="a false alert: the person was told of the wrong match")
+    p.add_argument("--attribute", action="append", type=key_value, metavar="NAME=VALUE",
+                   help="an equitability attribute the policy names (e.g. perceived_sex=female); optional")
     p.set_defaults(run=alerts_adjudicate)
     from lfr.cli.liveops import add_watch_parser
 
     add_watch_parser(alsub, common)  # lfr alerts watch
+    from lfr.cli import governance
+
+    governance.add_parsers(rsub, asub, common, _period)  # report post-deployment|equitability|usage; audit subject
 
     for parser in (r, a, al):
         parser.set_defaults(func=run)
