@@ -33,10 +33,12 @@ OUTCOMES = {"confirmed": match_pb2.OUTCOME_CONFIRMED_MATCH, "false": match_pb2.O
             "not-engaged": match_pb2.OUTCOME_NOT_ENGAGED}
 OUTCOME_TEXT = {match_pb2.OUTCOME_CONFIRMED_MATCH: "confirmed match", match_pb2.OUTCOME_FALSE_ALERT: "false alert",
                 match_pb2.OUTCOME_NOT_ENGAGED: "not engaged", 0: ""}
-ENGAGEMENTS = {"arrest": match_pb2.ENGAGEMENT_ARREST, "other": match_pb2.ENGAGEMENT_OTHER_ACTION,
-               "none": match_pb2.ENGAGEMENT_NO_ACTION}
+# The engagement as forces report it (the CLI's --engagement values).
+ENGAGEMENTS = {"none": match_pb2.ENGAGEMENT_NO_ACTION, "words-of-advice": match_pb2.ENGAGEMENT_WORDS_OF_ADVICE,
+               "arrest": match_pb2.ENGAGEMENT_ARREST, "other": match_pb2.ENGAGEMENT_OTHER_ACTION}
 ENGAGEMENT_TEXT = {match_pb2.ENGAGEMENT_ARREST: "arrest", match_pb2.ENGAGEMENT_OTHER_ACTION: "other action",
-                   match_pb2.ENGAGEMENT_NO_ACTION: "no action", 0: ""}
+                   match_pb2.ENGAGEMENT_WORDS_OF_ADVICE: "words of advice",
+                   match_pb2.ENGAGEMENT_NO_ACTION: "no engagement", 0: ""}
 SOURCE_STATE = {v: k.removeprefix("SOURCE_STATE_").lower() for k, v in ingest_pb2.SourceState.items()}
 JOB_STATE = {v: k.removeprefix("JOB_STATE_").lower() for k, v in watchlist_pb2.JobState.items()}
 STATS_EVERY_S = 2.0
@@ -598,7 +600,13 @@ async def alert_page(request: Request) -> Response:
     r = await _review(s, calls, request.path_params["id"])
     a = r.alert
     return render(request, "alert.html", r=r, a=a, outcome_text=OUTCOME_TEXT, engagement_text=ENGAGEMENT_TEXT,
-                  margin=a.score - a.threshold)
+                  margin=a.score - a.threshold, attributes=await _equitability_attributes(calls))
+
+
+async def _equitability_attributes(calls: Calls) -> dict[str, list[str]]:
+    """The optional attributes the policy lets an adjudication record (name -> its values), for the form."""
+    policy = await calls.unary("watchlist", "GetPolicy", watchlist_pb2.GetPolicyRequest(), what="The policy")
+    return dict((json.loads(policy.json or "{}").get("equitability") or {}).get("attributes") or {})
 
 
 async def alert_image(request: Request) -> Response:
@@ -633,9 +641,14 @@ async def adjudicate(request: Request) -> Response:
     if outcome is None:
         raise ApiError(400, "Request refused", "Choose the outcome: confirmed match, false alert or not engaged.")
     engagement = ENGAGEMENTS.get(f.get("engagement", ""), 0)
+    minutes = f.get("minutes", "").strip()
+    if minutes and not minutes.isdigit():
+        raise ApiError(400, "Request refused", "The engagement's duration is a whole number of minutes.")
+    attributes = {k.removeprefix("attr-"): v for k, v in f.items() if k.startswith("attr-") and v}
     r = await calls.unary("match", "Adjudicate", match_pb2.AdjudicateRequest(
         alert_id=alert_id, outcome=outcome, engagement=engagement, note=f.get("note", ""), actor=s.user,
-        amend=bool(f.get("amend"))), what="Adjudicating the alert")
+        amend=bool(f.get("amend")), engagement_minutes=int(minutes or 0), person_informed=bool(f.get("informed")),
+        attributes=attributes), what="Adjudicating the alert")
     s.say("ok", f"Recorded: {OUTCOME_TEXT[r.adjudication.outcome]}"
           + (f", {ENGAGEMENT_TEXT[r.adjudication.engagement]}" if r.adjudication.engagement else "")
           + f" by {r.adjudication.actor}.")

@@ -253,8 +253,13 @@ def test_console_end_to_end(system, browser, data, clock_file, tmp_path):
         o.page.goto(alert_url)
         o.page.check("#o-false")
         o.page.select_option("#engagement", "none")
+        o.page.fill("#minutes", "3")
+        o.page.check("#informed")  # a false alert: the person was told (#16's engagements)
+        o.page.select_option("#attr-perceived_sex", "male")  # an equitability attribute the policy names
         o.page.click("#adjudicate-submit")
-        assert "false alert" in o.page.locator("#decision").inner_text()
+        decision = o.page.locator("#decision").inner_text()
+        assert "false alert, no engagement (3 min), the person was told" in decision, decision
+        assert "perceived sex: male" in decision, decision
         # Amended, by keyboard only: Tab to each control, Space on the radio button, type-ahead in the list,
         # Enter on the button.
         tab_to(o.page, "o-confirmed")
