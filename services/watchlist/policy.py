@@ -16,7 +16,9 @@ recorded with every deployment, and each decision below names the rule and the p
       "time_limits": {"max_deployment_hours": 24, "max_days_ahead": 30},
       "urgent": {"ranks": ["superintendent"], "confirm_within_hours": 24},   # absent: no urgent use
       "threshold_floors": {"sface-2021dec": {"floor": 0.467, "reason": "why this floor"}},
-      "equitability": {"attributes": {"perceived_sex": ["female", "male"]}, "min_count": 3}
+      "equitability": {"attributes": {"perceived_sex": ["female", "male"]}, "min_count": 3},
+      # optional, #17: the false-accept target `lfr model check` derives an engine's default threshold at
+      "engines": {"false_accept_target": 1e-5}
     }
 """
 
@@ -43,7 +45,7 @@ CATEGORY_NAMES: dict[str, int] = {
 CATEGORY_BY_VALUE = {v: k for k, v in CATEGORY_NAMES.items()}
 
 _TOP_KEYS = {"version", "description", "categories", "max_watchlist_size", "enrollment", "approved_sites",
-             "second_authoriser", "authority_fields", "time_limits", "urgent", "threshold_floors", "equitability"}
+             "second_authoriser", "authority_fields", "time_limits", "urgent", "threshold_floors", "equitability", "engines"}
 NS_PER_HOUR = 3600 * 1_000_000_000
 URGENT_MAX_HOURS = 24  # the EU AI Act's limit for confirming urgent use of real-time remote identification
 _ENROLL_KEYS = {"min_inter_eye_px", "min_sharpness", "max_abs_yaw_deg", "max_abs_pitch_deg", "max_image_age_days"}
@@ -55,6 +57,10 @@ DOMINANT_MIN_SIZE_RATIO = 2.0  # lfr bench dominant: on LFW size alone is then n
 DOMINANT_MAX_CENTRE_OFFSET = 0.75  # every single-face portrait of the shared data lies within 0.67
 _ENROLL_OPTIONAL = {"several_faces", "dominant_min_size_ratio", "dominant_max_centre_offset"}
 _SECOND_KEYS = {"unapproved_site", "under_18"}
+# The share of impostor pairs an engine's default threshold accepts (`lfr model check`, #17): the rule the
+# built-in thresholds follow. A policy may set it (engines.false_accept_target), in (0, 0.01].
+FALSE_ACCEPT_TARGET = 1e-5
+FALSE_ACCEPT_TARGET_MAX = 0.01
 
 
 class PolicyError(ValueError):
@@ -112,6 +118,7 @@ class Policy:
     threshold_floors: tuple[tuple[str, Floor], ...] = ()
     equitability: tuple[tuple[str, tuple[str, ...]], ...] = ()  # attribute -> allowed values
     equitability_min_count: int = 0
+    false_accept_target: float = FALSE_ACCEPT_TARGET  # engines.false_accept_target (#17, lfr model check)
     several_faces: str = "refuse"  # an image with several faces: "refuse" or "dominant" (#14)
     dominant_min_size_ratio: float = DOMINANT_MIN_SIZE_RATIO
     dominant_max_centre_offset: float = DOMINANT_MAX_CENTRE_OFFSET
@@ -469,5 +476,16 @@ def _governance(raw: dict) -> dict:
     out["equitability"] = tuple(parsed_attrs)
     if "min_count" in eq:
         out["equitability_min_count"] = _number(eq, "min_count", "equitability.", 0, integer=True)
+
+    engines = raw.get("engines", {})
+    if not isinstance(engines, dict):
+        raise PolicyError("engines: must be an object")
+    _unknown(engines, {"false_accept_target"}, "engines.")
+    if "false_accept_target" in engines:
+        far = _number(engines, "false_accept_target", "engines.", 0.0)
+        if not 0 < far <= FALSE_ACCEPT_TARGET_MAX:
+            raise PolicyError(f"engines.false_accept_target: must be above 0 and at most {FALSE_ACCEPT_TARGET_MAX:g} "
+                              "(a share of impostor pairs, e.g. 1e-5)")
+        out["false_accept_target"] = far
     return out
 

@@ -8,7 +8,8 @@ it runs, for the engine and beside it the current live model (or ``--beside``), 
 - open-set identification: rank-1, TPIR at FPIR 0.01 / 0.001 (gallery = first image of each person with 2+);
 - speed: chips embedded per second on this machine (same real chips, after a warm-up), as a ratio to the other;
 - the default threshold: the similarity at which the share of impostor pairs accepted is the false-accept target
-  (``--far``, default 1e-5: the rule the built-in thresholds follow), over every pair of different people among
+  (the policy's ``engines.false_accept_target``, default 1e-5: the rule the built-in thresholds follow; ``--far``
+  overrides it and the output says so), over every pair of different people among
   the verification images. It becomes the engine's default only when the target lets at least 10 impostor pairs
   through (10/target pairs or more); else the record says it was not resolved and the manifest's value stays.
 
@@ -80,7 +81,8 @@ def _evaluate(pipe: OursPipeline, root: Path, protocol, identities, fpirs, speed
 
 
 def run(model_id: str, beside: str | None, data: Path | None, limit: int | None, far: float = DEFAULT_FAR,
-        threads: int = 2, device: str | None = None, quiet: bool = True, record: bool = True) -> dict:
+        threads: int = 2, device: str | None = None, quiet: bool = True, record: bool = True,
+        far_source: str = "") -> dict:
     """Check an installed engine; writes its check record (``record``) and returns the result."""
     import argparse
     import os
@@ -104,7 +106,7 @@ def run(model_id: str, beside: str | None, data: Path | None, limit: int | None,
     t0 = time.perf_counter()
     engine_pipe = OursPipeline(model_id, device=device, quiet=quiet)
     result = {"engine": _evaluate(engine_pipe, root, protocol, identities, fpirs, speed_rels)}
-    result["engine"]["threshold_at_far"] = _threshold(engine_pipe, root, rels, far)
+    result["engine"]["threshold_at_far"] = _threshold(engine_pipe, root, rels, far) | {"far_source": far_source}
     live_pipe = OursPipeline(live, device=device, quiet=quiet)
     result["beside"] = _evaluate(live_pipe, root, protocol, identities, fpirs, speed_rels)
     result["beside"]["threshold_at_far"] = _threshold(live_pipe, root, rels, far)
@@ -148,6 +150,7 @@ def format_text(r: dict) -> str:
         f"  speed: {r['speed_ratio']:.2f}x the {b['model']} chips/s on this machine",
         f"  default threshold at FAR {t['far_target']:g}: {t['value']:.4f} over {t['impostor_pairs']} impostor pairs"
         + (f" ({t['note']})" if t["note"] else ""),
+        f"  false-accept target from: {t.get('far_source') or 'the caller'}",
         f"  not measured: {r['not_measured']}",
         f"  recorded: {r.get('record', '(not recorded)')} ({r['seconds']:.0f} s)",
     ]

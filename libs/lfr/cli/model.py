@@ -57,14 +57,62 @@ def cmd_list(args) -> None:
         print(f"{r['id']:<24} {r['version']:<46} {r['kind']:<20} threshold {r['threshold']:<8.4g} {r['checked']}")
 
 
+def policy_far(args) -> tuple[float, str]:
+    """The false-accept target of the check and where it came from: ``--far`` (an explicit override), else the
+    policy's ``engines.false_accept_target`` (absent: the rule's 1e-5), read from the running system's GetPolicy
+    when the state folder names one that answers, else from the policy file (LFR_POLICY_FILE or the shipped
+    example)."""
+    from lfr.cli.client import AccessError, cli_access, state_dir_of
+    from lfr.watchlist.policy import PolicyError, parse_policy
+
+    if args.far is not None:
+        return args.far, "--far (explicit override of the policy's target)"
+    state = state_dir_of(args)
+    endpoints = state / "endpoints.json"
+    if endpoints.is_file():
+        import grpc
+
+        from lfr.pb import watchlist_pb2, watchlist_pb2_grpc
+
+        try:
+            channel = cli_access(args).channel(json.loads(endpoints.read_text())["watchlist"])
+            p = watchlist_pb2_grpc.WatchlistServiceStub(channel).GetPolicy(watchlist_pb2.GetPolicyRequest(), timeout=10)
+            channel.close()
+        except AccessError as exc:
+            print(f"refused: reading the running system's policy: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                print(f"refused: GetPolicy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                sys.exit(2)
+        else:
+            far = parse_policy(p.json).false_accept_target
+            return far, f"policy {p.version} (digest {p.digest[:12]}) of the running system ({state})"
+    path = os.environ.get("LFR_POLICY_FILE", "")
+    try:
+        if path:
+            text, where = Path(path).read_text(), f"policy file {path} (LFR_POLICY_FILE; no running system)"
+        else:
+            from importlib.resources import files
+
+            text = (files("lfr.watchlist") / "default_policy.json").read_text()
+            where = "the shipped example policy (no running system, LFR_POLICY_FILE unset)"
+        pol = parse_policy(text)
+    except (OSError, PolicyError) as exc:
+        print(f"refused: LFR_POLICY_FILE: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return pol.false_accept_target, f"policy {pol.version}: {where}"
+
+
 def cmd_check(args) -> None:
     from lfr.bench import engine_check
     from lfr.models import onnx_engine
 
     _engines_dir(args)
+    far, far_source = policy_far(args)
     try:
-        r = engine_check.run(args.id, args.beside, args.data, args.limit, args.far, args.threads, args.device,
-                             quiet=args.quiet)
+        r = engine_check.run(args.id, args.beside, args.data, args.limit, far, args.threads, args.device,
+                             quiet=args.quiet, far_source=far_source)
     except onnx_engine.ManifestError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -97,7 +145,11 @@ def add_parsers(sub) -> None:
                    help="evaluation folder in the LFW layout (default: the development data)")
     c.add_argument("--limit", type=int, default=None, help="at most N pairs per pair file and N identities")
     c.add_argument("--beside", default=None, help="model to compare with (default: $LFR_MODEL, the live model)")
-    c.add_argument("--far", type=float, default=1e-5, help="false-accept target for the default threshold")
+    c.add_argument("--far", type=float, default=None,
+                   help="override the false-accept target of the default threshold (default: the policy's "
+                   "engines.false_accept_target, from the running system's GetPolicy, else the policy file)")
+    c.add_argument("--as", dest="actor", default=None,
+                   help="who is acting (a development user of an embedded system, to read its policy)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--device", default=None)
     c.add_argument("--quiet", action="store_true", help="no progress on stderr")
