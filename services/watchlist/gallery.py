@@ -20,6 +20,7 @@ Similarities are the models' (``lfr.models.scoring``): cosine for SFace, 1 - Euc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -343,6 +344,9 @@ class GalleryRecord:
     created_by: str
     created_at_ns: int
     default_threshold: float
+    # Bumped by each re-embedding (#17): the new model's index is built beside the old one (its own folder or
+    # collection), so a gallery swaps to it only when it is complete.
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -389,21 +393,78 @@ class GalleryStore:
     def names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM galleries ORDER BY rowid")]
 
+    def _collection(self, g: GalleryRecord, c: Component) -> str:
+        return "lfrg_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{g.name}_{c.model_id}_{c.version}") + (
+            f"_g{g.generation}" if g.generation else "")
+
+    def _index_folder(self, g: GalleryRecord, c: Component) -> Path:
+        """<gallery>/<model> (generation 0), <gallery>/@<n>/<model> after the n-th re-embedding ('@' is never in a
+        model's folder name)."""
+        base = self.folder / g.name / (f"@{g.generation}" if g.generation else "")
+        return base / re.sub(r"[^A-Za-z0-9_.-]", "_", c.model_id)
+
     def index(self, g: GalleryRecord, c: Component) -> VectorIndex:
-        key = (g.name, c.model_id)
+        key = (g.name, g.generation, c.model_id)
         idx = self._indexes.get(key)
         if idx is None:
             with self.lock:
                 idx = self._indexes.get(key)
                 if idx is None:
                     if self.qdrant is not None:
-                        coll = "lfrg_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{g.name}_{c.model_id}_{c.version}")
-                        idx = QdrantIndex(self.qdrant, coll, c.dim, c.metric, self.params)
+                        idx = QdrantIndex(self.qdrant, self._collection(g, c), c.dim, c.metric, self.params)
                     else:
-                        idx = EmbeddedIndex(self.folder / g.name / re.sub(r"[^A-Za-z0-9_.-]", "_", c.model_id),
-                                            c.dim, c.metric, self.params)
+                        idx = EmbeddedIndex(self._index_folder(g, c), c.dim, c.metric, self.params)
                     self._indexes[key] = idx
         return idx
+
+    def drop_indexes(self, g: GalleryRecord) -> None:
+        """Delete a generation's vectors (a replaced index, or an unfinished re-embedding's)."""
+        import shutil
+
+        for c in g.components:
+            with self.lock:
+                idx = self._indexes.pop((g.name, g.generation, c.model_id), None)
+            if self.qdrant is not None:
+                coll = self._collection(g, c)
+                if self.qdrant.collection_exists(coll):
+                    self.qdrant.delete_collection(coll)
+            else:
+                if idx is not None:
+                    idx._mm = None  # no save: the folder goes
+                shutil.rmtree(self._index_folder(g, c), ignore_errors=True)
+        if g.generation and self.qdrant is None:
+            with contextlib.suppress(OSError):
+                (self.folder / g.name / f"@{g.generation}").rmdir()
+
+    def drop_generation(self, name: str, generation: int) -> None:
+        """Delete an unfinished re-embedding's index (whatever its model: the folder or collections of that
+        generation)."""
+        import shutil
+
+        with self.lock:
+            dropped = [self._indexes.pop(k) for k in [k for k in self._indexes if k[:2] == (name, generation)]]
+        for idx in dropped:
+            if isinstance(idx, EmbeddedIndex):
+                idx._mm = None
+        if self.qdrant is not None and generation:
+            names = {idx.collection for idx in dropped if isinstance(idx, QdrantIndex)}
+            if not names:  # not opened by this process: that generation's collections of this gallery only
+                prefix = "lfrg_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{name}_")
+                others = ["lfrg_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{n}_") for n in self.names() if n != name]
+                names = {c.name for c in self.qdrant.get_collections().collections
+                         if c.name.startswith(prefix) and c.name.endswith(f"_g{generation}")
+                         and not any(o.startswith(prefix) and c.name.startswith(o) for o in others)}
+            for coll in names:
+                if self.qdrant.collection_exists(coll):
+                    self.qdrant.delete_collection(coll)
+        elif generation:
+            shutil.rmtree(self.folder / name / f"@{generation}", ignore_errors=True)
+
+    def replace(self, g: GalleryRecord) -> None:
+        """The gallery's record now names another model and generation (a completed re-embedding)."""
+        with self.lock:
+            self.db.execute("UPDATE galleries SET record = ? WHERE name = ?",
+                            (json.dumps(dataclasses.asdict(g)), g.name))
 
     # Images ----------------------------------------------------------------------------------------------
     def next_image_id(self, name: str) -> int:

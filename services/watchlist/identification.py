@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -289,17 +290,179 @@ class Identification:
     def gallery_pb(self, g: GalleryRecord) -> pb.Gallery:
         images, subjects_ = self.store.counts(g.name)
         kind = "qdrant server" if self.store.qdrant is not None else "embedded HNSW (usearch) + exact re-scoring"
+        jobs = self._reembed_jobs(g.name)
         return pb.Gallery(name=g.name, model_id=g.model_id, model_version=g.model_version, images=images,
                           subjects=subjects_, created_by=g.created_by, created_at=_ts(g.created_at_ns),
-                          default_threshold=g.default_threshold, index=kind)
+                          default_threshold=g.default_threshold, index=kind,
+                          reembed_job=self.job_pb(jobs[-1]) if jobs else None)
 
     async def _gallery_model(self, g: GalleryRecord, what: str):
         model = await self.svc.model(fresh=True)
         if (model.model_id, model.model_version) != (g.model_id, g.model_version):
+            job = self._reembedding(g.name)
+            then = (f"; re-embedding with {job.model_id} {job.model_version} is under way (job {job.job_id}: "
+                    f"{J.reembed_progress(job.progress.items_done, job.progress.items_total)}), the gallery "
+                    "swaps to it when every image is done" if job else
+                    f"; re-embed it first (ReembedGallery, `lfr gallery reembed {g.name}`)")
             raise Refused("FAILED_PRECONDITION", f"cannot {what}: gallery {g.name} is embedded with {g.model_id} "
                           f"{g.model_version} but the embedding service runs {model.model_id} "
-                          f"{model.model_version}")
+                          f"{model.model_version}" + then)
         return model
+
+    def _reembed_jobs(self, gallery: str) -> list[J.JobRecord]:
+        rows = self.jobs_db.execute("SELECT record FROM jobs WHERE record LIKE ? ORDER BY rowid",
+                                    (f'%"kind": "{J.REEMBED}"%',)).fetchall()
+        return [job for job in (J.JobRecord.from_json(json.loads(r[0])) for r in rows)
+                if job.reembed and job.gallery == gallery]
+
+    def _reembedding(self, gallery: str) -> J.JobRecord | None:
+        """The gallery's queued or running re-embedding job, if any."""
+        return next((job for job in self._reembed_jobs(gallery) if job.state not in J.FINISHED), None)
+
+    # Re-embedding a gallery after a model change (#17) -------------------------------------------------------
+    async def reembed_gallery(self, req: pb.ReembedGalleryRequest) -> pb.Job:
+        """Queue a job that re-embeds every stored image of the gallery with the embedding service's model."""
+        if not req.actor.strip():
+            raise Refused("INVALID_ARGUMENT", "actor is required")
+        g = self.gallery(req.gallery)
+        model = await self.svc.model(fresh=True)
+        if (model.model_id, model.model_version) == (g.model_id, g.model_version):
+            raise Refused("FAILED_PRECONDITION", f"gallery {g.name} is already embedded with {g.model_id} "
+                          f"{g.model_version}, the embedding service's model")
+        running = self._reembedding(g.name)
+        if running is not None:
+            raise Refused("FAILED_PRECONDITION", f"gallery {g.name} is already being re-embedded (job "
+                          f"{running.job_id})")
+        if self.queue.qsize() >= limits.MAX_QUEUED_JOBS:
+            raise limits.InputTooLarge(f"{self.queue.qsize()} jobs are waiting to run; at most "
+                                       f"{limits.MAX_QUEUED_JOBS} may wait (submit later)")
+        job = J.JobRecord(job_id=events.new_id()[:16], media=[], gallery=g.name, deployment_id="", case_reference="",
+                          justification=req.reason, actor=req.actor, k=0, threshold=model.default_threshold,
+                          investigation=False, fps=0.0, model_id=model.model_id, model_version=model.model_version,
+                          submitted_at_ns=self.svc.now_ns(), kind=J.REEMBED)
+        images = self.store.next_image_id(g.name)
+        job.progress.items_total = job.progress.frames_total = images
+        self._save_job(job)
+        self.event("gallery_reembed_submitted", req.actor, gallery=g.name, job_id=job.job_id,
+                   reason=f"{g.model_id} {g.model_version} -> {model.model_id} {model.model_version}"
+                          + (f": {req.reason}" if req.reason else ""))
+        self.queue.put_nowait(job.job_id)
+        return self.job_pb(job)
+
+    def _staged(self, g: GalleryRecord, job: J.JobRecord, model) -> GalleryRecord:
+        """The gallery as it will be once re-embedded: the job's model, the next generation's index."""
+        return dataclasses.replace(
+            g, model_id=job.model_id, model_version=job.model_version,
+            components=tuple(Component(c.model_id, c.model_version, c.dim, c.metric) for c in model.components),
+            default_threshold=model.default_threshold, generation=g.generation + 1)
+
+    async def _same_as_job(self, job: J.JobRecord):
+        model = await self.svc.model(fresh=True)
+        if (model.model_id, model.model_version) != (job.model_id, job.model_version):
+            raise RuntimeError(f"the embedding service now runs {model.model_id} {model.model_version}, not "
+                               f"{job.model_id} {job.model_version}: re-embed again with the model it runs")
+        return model
+
+    async def _reembed(self, job: J.JobRecord) -> None:
+        """Every stored image of the gallery (image ids 0..n-1, in batches) through detection (the face the photo
+        is about, chips for the new model) and embedding into the next generation's index; a restart resumes at
+        the cursor. Searches keep the old index meanwhile; the swap is one metadata update under the gallery's
+        lock, then the old vectors are deleted. An image the new model finds no face in (or a deleted image)
+        holds its id with a removed placeholder, so ids stay the gallery's image ids."""
+        g = self.gallery(job.gallery)
+        if (g.model_id, g.model_version) == (job.model_id, job.model_version):  # swapped before a restart
+            self._finish(job, J.SUCCEEDED)
+            return
+        model = await self._same_as_job(job)
+        new = self._staged(g, job, model)
+        indexes = [await self._write(self.store.index, new, c) for c in new.components]
+        for idx in indexes:  # vectors written after the last checkpoint (a restart) are done again
+            if hasattr(idx, "truncate"):
+                await self._write(idx.truncate, job.cursor.item_index)
+        folder = self.image_root / g.name / "images"
+        lock = self.gallery_locks.setdefault(g.name, asyncio.Lock())
+        while True:
+            self._check(job)
+            total = self.store.next_image_id(g.name)  # images added meanwhile (the old model back) are included
+            job.progress.items_total = job.progress.frames_total = total
+            start = job.cursor.item_index
+            if start >= total:
+                async with lock:
+                    if self.store.next_image_id(g.name) == total:
+                        await self._write(self.store.save_all)
+                        self.store.replace(new)
+                        break
+                continue
+            ids = list(range(start, min(total, start + self.svc.config.job_batch)))
+            rows = self.store.images(g.name, ids)
+            todo: list[tuple[int, list]] = []
+            for image_id in ids:
+                row = rows.get(image_id)
+                if row is None:
+                    continue  # deleted
+                try:
+                    data = await asyncio.to_thread((folder / row.file).read_bytes)
+                    det = await self.svc.detection.Detect(detection_pb2.DetectRequest(image=data, include_chips=True),
+                                                          timeout=120)
+                except OSError as exc:
+                    self._note(job, f"image {image_id}: cannot read the stored image ({type(exc).__name__})")
+                    continue
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code().name not in limits.IMAGE_REFUSALS:
+                        raise
+                    self._note(job, f"image {image_id}: {exc.details()[:100]}")
+                    continue
+                if not det.faces:
+                    self._note(job, f"image {image_id}: no face found")
+                    continue
+                chosen = central_index(det.width, det.height, [_box(f.box) for f in det.faces])
+                todo.append((image_id, list(det.faces[chosen].chips)))
+            vectors = await self._embed([chips for _, chips in todo]) if todo else {}
+            await self._same_as_job(job)  # vectors of one model only: the service did not change meanwhile
+            done = {image_id: n for n, (image_id, _) in enumerate(todo)}
+            batch_ids = np.arange(start, start + len(ids), dtype=np.int64)
+            for c, idx in zip(new.components, indexes, strict=True):
+                block = np.zeros((len(ids), c.dim), dtype=np.float32)
+                for i, image_id in enumerate(ids):
+                    if image_id in done:
+                        block[i] = vectors[c.model_id][done[image_id]]
+                await self._write(idx.add, batch_ids, block)
+                missing = np.array([x for x in ids if x not in done], dtype=np.int64)
+                if len(missing):
+                    await self._write(idx.remove, missing)
+            job.progress.faces_found += len(todo)
+            job.progress.frames_done += len(ids)
+            job.progress.items_done += len(ids)
+            job.cursor = J.Cursor(item_index=start + len(ids))
+            self._tick(job)
+            self._save_job(job)
+        self.log.info("gallery.reembedded", gallery=g.name, job_id=job.job_id)
+        await self._write(self.store.drop_indexes, g)  # the old model's vectors
+        self._finish(job, J.SUCCEEDED)
+
+    def _reembed_finished(self, job: J.JobRecord, state: int) -> None:
+        g = self.store.get(job.gallery)
+        if state != J.SUCCEEDED and g is not None and (g.model_id, g.model_version) != (job.model_id,
+                                                                                       job.model_version):
+            self.store.drop_generation(g.name, g.generation + 1)  # the unfinished index: the gallery keeps its own
+        action = {J.SUCCEEDED: "gallery_reembedded", J.FAILED: "gallery_reembed_failed",
+                  J.CANCELLED: "gallery_reembed_cancelled"}[state]
+        p = job.progress
+        self.event(action, job.cancelled_by if state == J.CANCELLED else job.actor, gallery=job.gallery,
+                   job_id=job.job_id, images_accepted=p.faces_found, images_refused=p.results,
+                   reason=(f"to {job.model_id} {job.model_version}" + (f"; {job.error}" if job.error else ""))[:500])
+        self.log.info("job." + action, job_id=job.job_id, images=p.faces_found)
+
+    @staticmethod
+    def _note(job: J.JobRecord, what: str) -> None:
+        job.progress.results += 1  # of a re-embedding: images it could not embed (they are not searchable)
+        if len(job.error) < 400:
+            job.error = "; ".join(x for x in (job.error, what) if x)[:500]
+
+    def _tick(self, job: J.JobRecord) -> None:
+        now = time.monotonic()
+        job.progress.run_seconds += now - self._last_tick.get(job.job_id, now)
+        self._last_tick[job.job_id] = now
 
     async def add_gallery_images(self, req: pb.AddGalleryImagesRequest, captured: list[int]
                                  ) -> pb.AddGalleryImagesResponse:
@@ -530,6 +693,8 @@ class Identification:
             prog.realtime_factor = p.media_seconds_done / p.run_seconds
         if job.items and job.state == J.RUNNING and job.cursor.item_index < len(job.items):
             prog.current_item = job.items[job.cursor.item_index].location
+        if job.reembed and job.state == J.RUNNING:
+            prog.current_item = f"image {job.cursor.item_index}"
         media = [pb.MediaSource(url=m["url"]) if "url" in m else pb.MediaSource(path=m["path"]) for m in job.media]
         return pb.Job(job_id=job.job_id, state=job.state, media=media, gallery=job.gallery,
                       deployment_id=job.deployment_id, case_reference=job.case_reference,
@@ -537,7 +702,7 @@ class Identification:
                       investigation=job.investigation, fps=job.fps, model_id=job.model_id,
                       model_version=job.model_version, progress=prog, submitted_at=_ts(job.submitted_at_ns),
                       started_at=_ts(job.started_at_ns), finished_at=_ts(job.finished_at_ns), error=job.error,
-                      resumes=job.resumes, cancelled_by=job.cancelled_by)
+                      resumes=job.resumes, cancelled_by=job.cancelled_by, kind=job.kind)
 
     def list_jobs(self) -> list[J.JobRecord]:
         return self._jobs()
@@ -597,6 +762,9 @@ class Identification:
         self.cancelled.pop(job.job_id, None)
         self.run_stats.pop(job.job_id, None)
         self._last_tick.pop(job.job_id, None)
+        if job.reembed:
+            self._reembed_finished(job, state)
+            return
         action = {J.SUCCEEDED: "finished", J.FAILED: "failed", J.CANCELLED: "cancelled"}[state]
         self.event(f"identification_job_{action}", job.cancelled_by if state == J.CANCELLED else job.actor,
                    deployment_id=job.deployment_id, gallery=job.gallery, case_reference=job.case_reference,
@@ -632,6 +800,12 @@ class Identification:
         self._check(job)
         job.state = J.RUNNING
         job.started_at_ns = job.started_at_ns or self.svc.now_ns()
+        if job.reembed:
+            self._save_job(job)
+            self.run_stats[job.job_id] = (time.monotonic(), job.progress.frames_done, 0.0)
+            self._last_tick[job.job_id] = time.monotonic()
+            await self._reembed(job)
+            return
         target, *_ = await self.target(job.gallery, job.deployment_id)
         if job.items is None:
             cfg = self.svc.config

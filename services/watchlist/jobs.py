@@ -23,6 +23,7 @@ J = pb.JobState
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (J.JOB_STATE_QUEUED, J.JOB_STATE_RUNNING, J.JOB_STATE_SUCCEEDED,
                                                  J.JOB_STATE_FAILED, J.JOB_STATE_CANCELLED)
 FINISHED = {SUCCEEDED, FAILED, CANCELLED}
+SEARCH, REEMBED = "search", "gallery-reembed"  # job kinds (#17: a gallery re-embedded after a model change)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv"}
@@ -91,6 +92,11 @@ class JobRecord:
     error: str = ""
     resumes: int = 0
     cancelled_by: str = ""
+    kind: str = "search"  # SEARCH, or REEMBED: a gallery's stored images re-embedded with model_id/model_version
+
+    @property
+    def reembed(self) -> bool:
+        return self.kind == REEMBED
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,6 +114,11 @@ class JobRecord:
     @property
     def target(self) -> str:
         return f"gallery {self.gallery}" if self.gallery else f"the watchlist of deployment {self.deployment_id}"
+
+
+def reembed_progress(images_done: int, images_total: int) -> str:
+    """How a running re-embedding is named in a refusal: 'N of M images'."""
+    return f"{images_done} of {images_total} images"
 
 
 def eta_s(frames_left: int, frames_done_now: int, elapsed_s: float) -> float:

@@ -342,6 +342,10 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         return await self.svc.ident.identify(request)
 
     @refusals
+    async def ReembedGallery(self, request, context):
+        return await self.svc.ident.reembed_gallery(request)
+
+    @refusals
     async def SubmitJob(self, request, context):
         return await self.svc.ident.submit(request)
 

@@ -145,7 +145,10 @@ def gallery_import(args, stub) -> None:
 def gallery_json(g: pb.Gallery) -> dict:
     return {"name": g.name, "images": g.images, "subjects": g.subjects, "model": {"id": g.model_id,
             "version": g.model_version}, "default_threshold": round(g.default_threshold, 4), "index": g.index,
-            "created_by": g.created_by, "created_at": iso(g.created_at)}
+            "created_by": g.created_by, "created_at": iso(g.created_at),
+            **({"reembed": {"job_id": g.reembed_job.job_id, "state": STATES[g.reembed_job.state],
+                            "model": g.reembed_job.model_id, "progress": bar(g.reembed_job)}}
+               if g.HasField("reembed_job") else {})}
 
 
 def gallery_list(args, stub) -> None:
@@ -153,6 +156,24 @@ def gallery_list(args, stub) -> None:
     emit(args, [gallery_json(g) for g in gs],
          "\n".join(f"{g.name:<24} {g.images:>9} images {g.subjects:>9} subjects  {g.model_id}" for g in gs)
          or "no galleries")
+
+
+def gallery_reembed(args, stub) -> None:
+    j = stub.ReembedGallery(pb.ReembedGalleryRequest(gallery=args.name, actor=args.actor, reason=args.reason),
+                            timeout=60)
+    if not args.no_wait:  # followed through GetGallery (GetJob is the investigators' and auditors')
+        j = _watch(args, stub, j.job_id, lambda: stub.GetGallery(pb.GetGalleryRequest(gallery=args.name),
+                                                                 timeout=30).reembed_job)
+    text = f"job {j.job_id} {STATES[j.state]}: gallery {j.gallery} re-embedding with {j.model_id} {j.model_version}"
+    if j.state == pb.JOB_STATE_SUCCEEDED:
+        text += (f": {j.progress.faces_found} images re-embedded, {j.progress.results} not (no face with the new "
+                 "model); the gallery now searches with it")
+    elif j.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING):
+        text += f" (follow it: lfr gallery show {j.gallery})"
+    emit(args, job_json(j) | {"kind": j.kind, "model": {"id": j.model_id, "version": j.model_version}},
+         text + (f"; {j.error}" if j.error else ""))
+    if j.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+        sys.exit(1)
 
 
 def gallery_show(args, stub) -> None:
@@ -164,7 +185,8 @@ def gallery_show(args, stub) -> None:
 # lfr job --------------------------------------------------------------------------------------------------------
 def job_json(j: pb.Job) -> dict:
     p = j.progress
-    return {"job_id": j.job_id, "state": STATES[j.state], "case_reference": j.case_reference,
+    return {"job_id": j.job_id, "kind": j.kind or "search", "state": STATES[j.state],
+            "case_reference": j.case_reference,
             "justification": j.justification, "actor": j.actor,
             "target": {"gallery": j.gallery} if j.gallery else {"deployment": j.deployment_id},
             "media": [m.url or m.path for m in j.media], "k": j.k, "threshold": round(j.threshold, 4),
@@ -183,6 +205,10 @@ def bar(j: pb.Job, width: int = 30) -> str:
     frac = min(1.0, frac)
     filled = int(width * frac)
     eta = f", ETA {clock(p.eta_s)}" if p.eta_s else ""
+    if j.kind == "gallery-reembed":
+        return (f"[{'#' * filled}{'.' * (width - filled)}] {100 * frac:5.1f}% {STATES[j.state]}: gallery {j.gallery} "
+                f"to {j.model_id}: images {p.frames_done}/{p.frames_total}, re-embedded {p.faces_found}, "
+                f"not embedded {p.results}{eta}")
     speed = f", {p.realtime_factor:.1f}x real time" if p.realtime_factor else ""
     return (f"[{'#' * filled}{'.' * (width - filled)}] {100 * frac:5.1f}% {STATES[j.state]}: items "
             f"{p.items_done}/{p.items_total}, frames {p.frames_done}/{p.frames_total}, faces {p.faces_found}, "
@@ -208,10 +234,10 @@ def job_submit(args, stub) -> None:
     emit(args, job_json(j), f"job {j.job_id} {STATES[j.state]} (case {j.case_reference})")
 
 
-def _watch(args, stub, job_id: str) -> pb.Job:
+def _watch(args, stub, job_id: str, get=None) -> pb.Job:
     tty = sys.stderr.isatty()
     while True:
-        j = stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30)
+        j = get() if get else stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30)
         line = bar(j)
         sys.stderr.write(("\r" + line[:150].ljust(150)) if tty else line + "\n")
         sys.stderr.flush()
@@ -293,7 +319,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--crops", default="", help="folder to save the crop of each face found")
     p.set_defaults(func=run, run=identify)
 
-    g = sub.add_parser("gallery", help="galleries for identification: import, add, list, show")
+    g = sub.add_parser("gallery", help="galleries for identification: import, add, list, show, reembed")
     gsub = g.add_subparsers(dest="action", required=True)
     for name, fn, helptext in (("import", gallery_import, "import a folder of <subject>/<image> files (resumable)"),
                                ("add", gallery_add, "add images of one subject")):
@@ -314,6 +340,13 @@ def add_parsers(sub) -> None:
     p = gsub.add_parser("show", parents=[common], help="one gallery")
     p.add_argument("name")
     p.set_defaults(run=gallery_show)
+    p = gsub.add_parser("reembed", parents=[common], help="re-embed a gallery's stored images with the embedding "
+                        "service's model, as a job (progress on stderr); the gallery swaps when it completes")
+    p.add_argument("name")
+    p.add_argument("--reason", default="", help="why (recorded in the audit), e.g. the engine change")
+    p.add_argument("--no-wait", action="store_true", help="submit and return (follow with lfr job status ID)")
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(run=gallery_reembed)
 
     j = sub.add_parser("job", help="retrospective identification jobs: submit, status, results, cancel, list")
     jsub = j.add_subparsers(dest="action", required=True)

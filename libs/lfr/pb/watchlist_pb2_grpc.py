@@ -153,6 +153,11 @@ class WatchlistServiceStub:
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesRequest.SerializeToString,
                 response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesResponse.FromString,
                 _registered_method=True)
+        self.ReembedGallery = channel.unary_unary(
+                '/lfr.watchlist.v1.WatchlistService/ReembedGallery',
+                request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ReembedGalleryRequest.SerializeToString,
+                response_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
+                _registered_method=True)
         self.Identify = channel.unary_unary(
                 '/lfr.watchlist.v1.WatchlistService/Identify',
                 request_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.IdentifyRequest.SerializeToString,
@@ -349,6 +354,16 @@ class WatchlistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReembedGallery(self, request, context):
+        """Re-embed a gallery with the embedding service's current model, as a job (GetJob shows its progress: images
+        done of images). The gallery keeps its old model and index (searchable whenever the embedding service runs
+        that model) until every stored image is embedded with the new one; then it swaps to the new index and the old
+        vectors are deleted. FAILED_PRECONDITION when the gallery already has the model or a re-embedding runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Identify(self, request, context):
         """Operator-initiated identification: one photo -> up to k ranked candidates of a gallery (or of a deployment's
         watchlist). The probe is never stored. Every search is audited (who, when, why, the case reference, how
@@ -505,6 +520,11 @@ def add_WatchlistServiceServicer_to_server(servicer, server):
                     servicer.ListGalleries,
                     request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesRequest.FromString,
                     response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesResponse.SerializeToString,
+            ),
+            'ReembedGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReembedGallery,
+                    request_deserializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ReembedGalleryRequest.FromString,
+                    response_serializer=lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.SerializeToString,
             ),
             'Identify': grpc.unary_unary_rpc_method_handler(
                     servicer.Identify,
@@ -1139,6 +1159,33 @@ class WatchlistService:
             '/lfr.watchlist.v1.WatchlistService/ListGalleries',
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesRequest.SerializeToString,
             lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ListGalleriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReembedGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lfr.watchlist.v1.WatchlistService/ReembedGallery',
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.ReembedGalleryRequest.SerializeToString,
+            lfr_dot_watchlist_dot_v1_dot_watchlist__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,7 @@ POLICY: dict[str, frozenset[str]] = {
     _W + "FindGalleryImages": _roles("watchlist_manager", "investigator"),
     _W + "GetGallery": _roles("watchlist_manager", "investigator", "auditor"),
     _W + "ListGalleries": _roles("watchlist_manager", "investigator", "auditor"),
+    _W + "ReembedGallery": _roles("watchlist_manager"),  # a model change: the gallery's images re-embedded (#17)
     _W + "Identify": _roles("investigator"),
     _W + "SubmitJob": _roles("investigator"),
     _W + "GetJob": _roles("investigator", "auditor"),

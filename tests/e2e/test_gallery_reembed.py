@@ -1,0 +1,120 @@
+"""A gallery re-embedded after a model change (#17 item 3), end to end on the embedded system: a small gallery of
+LFW faces built with SFace; the embedding and detection services restarted with LFR_MODEL=dlib-resnet-v1; the
+gallery refuses searches it cannot answer, `lfr gallery reembed` runs the job (one image per batch here, so its
+progress is seen step by step) to SUCCEEDED, the gallery swaps to the new model, its old vectors are deleted,
+and Identify with the new model returns the same top candidate. Also #17 item 2: `lfr model check`'s
+false-accept target is read from this running system's GetPolicy."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from lfr.bench.lfw import list_identities
+from lfr.cli.model import policy_far
+from lfr.pb import watchlist_pb2 as pb
+from lfr.runtime.embedded import EmbeddedSystem
+
+LFR = [sys.executable, "-m", "lfr.cli.main"]
+GALLERY = "reembed-custody"
+PEOPLE = 6
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    env = {"LFR_JOB_BATCH": "1", "LFR_MODEL": "sface-2021dec"}
+    with EmbeddedSystem(tmp_path_factory.mktemp("state"), env=env) as s:
+        yield s
+
+
+def identify(clients, image: bytes) -> pb.IdentifyResponse:
+    return clients.watchlist.Identify(pb.IdentifyRequest(
+        image=image, gallery=GALLERY, k=3, case_reference="CASE-17", justification="model change check",
+        actor="investigator", investigation=True), timeout=120)
+
+
+def test_policy_target_is_read_from_the_running_system(system):
+    far, source = policy_far(argparse.Namespace(far=None, state_dir=system.state_dir, actor="auditor"))
+    assert far == 1e-5 and "of the running system" in source and "policy default-" in source, source
+
+
+def test_gallery_reembeds_as_a_job_and_identifies_the_same_person(system, clients, data):
+    lfw = data / "lfw-dev"
+    ids = list_identities(lfw)
+    people = [p for p in sorted(ids) if len(ids[p]) >= 3][:PEOPLE]
+    for p in people:
+        r = clients.watchlist.AddGalleryImages(pb.AddGalleryImagesRequest(
+            gallery=GALLERY, subject_ref=p, source_system="custody", legal_basis="PACE s.64A",
+            images=[(lfw / ids[p][0]).read_bytes()], actor="builder"), timeout=120)
+        assert r.images_added == 1, r
+    probe = (lfw / ids[people[0]][1]).read_bytes()
+    before = identify(clients, probe)
+    assert before.model_id == "sface-2021dec" and before.candidates[0].subject_ref == people[0], before
+    old_folder = system.state_dir / "galleries" / GALLERY / "sface-2021dec"
+    assert old_folder.is_dir()
+    with pytest.raises(grpc.RpcError) as exc:  # nothing to re-embed yet
+        clients.watchlist.ReembedGallery(pb.ReembedGalleryRequest(gallery=GALLERY, actor="builder"), timeout=60)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already embedded" in exc.value.details()
+
+    system.extra_env["LFR_MODEL"] = "dlib-resnet-v1"
+    for service in ("embedding", "detection"):
+        system.restart_service(service)
+    with pytest.raises(grpc.RpcError) as exc:
+        identify(clients, probe)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "re-embed it first" in exc.value.details() and f"lfr gallery reembed {GALLERY}" in exc.value.details()
+
+    # the CLI submits and shows progress; meanwhile the job's progress and the gallery's answers are watched
+    cli = subprocess.Popen([*LFR, "gallery", "reembed", GALLERY, "--reason", "engine change", "--as", "builder",
+                            "--interval", "0.1", "--state-dir", str(system.state_dir)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[tuple[int, int, int]] = []  # (state, images done, images)
+    refusals: list[str] = []
+    stop = threading.Event()
+    deadline = time.monotonic() + 240
+    job = None
+    while time.monotonic() < deadline and not stop.is_set():
+        jobs = [j for j in clients.watchlist.ListJobs(pb.ListJobsRequest(), timeout=30).jobs
+                if j.kind == "gallery-reembed" and j.gallery == GALLERY]
+        if jobs:
+            job = jobs[-1]
+            seen.append((job.state, job.progress.frames_done, job.progress.frames_total))
+            if job.state == pb.JOB_STATE_RUNNING and not refusals:
+                try:
+                    identify(clients, probe)
+                except grpc.RpcError as e:
+                    refusals.append(f"{e.code().name}: {e.details()}")
+            if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+                break
+        time.sleep(0.05)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, out + err
+    assert job is not None and job.state == pb.JOB_STATE_SUCCEEDED, (job, err)
+    assert (job.model_id, job.progress.faces_found, job.progress.frames_total) == ("dlib-resnet-v1", PEOPLE, PEOPLE)
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and any(0 < d < PEOPLE for d in done), seen  # progressed step by step
+    # while it ran, the gallery answered with its old model's record, not half an index
+    assert refusals and "FAILED_PRECONDITION" in refusals[0] and "under way" in refusals[0], refusals
+    # the CLI's progress bar (stderr) and result
+    lines = [x for x in err.splitlines() if x.startswith("[")]
+    assert lines and f"images {PEOPLE}/{PEOPLE}" in lines[-1] and "100.0% SUCCEEDED" in lines[-1], err
+    assert f"{PEOPLE} images re-embedded, 0 not" in out, out
+
+    g = clients.watchlist.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30)
+    assert (g.model_id, g.images, g.subjects) == ("dlib-resnet-v1", PEOPLE, PEOPLE)
+    assert not old_folder.exists()  # the old model's vectors are deleted after the swap
+    assert (system.state_dir / "galleries" / GALLERY / "@1" / "dlib-resnet-v1" / "vectors.f32").is_file()
+    after = identify(clients, probe)
+    assert after.model_id == "dlib-resnet-v1"
+    assert after.candidates[0].subject_ref == before.candidates[0].subject_ref == people[0], after
+    # and new images are embedded with the new model
+    r = clients.watchlist.AddGalleryImages(pb.AddGalleryImagesRequest(
+        gallery=GALLERY, subject_ref=people[1], source_system="custody", legal_basis="PACE s.64A",
+        images=[(lfw / ids[people[1]][2]).read_bytes()], actor="builder"), timeout=120)
+    assert r.images_added == 1 and r.results[0].image_id == PEOPLE
