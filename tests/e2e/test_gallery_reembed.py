@@ -1,7 +1,7 @@
 """A gallery re-embedded after a model change (#17 item 3), end to end on the embedded system: a small gallery of
 LFW faces built with SFace; the embedding and detection services restarted with LFR_MODEL=dlib-resnet-v1; the
 gallery refuses searches it cannot answer, `lfr gallery reembed` runs the job (one image per batch here, so its
-progress is seen step by step) to SUCCEEDED, the gallery swaps to the new model, its old vectors are deleted,
+progress is seen step by step) to SUCCEEDED (a cancelled one first leaves the gallery as it was), the gallery swaps to the new model, its old vectors are deleted,
 and Identify with the new model returns the same top candidate. Also #17 item 2: `lfr model check`'s
 false-accept target is read from this running system's GetPolicy."""
 
@@ -70,6 +70,19 @@ def test_gallery_reembeds_as_a_job_and_identifies_the_same_person(system, client
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "re-embed it first" in exc.value.details() and f"lfr gallery reembed {GALLERY}" in exc.value.details()
 
+    # a re-embedding cancelled part way leaves the gallery as it was: its model, its index; the partial one deleted
+    j = clients.watchlist.ReembedGallery(pb.ReembedGalleryRequest(gallery=GALLERY, actor="builder"), timeout=60)
+    assert (j.kind, j.model_id, j.progress.frames_total) == ("gallery-reembed", "dlib-resnet-v1", PEOPLE)
+    with pytest.raises(grpc.RpcError) as exc:
+        clients.watchlist.ReembedGallery(pb.ReembedGalleryRequest(gallery=GALLERY, actor="builder"), timeout=60)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and j.job_id in exc.value.details()
+    j = clients.watchlist.CancelJob(pb.CancelJobRequest(job_id=j.job_id, actor="investigator"), timeout=60)
+    assert j.state == pb.JOB_STATE_CANCELLED, j
+    g = clients.watchlist.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30)
+    assert g.model_id == "sface-2021dec" and g.reembed_job.job_id == j.job_id and old_folder.is_dir()
+    assert not (system.state_dir / "galleries" / GALLERY / "@1").exists()
+    cancelled = j.job_id
+
     # the CLI submits and shows progress; meanwhile the job's progress and the gallery's answers are watched
     cli = subprocess.Popen([*LFR, "gallery", "reembed", GALLERY, "--reason", "engine change", "--as", "builder",
                             "--interval", "0.1", "--state-dir", str(system.state_dir)],
@@ -81,7 +94,7 @@ def test_gallery_reembeds_as_a_job_and_identifies_the_same_person(system, client
     job = None
     while time.monotonic() < deadline and not stop.is_set():
         jobs = [j for j in clients.watchlist.ListJobs(pb.ListJobsRequest(), timeout=30).jobs
-                if j.kind == "gallery-reembed" and j.gallery == GALLERY]
+                if j.kind == "gallery-reembed" and j.gallery == GALLERY and j.job_id != cancelled]
         if jobs:
             job = jobs[-1]
             seen.append((job.state, job.progress.frames_done, job.progress.frames_total))
