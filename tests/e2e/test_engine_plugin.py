@@ -55,8 +55,13 @@ def test_only_a_checked_engine_is_authorised_for_a_deployment(system, data):
     assert f"engine {ENGINE} {version} has no completed check" in r.stderr
     assert f"lfr model check {ENGINE}" in r.stderr
     # the check (small here: --limit; beside itself, so its vectors are computed once) records its completion
+    # (its false-accept target is the running system's policy's, read with GetPolicy as a signed-in user)
     r = lfr(system, "model", "check", ENGINE, "--limit", "10", "--beside", ENGINE, "--quiet", timeout=600)
+    assert r.returncode == 2 and "--as NAME" in r.stderr, r.stdout + r.stderr
+    r = lfr(system, "model", "check", ENGINE, "--limit", "10", "--beside", ENGINE, "--quiet", "--as", "auditor",
+            timeout=600)
     assert r.returncode == 0 and "TPIR@FPIR" in r.stdout and "recorded:" in r.stdout, r.stdout + r.stderr
+    assert "false-accept target from: policy default-" in r.stdout and "of the running system" in r.stdout
     r = lfr(system, "model", "list", "--json")
     row = next(m for m in json.loads(r.stdout)["models"] if m["id"] == ENGINE)
     assert "NOT CHECKED" not in row["checked"] and "--limit 10" in row["checked"]
