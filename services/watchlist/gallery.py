@@ -446,19 +446,25 @@ class GalleryStore:
         for idx in dropped:
             if isinstance(idx, EmbeddedIndex):
                 idx._mm = None
-        if self.qdrant is not None and generation:
+        if self.qdrant is not None:
             names = {idx.collection for idx in dropped if isinstance(idx, QdrantIndex)}
             if not names:  # not opened by this process: that generation's collections of this gallery only
                 prefix = "lfrg_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{name}_")
                 others = ["lfrg_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{n}_") for n in self.names() if n != name]
+                gen = re.compile(r"_g[0-9]+$")
                 names = {c.name for c in self.qdrant.get_collections().collections
-                         if c.name.startswith(prefix) and c.name.endswith(f"_g{generation}")
-                         and not any(o.startswith(prefix) and c.name.startswith(o) for o in others)}
+                         if c.name.startswith(prefix) and not any(o.startswith(prefix) and c.name.startswith(o)
+                                                                  for o in others)
+                         and (c.name.endswith(f"_g{generation}") if generation else not gen.search(c.name))}
             for coll in names:
                 if self.qdrant.collection_exists(coll):
                     self.qdrant.delete_collection(coll)
         elif generation:
             shutil.rmtree(self.folder / name / f"@{generation}", ignore_errors=True)
+        elif (self.folder / name).is_dir():  # generation 0: <gallery>/<model> folders (not images/, not @n/)
+            for sub in (self.folder / name).iterdir():
+                if sub.is_dir() and sub.name != "images" and not sub.name.startswith("@"):
+                    shutil.rmtree(sub, ignore_errors=True)
 
     def replace(self, g: GalleryRecord) -> None:
         """The gallery's record now names another model and generation (a completed re-embedding)."""

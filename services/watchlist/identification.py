@@ -371,6 +371,7 @@ class Identification:
         holds its id with a removed placeholder, so ids stay the gallery's image ids."""
         g = self.gallery(job.gallery)
         if (g.model_id, g.model_version) == (job.model_id, job.model_version):  # swapped before a restart
+            await self._write(self.store.drop_generation, g.name, g.generation - 1)  # if not yet deleted
             self._finish(job, J.SUCCEEDED)
             return
         model = await self._same_as_job(job)

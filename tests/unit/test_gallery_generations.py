@@ -50,6 +50,11 @@ def test_embedded_generations_swap_and_the_old_vectors_go(tmp_path):
     store.drop_generation("custody", 2)
     assert not (tmp_path / "galleries" / "custody" / "@2").exists()
     assert (tmp_path / "galleries" / "custody" / "@1" / "dlib-resnet-v1").is_dir()
+    # generation 0's model folders (a swap whose deletion a restart interrupted), never the images
+    (tmp_path / "galleries" / "custody" / "images").mkdir()
+    (tmp_path / "galleries" / "custody" / "sface-2021dec").mkdir()
+    store.drop_generation("custody", 0)
+    assert sorted(p.name for p in (tmp_path / "galleries" / "custody").iterdir()) == ["@1", "images"]
     store.close()
 
 
@@ -72,6 +77,9 @@ def test_qdrant_generations_are_their_own_collections(tmp_path):
     names = {c.name for c in client.get_collections().collections}
     assert "lfrg_custody_dlib_resnet_v1_v2_g1" not in names
     assert {"lfrg_custody_sface_2021dec_v1", "lfrg_custody_2_dlib_resnet_v1_v2_g1"} <= names  # another gallery's
+    fresh.drop_generation("custody", 0)
+    names = {c.name for c in client.get_collections().collections}
+    assert "lfrg_custody_sface_2021dec_v1" not in names and "lfrg_custody_2_dlib_resnet_v1_v2_g1" in names
     client.close()
 
 
