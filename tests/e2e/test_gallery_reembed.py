@@ -2,7 +2,8 @@
 LFW faces built with SFace; the embedding and detection services restarted with LFR_MODEL=dlib-resnet-v1; the
 gallery refuses searches it cannot answer, `lfr gallery reembed` runs the job (one image per batch here, so its
 progress is seen step by step) to SUCCEEDED (a cancelled one first leaves the gallery as it was), the gallery swaps to the new model, its old vectors are deleted,
-and Identify with the new model returns the same top candidate. Also #17 item 2: `lfr model check`'s
+and Identify with the new model returns the same top candidate; then back to SFace with the watchlist service
+restarted mid-job: the job resumes and completes. Also #17 item 2: `lfr model check`'s
 false-accept target is read from this running system's GetPolicy."""
 
 from __future__ import annotations
@@ -131,3 +132,32 @@ def test_gallery_reembeds_as_a_job_and_identifies_the_same_person(system, client
         gallery=GALLERY, subject_ref=people[1], source_system="custody", legal_basis="PACE s.64A",
         images=[(lfw / ids[people[1]][2]).read_bytes()], actor="builder"), timeout=120)
     assert r.images_added == 1 and r.results[0].image_id == PEOPLE
+
+
+def test_a_reembedding_interrupted_by_a_restart_resumes_and_completes(system, clients, data):
+    """Back to SFace: the watchlist service is restarted while the job runs; the job resumes at its cursor (the
+    vectors written after its last checkpoint are written again) and the gallery answers as before the change."""
+    lfw = data / "lfw-dev"
+    ids = list_identities(lfw)
+    people = [p for p in sorted(ids) if len(ids[p]) >= 3][:PEOPLE]
+    g = clients.watchlist.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30)
+    assert g.model_id == "dlib-resnet-v1", "runs after the test above"
+    system.extra_env["LFR_MODEL"] = "sface-2021dec"
+    for service in ("embedding", "detection"):
+        system.restart_service(service)
+    j = clients.watchlist.ReembedGallery(pb.ReembedGalleryRequest(gallery=GALLERY, actor="builder"), timeout=60)
+    system.restart_service("watchlist")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        job = clients.watchlist.GetJob(pb.GetJobRequest(job_id=j.job_id), timeout=30)
+        if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            break
+        time.sleep(0.1)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job
+    assert job.resumes == 1 and job.progress.faces_found == PEOPLE + 1, job  # the image added after the swap too
+    g = clients.watchlist.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30)
+    assert (g.model_id, g.images) == ("sface-2021dec", PEOPLE + 1)
+    folder = system.state_dir / "galleries" / GALLERY
+    assert sorted(p.name for p in folder.iterdir()) == ["@2", "images"]  # the dlib vectors are deleted
+    r = identify(clients, (lfw / ids[people[0]][1]).read_bytes())
+    assert r.model_id == "sface-2021dec" and r.candidates[0].subject_ref == people[0], r
