@@ -5,9 +5,13 @@ naming the full store, nothing acknowledged is lost, the service is SERVING agai
 the audit chain verifies against its stream.
 
 Filling a real file system needs a mount of our own: a small tmpfs, so the test runs as root (as the project's
-CI container does). A file system that turns read-only under open files cannot be forced from here (a
-read-only remount is refused while files are open for writing), so read-only is covered by the same path
-in lfr.runtime.storage (EROFS -> UNAVAILABLE) but not by this test."""
+CI container does).
+
+Read-only: a remount read-only is refused (EBUSY) while a process holds a file there open for writing, so the
+second test stops the one process that writes the store, remounts it read-only, and starts it again under the
+supervisor, as a disk that turned read-only would be met at a restart: the audit index, match's alert book (its
+own database, LFR_ALERT_DB) and NATS's JetStream store, each on a tmpfs of its own. The watchlist's databases
+cannot move off the state folder (see docs/operations.md), which every process holds open."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import pytest
 
 from lfr.cli.client import Clients
 from lfr.cli.live import create_deployment
-from lfr.pb import audit_pb2, watchlist_pb2
+from lfr.pb import audit_pb2, match_pb2, watchlist_pb2
 from lfr.runtime.embedded import EmbeddedSystem, check_health
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
@@ -133,5 +137,82 @@ def test_each_store_full_in_turn_refuses_precisely_loses_nothing_and_recovers(tm
             wait_for(lambda: all("deployment.created" in records_of(auditor, x) for x in acknowledged), 90,
                      "every acknowledged deployment in the audit record")
             assert wait_for(lambda: chain_verifies(auditor), 60, "the chain verifies against its stream")
+            c.close()
+            auditor.close()
+
+
+def remount(path: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+def read_only_restart(system: EmbeddedSystem, service: str, disk: Path) -> None:
+    """Stop the one service that writes `disk`, make the disk read-only, start it again (supervised from then)."""
+    system.stop_service(service)
+    remount(disk, "ro")
+    system.start_service(service)
+
+
+def refused_read_only(call, disk: Path) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, (refused.value.code(), refused.value.details())
+    assert "storage read-only" in refused.value.details() and str(disk) in refused.value.details()
+
+
+def test_each_store_read_only_in_turn_refuses_precisely_loses_nothing_and_recovers(tmp_path):
+    state = tmp_path / "state"
+    with tmpfs(tmp_path / "audit", "16m") as audit_disk, tmpfs(tmp_path / "alerts", "16m") as alert_disk, \
+            tmpfs(state / "nats" / "jetstream", "64m") as js_disk:
+        system = EmbeddedSystem(state, env={"LFR_AUDIT_DB": str(audit_disk / "audit.sqlite"),
+                                            "LFR_ALERT_DB": str(alert_disk / "alerts.sqlite")},
+                                console=False, supervise=True)
+        with system:
+            c = Clients.connect(system.endpoints(), access=system.access(user="builder", follow_actor=True))
+            auditor = Clients.connect(system.endpoints(), access=system.access(user="auditor"))
+            acknowledged = [create_deployment(c, "read-only 0", ["cam"]).id]
+            wait_for(lambda: "deployment.created" in records_of(auditor, acknowledged[0]), 30, "first fact recorded")
+
+            # 1. the audit index read-only: the audit starts NOT_SERVING naming it, refuses with UNAVAILABLE, the
+            # other services serve, facts wait in their streams and are recorded once it is writable again
+            read_only_restart(system, "audit", audit_disk)
+            wait_for(lambda: health(system, "audit") == "NOT_SERVING", 60, "audit NOT_SERVING, its index read-only")
+            log = (state / "logs" / "audit.log").read_text()
+            assert '"storage.failed"' in log and f"{audit_disk} (read-only)" in log
+            refused_read_only(lambda: auditor.audit.Verify(audit_pb2.VerifyRequest(), timeout=10), audit_disk)
+            acknowledged.append(create_deployment(c, "read-only 1", ["cam"]).id)
+            assert health(system, "watchlist") == "SERVING" and health(system, "match") == "SERVING"
+            remount(audit_disk, "rw")
+            wait_for(lambda: health(system, "audit") == "SERVING", 60, "audit SERVING again by itself")
+            wait_for(lambda: all("deployment.created" in records_of(auditor, x) for x in acknowledged), 30,
+                     "the facts acknowledged meanwhile recorded")
+
+            # 2. match's alert book read-only
+            read_only_restart(system, "match", alert_disk)
+            wait_for(lambda: health(system, "match") == "NOT_SERVING", 60, "match NOT_SERVING, its book read-only")
+            assert f"{alert_disk} (read-only)" in (state / "logs" / "match.log").read_text()
+            refused_read_only(lambda: auditor.match.ListAlerts(match_pb2.ListAlertsRequest(deployment_id=acknowledged[0]), timeout=10), alert_disk)
+            acknowledged.append(create_deployment(c, "read-only 2", ["cam"]).id)
+            remount(alert_disk, "rw")
+            wait_for(lambda: health(system, "match") == "SERVING", 60, "match SERVING again by itself")
+            auditor.match.ListAlerts(match_pb2.ListAlertsRequest(deployment_id=acknowledged[0]), timeout=10)  # reads and writes again
+
+            # 3. NATS's JetStream store read-only: nats-server refuses to start ("storage directory is not
+            # writable"), the supervisor keeps trying; services keep answering, acknowledged facts wait in their
+            # outboxes, and all arrive once the store is writable and nats-server is up again
+            with system.lock:  # the supervisor restarts nothing meanwhile
+                os.kill(system.pids()["nats"], 9)
+                system.nats.proc.wait()
+                remount(js_disk, "ro")
+            sup_log = state / "logs" / "supervisor.log"
+            wait_for(lambda: sup_log.exists() and "process.restart_failed" in sup_log.read_text(), 30,
+                     "the supervisor's failed restart of nats-server logged")
+            assert "storage directory is not writable" in (state / "nats" / "nats-server.log").read_text()
+            acknowledged.append(create_deployment(c, "read-only 3", ["cam"]).id)  # into the watchlist's outbox
+            remount(js_disk, "rw")
+            wait_for(lambda: "nats" in system.pids(), 60, "nats-server started again by the supervisor")
+            wait_for(lambda: all("deployment.created" in records_of(auditor, x) for x in acknowledged), 90,
+                     "every acknowledged deployment in the audit record")
+            assert wait_for(lambda: chain_verifies(auditor), 60, "the chain verifies against its stream")
+            assert health(system, "audit") == "SERVING" and health(system, "match") == "SERVING"
             c.close()
             auditor.close()

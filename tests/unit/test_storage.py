@@ -34,3 +34,36 @@ def test_the_probe_writes_and_removes_its_file(tmp_path):
     assert probe(tmp_path) is None
     assert not any(tmp_path.iterdir())
     assert probe(tmp_path / "missing") is not None
+
+
+def test_an_outbox_transaction_that_sqlite_rolled_back_itself_raises_the_real_error():
+    from lfr.runtime.outbox import Outbox
+
+    ob = Outbox.open(":memory:")
+    ob.db.execute("CREATE TABLE t (x)")
+    try:
+        with ob.transaction():  # SQLite rolls back itself on some errors (a full disk); no second ROLLBACK then
+            ob.db.execute("INSERT INTO t VALUES (1)")
+            ob.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+    except sqlite3.OperationalError as exc:
+        assert str(exc) == "database or disk is full" and exc.__context__ is None
+    assert not ob.db.in_transaction and ob.db.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
+
+
+def test_a_real_full_database_is_refused_as_full_and_nothing_is_written(tmp_path):
+    from lfr.runtime.outbox import Outbox
+
+    ob = Outbox.open(tmp_path / "o.sqlite")
+    ob.db.execute("CREATE TABLE t (x BLOB)")
+    pages = ob.db.execute("PRAGMA page_count").fetchone()[0]
+    ob.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a database that can grow by two pages only
+    try:
+        with ob.transaction():
+            ob.add("lfr.test.fact", b"fact", "id-1")
+            ob.db.execute("INSERT INTO t VALUES (?)", (b"\0" * 100_000,))
+        raise AssertionError("the write should not fit")
+    except sqlite3.Error as exc:
+        assert storage_error(exc) == FULL and "no transaction is active" not in str(exc)
+    assert len(ob) == 0 and not ob.db.in_transaction
+    ob.close()

@@ -126,7 +126,8 @@ class Outbox:
                 yield
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # SQLite may have rolled back itself (a full disk): a ROLLBACK then
+                    self.db.execute("ROLLBACK")  # fails and would hide the error that matters
                 self._subjects = []
                 raise
             self._committed()

@@ -30,7 +30,7 @@ from lfr.runtime.bus import Bus
 from lfr.runtime.config import Config, ConfigError
 from lfr.runtime.logs import get_logger, setup_logging
 from lfr.runtime.security import AuthInterceptor, Guard, Identity, server_credentials
-from lfr.runtime.storage import StorageGuard
+from lfr.runtime.storage import STATUS, StorageGuard
 
 
 class Service:
@@ -189,14 +189,18 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
     metrics_port = metrics.start_metrics_server(config.metrics_port, config.grpc_host)
     health = HealthServicer()
     # the folders this service writes: a write failing on a full or read-only one is refused precisely
-    stores = [Path(p) for p in (config.state_dir, os.path.dirname(config.audit_db), os.path.dirname(config.alert_db))
-              if p]
+    own = {"audit": config.audit_db, "match": config.alert_db}.get(config.service, "")
+    stores = [Path(p) for p in (config.state_dir, os.path.dirname(own)) if p]
     storage = StorageGuard(config.service, stores)
+    creds = server_credentials(config)
+    address = f"{config.grpc_host}:{config.grpc_port}"
+    if storage.failing():  # a store refuses writes already: wait serving NOT_SERVING, not crash in a loop
+        await refuse_until_writable(storage, config, creds, address, stop)
+        if stop.is_set():
+            return
     server = grpc.aio.server(interceptors=[ErrorInterceptor(config.service, storage), AuthInterceptor(guard)],
                              options=grpc_options(config))
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    creds = server_credentials(config)
-    address = f"{config.grpc_host}:{config.grpc_port}"
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"LFR_GRPC_PORT: cannot bind {config.grpc_host}:{config.grpc_port}")
@@ -258,6 +262,41 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         if probe_server is not None:
             await probe_server.stop(0)
     log.info("service.stopped")
+
+
+async def refuse_until_writable(storage: StorageGuard, config: Config, creds, address: str,
+                                stop: asyncio.Event) -> None:
+    """A store of this service refuses writes at start (a read-only or full disk): opening its databases would
+    fail, and a restart loop tells no one why. Instead serve on the service's port, with its TLS, health
+    NOT_SERVING and every call refused with the storage status naming the store (UNAVAILABLE read-only,
+    RESOURCE_EXHAUSTED full), probe the stores every `storage.interval_s`, and return once all take writes again
+    (the normal start follows) or when asked to stop."""
+    refusal = storage.blocked(storage.failing())
+    health = HealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def refuse(request, context):
+        await context.abort(getattr(grpc.StatusCode, STATUS[storage.kind]), storage.reason)
+
+    class Refuse(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method.startswith("/grpc.health."):
+                return None
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    gate = grpc.aio.server(options=grpc_options(config))
+    health_pb2_grpc.add_HealthServicer_to_server(health, gate)
+    gate.add_generic_rpc_handlers((Refuse(),))
+    if (gate.add_secure_port(address, creds) if creds else gate.add_insecure_port(address)) == 0:
+        raise ConfigError(f"LFR_GRPC_PORT: cannot bind {address}")
+    await gate.start()
+    try:
+        while refusal and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), storage.interval_s)
+            refusal = storage.blocked(storage.failing())
+    finally:
+        await gate.stop(0)
 
 
 async def _summarise(guard: Guard, every_s: float) -> None:

@@ -135,6 +135,26 @@ class StorageGuard:
                 self._task = asyncio.get_running_loop().create_task(self._recover(), name="storage-probe")
         return STATUS[kind], message
 
+    def blocked(self, failing: dict[str, str]) -> tuple[str, str] | None:
+        """At start, before anything is opened: `failing` (from failing()) sets the reason and logs it once;
+        empty, it clears a reason set so (logging the recovery). Returns the refusal (status, message) or None."""
+        if not failing:
+            if self.reason:
+                self.log.info("storage.recovered", after_s=round(time.monotonic() - self.since, 1), during="start")
+                self.reason = self.kind = ""
+                STORAGE_OK.labels(self.service).set(1)
+            return None
+        kind = FULL if FULL in failing.values() else READ_ONLY
+        names = ", ".join(f"{s} ({why})" for s, why in failing.items())
+        message = (f"{self.service} cannot start: storage {kind}: {names}; it serves nothing until the disk has "
+                   f"space and is writable again")
+        if not self.reason:
+            self.since = time.monotonic()
+            self.log.error("storage.failed", kind=kind, stores=names, during="start")
+            STORAGE_OK.labels(self.service).set(0)
+        self.reason, self.kind = message, kind
+        return STATUS[kind], message
+
     def succeeded(self, remote: str) -> None:
         """A write to a remote store worked again."""
         self.remote.discard(remote)
