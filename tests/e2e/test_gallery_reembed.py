@@ -1,10 +1,10 @@
 """A gallery re-embedded after a model change (#17 item 3), end to end on the embedded system: a small gallery of
 LFW faces built with SFace; the embedding and detection services restarted with LFR_MODEL=dlib-resnet-v1; the
-gallery refuses searches it cannot answer, `lfr gallery reembed` runs the job (one image per batch here, so its
-progress is seen step by step) to SUCCEEDED (a cancelled one first leaves the gallery as it was), the gallery swaps to the new model, its old vectors are deleted,
-and Identify with the new model returns the same top candidate; then back to SFace with the watchlist service
-restarted mid-job: the job resumes and completes. Also #17 item 2: `lfr model check`'s
-false-accept target is read from this running system's GetPolicy."""
+gallery refuses searches it cannot answer; a cancelled re-embedding leaves it as it was; `lfr gallery reembed`
+runs the job (one image per batch here, so its progress is seen step by step) to SUCCEEDED, the gallery swaps to
+the new model, its old vectors are deleted, and Identify with the new model returns the same top candidate; then
+back to SFace with the watchlist service restarted mid-job: the job resumes and completes. Also #17 item 2:
+`lfr model check`'s false-accept target is read from this running system's GetPolicy."""
 
 from __future__ import annotations
 
