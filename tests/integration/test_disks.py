@@ -208,6 +208,7 @@ def test_each_store_read_only_in_turn_refuses_precisely_loses_nothing_and_recove
                      "the supervisor's failed restart of nats-server logged")
             assert "storage directory is not writable" in (state / "nats" / "nats-server.log").read_text()
             acknowledged.append(create_deployment(c, "read-only 3", ["cam"]).id)  # into the watchlist's outbox
+            assert health(system, "watchlist") == "SERVING"
             remount(js_disk, "rw")
             wait_for(lambda: "nats" in system.pids(), 60, "nats-server started again by the supervisor")
             wait_for(lambda: all("deployment.created" in records_of(auditor, x) for x in acknowledged), 90,

@@ -289,7 +289,15 @@ async def refuse_until_writable(storage: StorageGuard, config: Config, creds, ad
     gate.add_generic_rpc_handlers((Refuse(),))
     if (gate.add_secure_port(address, creds) if creds else gate.add_insecure_port(address)) == 0:
         raise ConfigError(f"LFR_GRPC_PORT: cannot bind {address}")
+    probe = None
+    if config.health_port >= 0:  # the plaintext status port (Kubernetes probes): health only, as in serve()
+        probe = grpc.aio.server(options=grpc_options(config))
+        health_pb2_grpc.add_HealthServicer_to_server(health, probe)
+        if probe.add_insecure_port(f"{config.grpc_host}:{config.health_port}") == 0:
+            raise ConfigError(f"LFR_HEALTH_PORT: cannot bind {config.grpc_host}:{config.health_port}")
     await gate.start()
+    if probe is not None:
+        await probe.start()
     try:
         while refusal and not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -297,6 +305,8 @@ async def refuse_until_writable(storage: StorageGuard, config: Config, creds, ad
             refusal = storage.blocked(storage.failing())
     finally:
         await gate.stop(0)
+        if probe is not None:
+            await probe.stop(0)
 
 
 async def _summarise(guard: Guard, every_s: float) -> None:
