@@ -41,6 +41,7 @@ from lfr.watchlist import jobs as J
 from lfr.watchlist.core import Refused
 from lfr.watchlist.gallery import (
     Component,
+    EmbeddedIndex,
     GalleryRecord,
     GalleryStore,
     ImageRow,
@@ -378,7 +379,7 @@ class Identification:
         new = self._staged(g, job, model)
         indexes = [await self._write(self.store.index, new, c) for c in new.components]
         for idx in indexes:  # vectors written after the last checkpoint (a restart) are done again
-            if hasattr(idx, "truncate"):
+            if isinstance(idx, EmbeddedIndex):
                 await self._write(idx.truncate, job.cursor.item_index)
         folder = self.image_root / g.name / "images"
         lock = self.gallery_locks.setdefault(g.name, asyncio.Lock())
@@ -422,15 +423,21 @@ class Identification:
             await self._same_as_job(job)  # vectors of one model only: the service did not change meanwhile
             done = {image_id: n for n, (image_id, _) in enumerate(todo)}
             batch_ids = np.arange(start, start + len(ids), dtype=np.int64)
+            missing = np.array([x for x in ids if x not in done], dtype=np.int64)
             for c, idx in zip(new.components, indexes, strict=True):
                 block = np.zeros((len(ids), c.dim), dtype=np.float32)
+                block[:, 0] = 1.0  # a unit placeholder for an image not embedded (removed below)
                 for i, image_id in enumerate(ids):
                     if image_id in done:
                         block[i] = vectors[c.model_id][done[image_id]]
-                await self._write(idx.add, batch_ids, block)
-                missing = np.array([x for x in ids if x not in done], dtype=np.int64)
-                if len(missing):
-                    await self._write(idx.remove, missing)
+                if isinstance(idx, EmbeddedIndex):  # its rows are image ids: a placeholder holds the place
+                    await self._write(idx.add, batch_ids, block)
+                    if len(missing):
+                        await self._write(idx.remove, missing)
+                else:  # Qdrant: points by id, only the embedded ones
+                    keep = np.array([image_id in done for image_id in ids], dtype=bool)
+                    if keep.any():
+                        await self._write(idx.add, batch_ids[keep], block[keep])
             job.progress.faces_found += len(todo)
             job.progress.frames_done += len(ids)
             job.progress.items_done += len(ids)
