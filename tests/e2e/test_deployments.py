@@ -316,7 +316,8 @@ def test_cli_walkthrough(system, lfw, tmp_path):
     for e in wl["entries"]:
         assert e["category"] == "wanted-by-court" and e["added_by"] == "PC Builder"
         assert e["provenance"] == {"source_system": "custody", "legal_basis": "PACE s.64A",
-                                   "captured": ["2024-05-01T00:00:00Z"]}
+                                   "captured": ["2024-05-01T00:00:00Z"],
+                                   "faces": [{"face": 0, "choice": ""}]}  # one face: no choice was made
     listed = json.loads(lfr(system, "deployment", "list", "--json").stdout)
     assert d["id"] in {x["id"] for x in listed}
     assert lfr(system, "deployment", "end", d["id"], actor="Sgt Ops").returncode == 0

@@ -122,16 +122,27 @@ def _enum(f) -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from([v.number for v in f.enum_type.values]), _ints(32))
 
 
+def _set(msg, f, value) -> None:
+    """Set field ``f`` of ``msg`` to a drawn value (a map field is drawn as a list of its entry messages)."""
+    if f.type == FD.TYPE_MESSAGE and f.message_type.GetOptions().map_entry:
+        target = getattr(msg, f.name)
+        for entry in value:
+            if entry.DESCRIPTOR.fields_by_name["value"].type == FD.TYPE_MESSAGE:
+                target[entry.key].CopyFrom(entry.value)
+            else:
+                target[entry.key] = entry.value
+    elif f.is_repeated:
+        getattr(msg, f.name).extend(value)
+    elif f.type == FD.TYPE_MESSAGE:
+        getattr(msg, f.name).CopyFrom(value)
+    else:
+        setattr(msg, f.name, value)  # a later member of a oneof replaces an earlier one: fine
+
+
 def _build(cls, values: dict):
     msg = cls()
     for name, value in values.items():
-        f = cls.DESCRIPTOR.fields_by_name[name]
-        if f.is_repeated:
-            getattr(msg, name).extend(value)
-        elif f.type == FD.TYPE_MESSAGE:
-            getattr(msg, name).CopyFrom(value)
-        else:
-            setattr(msg, name, value)  # a later member of a oneof replaces an earlier one: fine
+        _set(msg, cls.DESCRIPTOR.fields_by_name[name], value)
     return msg
 
 
@@ -181,13 +192,7 @@ def _mutated(draw, full_name: str):
         if strategy is None:
             continue
         msg.ClearField(name)
-        value = draw(strategy)
-        if f.is_repeated:
-            getattr(msg, name).extend(value)
-        elif f.type == FD.TYPE_MESSAGE:
-            getattr(msg, name).CopyFrom(value)
-        else:
-            setattr(msg, name, value)
+        _set(msg, f, draw(strategy))
     return msg
 
 
