@@ -173,17 +173,6 @@ class Policy:
                 f"({self.rule('threshold_floors')}: {f.reason}); a lower threshold needs a stated reason "
                 "(threshold_reason)")
 
-    # Equitability ------------------------------------------------------------------------------------
-    def attributes_refusal(self, attributes: dict[str, str]) -> str:
-        allowed = dict(self.equitability)
-        for name, value in sorted(attributes.items()):
-            if name not in allowed:
-                return (f"attribute {name!r} is not one the policy names "
-                        f"(equitability.attributes: {', '.join(sorted(allowed)) or 'none'})")
-            if value not in allowed[name]:
-                return f"attribute {name}: {value!r} is not one of {', '.join(allowed[name])}"
-        return ""
-
     # Sites -----------------------------------------------------------------------------------------
     def approved_site(self, name: str) -> Site | None:
         return next((s for s in self.approved_sites if site_key(s.name) == site_key(name)), None)

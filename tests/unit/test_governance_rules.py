@@ -175,9 +175,18 @@ def test_expected_false_alerts_match_the_shipped_table():
 
 # 5. Equitability attributes ------------------------------------------------------------------------------
 def test_adjudication_attributes_are_the_policys():
-    assert POLICY.attributes_refusal({"perceived_sex": "female", "age_band": "18-24"}) == ""
-    assert "'ethnicity' is not one the policy names" in POLICY.attributes_refusal({"ethnicity": "x"})
-    assert "not one of female, male" in POLICY.attributes_refusal({"perceived_sex": "other"})
+    """match checks an adjudication's attributes against the policy's equitability.attributes."""
+    from lfr.match.core import engagement_refusal
+    from lfr.pb import match_pb2
+
+    allowed = dict(POLICY.equitability)
+
+    def refusal(attributes):
+        return engagement_refusal(match_pb2.OUTCOME_FALSE_ALERT, 0, False, attributes, allowed)
+
+    assert refusal({"perceived_sex": "female", "age_band": "18-24"}) == ""
+    assert "'ethnicity' is not one the policy names" in refusal({"ethnicity": "x"})
+    assert "not one of female, male" in refusal({"perceived_sex": "other"})
     assert POLICY.equitability_min_count == 3
 
 

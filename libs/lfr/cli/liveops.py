@@ -24,11 +24,9 @@ from pathlib import Path
 
 import grpc
 
-from lfr.cli.report import Failure, _common, channel, iso
+from lfr.cli.ops import UNAVAILABLE_HINT
+from lfr.cli.report import Failure, _common, channel, iso, run
 from lfr.pb import ingest_pb2, ingest_pb2_grpc, match_pb2, match_pb2_grpc
-
-UNAVAILABLE_HINT = ("the system is not running or stopped (start it with `lfr up`; `lfr status --wait 300` waits "
-                    "until it is ready)")
 
 
 def emit(args, data, text: str) -> None:
@@ -265,21 +263,3 @@ def add_parsers(sub) -> None:
                                    "adjudications, disposal times, sources and drops"))
     p.add_argument("id")
     p.set_defaults(run=deployment_stats, func=run)
-
-
-def run(args) -> None:
-    """Run a parsed command: a refusal or failure prints one line on stderr and exits 1."""
-    try:
-        args.run(args)
-    except Failure as exc:
-        print(f"lfr: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except grpc.RpcError as exc:
-        text = f"{exc.code().name}: {exc.details()}"
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            text += f" ({UNAVAILABLE_HINT})"
-        print(f"lfr: {text}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("lfr: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None

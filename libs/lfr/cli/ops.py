@@ -698,13 +698,16 @@ def add_parsers(sub) -> None:
         parser.set_defaults(func=run)
 
 
+UNAVAILABLE_HINT = "the system is not running, or it stopped: start it with `lfr up`, wait with `lfr status --wait 300`"
+
+
 def rpc_error_text(exc: grpc.RpcError) -> str:
     """One line for a refusal or a failed call; UNAVAILABLE (the system is down, or stopped while a stream was
     open) says so instead of leaving the transport's words alone."""
     code = exc.code()
     text = f"{code.name}: {exc.details()}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        text += " (the system is not running, or it stopped: start it with `lfr up`, wait with `lfr status --wait 300`)"
+        text += f" ({UNAVAILABLE_HINT})"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (exc.details() or ""):
         # gRPC's own refusal names no setting: a request is limited by the service's LFR_MAX_MESSAGE_BYTES
         text += (" (the service accepts requests up to LFR_MAX_MESSAGE_BYTES, and each image up to "
