@@ -12,20 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-LFR = [sys.executable, "-m", "lfr.cli.main"]
-
-
-def children_of(pid: int) -> set[int]:
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            child = int(stat.parent.name)
-            out |= {child} | children_of(child)
-    return out
+from test_cli import LFR, children_of  # the process tree under a launcher
 
 
 def alive(pids: set[int]) -> list[int]:
