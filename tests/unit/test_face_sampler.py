@@ -38,7 +38,7 @@ def test_cameras_are_separate_tracks_expire_and_interval_zero_embeds_everything(
 
 
 def test_a_face_followed_over_many_frames_is_one_face_seen():
-    """#14: "faces seen" counts faces first seen (FaceSampler.new), whether the sampler embeds them or not."""
+    """#14: the sampler counts faces first seen (FaceSampler.new, sent as faces_new), whether it embeds them or not."""
     s = FaceSampler(interval_s=0.3, expire_s=1.0)
     seen = []
     for k in range(20):  # two people walking for 2 s at 10 fps: 2 faces seen, not 40 (nor the ~14 embedded)
