@@ -53,7 +53,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 w, h = check_frame(req.image, cfg.max_image_bytes, cfg.max_image_pixels)
             except InputError as exc:
                 await abort(context, exc.code, f"frame {req.frame_index}: {exc.message}")
-            capture_ns = req.capture_time.ToNanoseconds() if req.capture_time.seconds else time.time_ns()
+            try:
+                capture_ns = req.capture_time.ToNanoseconds() if req.capture_time.seconds else time.time_ns()
+            except ValueError:  # outside years 1-9999: the caller's mistake, never an internal error
+                await abort(context, "INVALID_ARGUMENT",
+                            f"frame {req.frame_index}: capture_time is not a valid time (years 0001 to 9999 UTC)")
             await self.svc.publish(req.deployment_id, req.camera_id, req.image, w, h, capture_ns,
                                    req.video_time_s, req.frame_index)
             accepted += 1

@@ -338,6 +338,11 @@ def validate_new_deployment(req: pb.CreateDeploymentRequest, recipe: Recipe) -> 
     error = recipe.threshold_error(threshold)
     if error:
         return error, 0.0
+    for name in ("planned_start", "planned_end"):
+        try:
+            getattr(req, name).ToNanoseconds()
+        except ValueError:  # protobuf's own range: years 0001 to 9999
+            return f"{name}: not a valid time (years 0001 to 9999 UTC)", 0.0
     if req.planned_end.seconds and req.planned_end.ToNanoseconds() <= req.planned_start.ToNanoseconds():
         return "planned_end must be after planned_start", 0.0
     return "", threshold

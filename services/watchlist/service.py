@@ -87,8 +87,12 @@ def _ts(ns: int) -> Timestamp:
     return events.ts_from_ns(ns) if ns else Timestamp()
 
 
-def _ns(ts: Timestamp) -> int:
-    return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
+def _ns(ts: Timestamp, field: str = "captured_at") -> int:
+    """A request's timestamp in ns (0 when unset); one outside years 1-9999 is refused, never an internal error."""
+    try:
+        return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
+    except ValueError:
+        raise Refused("INVALID_ARGUMENT", f"{field}: not a valid time (years 0001 to 9999 UTC)") from None
 
 
 def _images_captured(request) -> list[int]:
@@ -532,7 +536,7 @@ class WatchlistService(Service):
             else ((site.latitude, site.longitude) if site else (0.0, 0.0))
         d = DeploymentRecord(
             id=events.new_id()[:16], name=req.name, purpose=req.purpose, site=site.name if site else req.site.strip(),
-            planned_start_ns=_ns(req.planned_start), planned_end_ns=_ns(req.planned_end),
+            planned_start_ns=_ns(req.planned_start, "planned_start"), planned_end_ns=_ns(req.planned_end, "planned_end"),
             cameras=tuple(req.cameras), threshold=threshold, model_id=model.model_id,
             model_version=model.model_version, created_by=req.actor, created_at_ns=self.now_ns(),
             legal_basis=req.legal_basis, site_lat=lat, site_lon=lon, site_approved=site is not None,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lfr.cli.live import create_deployment, enroll
@@ -180,3 +181,20 @@ def hostile_input(clients, live_deployment: str, tmp_path) -> None:
             assert code == C.PERMISSION_DENIED and why in msg, (media, code, msg)
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_timestamp_outside_years_1_to_9999_is_invalid_argument(clients, data):
+    """Found by the fuzzer: protobuf refuses to convert such a time (ValueError), which reached callers as
+    INTERNAL from AddGalleryImages; the watchlist's request timestamps are INVALID_ARGUMENT naming the field."""
+    C = grpc.StatusCode
+    jpeg = (data / "faces/misc/obama.jpg").read_bytes()
+    far = Timestamp(seconds=-(2**63))
+    code, msg = code_of(clients.watchlist.AddGalleryImages, watchlist_pb2.AddGalleryImagesRequest(
+        gallery="ts-gallery", subject_ref="s", source_system="test", legal_basis="test", images=[jpeg],
+        captured_at=[far], actor="e2e"))
+    assert code == C.INVALID_ARGUMENT and "captured_at" in msg, (code, msg)
+    now = time.time_ns()
+    code, msg = code_of(clients.watchlist.CreateDeployment, watchlist_pb2.CreateDeploymentRequest(
+        name="ts", purpose="test", legal_basis="test", site="demo site", planned_start=far,
+        planned_end=events.ts_from_ns(now + 3600 * 10**9), cameras=["c"], actor="e2e"))
+    assert code == C.INVALID_ARGUMENT and "planned_start" in msg, (code, msg)
