@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,24 @@ def data() -> Path:
     if d is None:
         pytest.skip("../shared/data is absent: tests on real images and video need it")
     return d
+
+
+@pytest.fixture(scope="session")
+def model_registry_kept():
+    """A context manager: inside it engines may be registered (lfr model add, plug-ins); afterwards the model
+    registry is as it was, so no other test sees them (they are process-wide tables)."""
+    from lfr.models import engines, scoring
+
+    @contextmanager
+    def kept():
+        tables = (scoring.COMPONENTS, scoring._SINGLE_THRESHOLDS, scoring._RECIPES, engines.MODELS,
+                  engines.CHIP_MAKERS, engines.EMBEDDERS)
+        saved = [dict(t) for t in tables]
+        try:
+            yield
+        finally:
+            for table, before in zip(tables, saved, strict=True):
+                table.clear()
+                table.update(before)
+
+    return kept

@@ -15,12 +15,13 @@ IMAGES = ["lfw-dev/Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "lfw-dev/Abdullah_Gul/
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def installed(tmp_path_factory, model_registry_kept):
     folder = tmp_path_factory.mktemp("exported")
     mp = pytest.MonkeyPatch()
     mp.setenv("LFR_ENGINES_DIR", str(folder / "engines"))
     manifests = export(folder)
-    yield {eid: onnx_engine.add(path) for eid, path in manifests.items()}
+    with model_registry_kept():  # the exported engines are registered for this module only
+        yield {eid: onnx_engine.add(path) for eid, path in manifests.items()}
     mp.undo()
 
 

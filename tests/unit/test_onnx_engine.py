@@ -50,17 +50,12 @@ def manifest(folder: Path, model_id: str = "acme-face-v1", file: str = "acme.onn
 
 
 @pytest.fixture
-def engines_dir(tmp_path, monkeypatch):
+def engines_dir(tmp_path, monkeypatch, model_registry_kept):
     """A fresh engines folder; afterwards the model registry is as it was (engines registered here leave it)."""
     d = tmp_path / "engines"
     monkeypatch.setenv("LFR_ENGINES_DIR", str(d))
-    tables = (scoring.COMPONENTS, scoring._SINGLE_THRESHOLDS, scoring._RECIPES, engines.MODELS,
-              engines.CHIP_MAKERS, engines.EMBEDDERS)
-    saved = [dict(t) for t in tables]
-    yield d
-    for table, before in zip(tables, saved, strict=True):
-        table.clear()
-        table.update(before)
+    with model_registry_kept():
+        yield d
 
 
 def refused(path: Path) -> ManifestError:
