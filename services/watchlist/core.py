@@ -209,15 +209,9 @@ class DeploymentRecord:
         if digest != self.authorised_digest or (reviewed_digest and reviewed_digest != digest):
             raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} differs from the one "
                           "started under urgency")
-        approvals = tuple(a for a in self.approvals if a.digest == digest and a.actor != self.urgent_by)
-        if any(a.actor == actor for a in approvals):
-            raise Refused("FAILED_PRECONDITION", f"{actor} has already approved this watchlist; "
-                          f"a second authoriser is required ({'; '.join(reasons)})")
-        approvals = (*approvals, Approval(actor, now_ns, digest))
-        d = replace(self, approvals=approvals, authorisers_required=required, second_reasons=tuple(reasons))
-        if len(approvals) >= required:
-            d = replace(d, urgent_confirmed_at_ns=now_ns)
-        return d
+        kept = tuple(a for a in self.approvals if a.digest == digest and a.actor != self.urgent_by)
+        d, complete = self._approved(kept, actor, digest, required, reasons, now_ns)
+        return replace(d, urgent_confirmed_at_ns=now_ns) if complete else d
 
     # Watchlist changes and authorisation -----------------------------------------------------------
     def changed_by(self, actor: str) -> DeploymentRecord:
@@ -242,15 +236,20 @@ class DeploymentRecord:
         if reviewed_digest and reviewed_digest != digest:
             raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} changed since it was "
                           "reviewed: review it again")
-        approvals = tuple(a for a in self.approvals if a.digest == digest)
-        if any(a.actor == actor for a in approvals):
+        kept = tuple(a for a in self.approvals if a.digest == digest)
+        d, complete = self._approved(kept, actor, digest, required, reasons, now_ns)
+        return d.transition("authorise", authorised_digest=digest) if complete else d
+
+    def _approved(self, kept: tuple, actor: str, digest: str, required: int, reasons: list[str],
+                  now_ns: int) -> tuple[DeploymentRecord, bool]:
+        """The record with `actor`'s approval added to the approvals `kept`, and whether `required` are now in;
+        one officer approves a list once."""
+        if any(a.actor == actor for a in kept):
             raise Refused("FAILED_PRECONDITION", f"{actor} has already approved this watchlist; "
                           f"a second authoriser is required ({'; '.join(reasons)})")
-        approvals = (*approvals, Approval(actor, now_ns, digest))
+        approvals = (*kept, Approval(actor, now_ns, digest))
         d = replace(self, approvals=approvals, authorisers_required=required, second_reasons=tuple(reasons))
-        if len(approvals) >= required:
-            d = d.transition("authorise", authorised_digest=digest)
-        return d
+        return d, len(approvals) >= required
 
 
 @dataclass(frozen=True)

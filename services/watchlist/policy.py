@@ -345,15 +345,8 @@ def parse_policy(text: str) -> Policy:
         if e[key] > 90:
             raise PolicyError(f"enrollment.{key}: must be at most 90")
 
-    sites_raw = raw["approved_sites"]
-    if not isinstance(sites_raw, list):
-        raise PolicyError("approved_sites: must be a list")
     sites = []
-    for i, s in enumerate(sites_raw):
-        where = f"approved_sites[{i}]."
-        if not isinstance(s, dict):
-            raise PolicyError(f"approved_sites[{i}]: must be an object")
-        _unknown(s, {"name", "latitude", "longitude"}, where)
+    for where, s in _objects(raw["approved_sites"], "approved_sites", {"name", "latitude", "longitude"}):
         if not isinstance(s.get("name"), str) or not s["name"].strip():
             raise PolicyError(f"{where}name: must be a non-empty string")
         lat = _number(s, "latitude", where, -90.0)
@@ -390,18 +383,23 @@ def parse_policy(text: str) -> Policy:
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
+def _objects(items, key: str, fields: set[str]):
+    """(where, item) for each object of the list `items` (policy key `key`), each with only `fields`."""
+    if not isinstance(items, list):
+        raise PolicyError(f"{key}: must be a list")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise PolicyError(f"{key}[{i}]: must be an object")
+        where = f"{key}[{i}]."
+        _unknown(item, fields, where)
+        yield where, item
+
+
 def _governance(raw: dict) -> dict:
     """The optional #16 sections, validated; keyword arguments of Policy."""
     out: dict = {}
-    fields_raw = raw.get("authority_fields", [])
-    if not isinstance(fields_raw, list):
-        raise PolicyError("authority_fields: must be a list")
     fields = []
-    for i, f in enumerate(fields_raw):
-        where = f"authority_fields[{i}]."
-        if not isinstance(f, dict):
-            raise PolicyError(f"authority_fields[{i}]: must be an object")
-        _unknown(f, {"name", "label", "required"}, where)
+    for where, f in _objects(raw.get("authority_fields", []), "authority_fields", {"name", "label", "required"}):
         if not isinstance(f.get("name"), str) or not _NAME.match(f["name"]):
             raise PolicyError(f"{where}name: must be a lower-case identifier (a-z, 0-9, _)")
         if not isinstance(f.get("required", False), bool):
