@@ -120,6 +120,13 @@ def faces_seen(msg: embedding_pb2.EmbeddingsEvent) -> int:
     return len(msg.faces)
 
 
+def _component(recipe: scoring.Recipe, model_id: str) -> scoring.Component | None:
+    try:
+        return recipe.part(model_id)
+    except KeyError:
+        return None
+
+
 class MatchService(Service):
     name = "match"
 
@@ -229,8 +236,10 @@ class MatchService(Service):
             b = common_pb2.Box()
             b.CopyFrom(face.box)
             probe = Probe(env, b, face.crop_jpeg, msg.frame_index, msg.video_time_s, d.threshold)
-            sightings.append(Sighting((b.x1, b.y1, b.x2, b.y2), list(face.vectors[0].values) if face.vectors else None,
-                                      dec.entry_id, dec.subject_ref, dec.score, probe))
+            link = face.vectors[0] if face.vectors else None  # faces link by this vector, by its model's metric
+            sightings.append(Sighting((b.x1, b.y1, b.x2, b.y2), list(link.values) if link else None,
+                                      dec.entry_id, dec.subject_ref, dec.score, probe,
+                                      _component(index.recipe, link.model_id) if link else None))
         # Everything that matched nobody is disposed of now: the message is dropped and only counted.
         n_nonmatch = len(msg.faces) - len(matched)
         del msg

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lfr.models import scoring
 from lfr.models.boxes import Box, iou  # noqa: F401  (iou is part of this module's interface)
 
 
@@ -36,6 +37,7 @@ class Sighting:
     subject_ref: str
     score: float
     probe: Any = None  # what the service needs to publish the probe (crop, frame, envelope); opaque here
+    component: scoring.Component | None = None  # the vector's model: its metric links faces (default cosine)
 
 
 @dataclass(eq=False)
@@ -64,7 +66,7 @@ class Track:
     camera_id: str
     entry_id: str
     box: Box
-    vector: tuple[float, ...] | None
+    vector: tuple[str, tuple[float, ...]] | None  # (metric, vector): see link_vector
     last_ns: int
     alert: AlertState | None  # None while the pass has not yet shown enough evidence (`min_frames`)
     frames: int = 1
@@ -84,10 +86,20 @@ def unit(vector: Sequence[float] | None) -> tuple[float, ...] | None:
     return tuple(v / n for v in vector) if n > 0 else None
 
 
-def similarity(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> float:
-    if a is None or b is None or len(a) != len(b):
+def link_vector(s: Sighting) -> tuple[str, tuple[float, ...]] | None:
+    """A sighting's vector as the tracker compares it: (metric, vector), normalised for cosine."""
+    metric = s.component.metric if s.component is not None else scoring.COSINE
+    if not s.vector:
+        return None
+    v = unit(s.vector) if metric == scoring.COSINE else tuple(float(x) for x in s.vector)
+    return (metric, v) if v is not None else None
+
+
+def similarity(a: tuple[str, tuple[float, ...]] | None, b: tuple[str, tuple[float, ...]] | None) -> float:
+    """Two link vectors' similarity by their model's metric (lfr.models.scoring); 0 when not comparable."""
+    if a is None or b is None or a[0] != b[0] or len(a[1]) != len(b[1]):
         return 0.0
-    return sum(x * y for x, y in zip(a, b, strict=True))
+    return float(scoring.similarity_rows(a[0], [a[1]], [b[1]])[0])
 
 
 @dataclass
@@ -109,7 +121,7 @@ class Tracker:
         """The matching faces of one frame; returns the alerts to raise and to update, in that order."""
         actions = self._end_tracks(capture_ns, (deployment_id, camera_id))
         tracks = self.tracks.setdefault((deployment_id, camera_id), [])
-        vectors = [unit(s.vector) for s in sightings]
+        vectors = [link_vector(s) for s in sightings]
         # Greedy association, best pair first: same entry, and overlapping boxes or alike vectors.
         pairs = []
         for i, s in enumerate(sightings):
@@ -117,7 +129,7 @@ class Tracker:
                 if t.entry_id != s.entry_id:
                     continue
                 o, sim = iou(s.box, t.box), similarity(vectors[i], t.vector)
-                if o >= self.iou_min or sim >= self.similarity_min:
+                if o >= self.iou_min or sim >= self._link_min(s):
                     pairs.append((o + sim, i, t))
         pairs.sort(key=lambda p: -p[0])
         taken: dict[int, Track] = {}
@@ -189,6 +201,12 @@ class Tracker:
         current = self.open_alerts.get(key)
         if current is None or current.last_seen_ns < alert.last_seen_ns:
             self.open_alerts[key] = alert
+
+    def _link_min(self, s: Sighting) -> float:
+        """The similarity at which two faces are one person's: the model's own one-to-one threshold when it
+        publishes one, else `similarity_min`."""
+        c = s.component
+        return c.threshold_1to1 if c is not None and c.threshold_1to1 > 0 else self.similarity_min
 
     def _convincing(self, frames: int, s: Sighting) -> bool:
         """Enough evidence for a pass: `min_frames` matching frames, or one strong frame."""

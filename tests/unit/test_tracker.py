@@ -172,3 +172,21 @@ def test_a_pass_raises_once_at_the_frame_that_completes_the_evidence_with_its_be
 def test_one_strong_frame_raises_at_once():
     t = tracker(min_frames=3, strong_margin=0.2)
     assert [a.kind for a in _one(t, "e1", 0.0, 0, 0.75)] == ["raise"]
+
+
+def test_faces_link_by_their_models_metric():
+    """Two faces far apart in the frame are one track when their vectors are alike by the model's own metric:
+    dlib's euclidean (s = 1 - d, linked above its one-to-one threshold 0.4), not a raw dot product."""
+    from lfr.models import scoring
+
+    dlib = scoring.COMPONENTS[scoring.DLIB]
+    a = [0.1] * 128
+    b = [0.1 + (0.3 / 128 ** 0.5)] * 128  # euclidean distance 0.3: the same person for dlib (s = 0.7)
+    c = [0.1 + (1.2 / 128 ** 0.5)] * 128  # distance 0.9 from b: someone else (s = 0.1), a larger dot product though
+    assert scoring.similarity_rows(dlib.metric, [a], [b])[0] > dlib.threshold_1to1
+    t = tracker(min_frames=3)
+    t.observe("dep", "cam", 0, [Sighting((0, 0, 10, 10), a, "E", "S", 0.6, component=dlib)])
+    t.observe("dep", "cam", S // 10, [Sighting((500, 500, 510, 510), b, "E", "S", 0.6, component=dlib)])
+    assert [tr.frames for tr in t.tracks[("dep", "cam")]] == [2]  # linked across the frame by vector alone
+    t.observe("dep", "cam", 2 * S // 10, [Sighting((900, 0, 910, 10), c, "E", "S", 0.6, component=dlib)])
+    assert sorted(tr.frames for tr in t.tracks[("dep", "cam")]) == [1, 2]  # not alike: a track of its own
