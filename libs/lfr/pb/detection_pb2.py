@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from lfr.pb import common_pb2 as lfr_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lfr/detection/v1/detection.proto\x12\x10lfr.detection.v1\x1a\x1alfr/common/v1/common.proto\"L\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x15\n\rinclude_chips\x18\x02 \x01(\x08\x12\x15\n\rinclude_crops\x18\x03 \x01(\x08\"\xcb\x01\n\x0c\x44\x65tectedFace\x12\x1f\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x12.lfr.common.v1.Box\x12\'\n\tlandmarks\x18\x02 \x03(\x0b\x32\x14.lfr.common.v1.Point\x12\r\n\x05score\x18\x03 \x01(\x02\x12+\n\x07quality\x18\x04 \x01(\x0b\x32\x1a.lfr.common.v1.FaceQuality\x12\"\n\x05\x63hips\x18\x05 \x03(\x0b\x32\x13.lfr.common.v1.Chip\x12\x11\n\tcrop_jpeg\x18\x06 \x01(\x0c\"s\n\x0e\x44\x65tectResponse\x12-\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1e.lfr.detection.v1.DetectedFace\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65tector_id\x18\x04 \x01(\t\"\xe7\x01\n\nFacesEvent\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x03\x12\x14\n\x0cvideo_time_s\x18\x03 \x01(\x01\x12-\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x1e.lfr.detection.v1.DetectedFace\x12\x13\n\x0b\x66rame_width\x18\x05 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x06 \x01(\x05\x12\x16\n\x0e\x66\x61\x63\x65s_detected\x18\x07 \x01(\x05\x12\x11\n\tfaces_new\x18\x08 \x01(\x05\x32_\n\x10\x44\x65tectionService\x12K\n\x06\x44\x65tect\x12\x1f.lfr.detection.v1.DetectRequest\x1a .lfr.detection.v1.DetectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lfr/detection/v1/detection.proto\x12\x10lfr.detection.v1\x1a\x1alfr/common/v1/common.proto\"L\n\rDetectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x15\n\rinclude_chips\x18\x02 \x01(\x08\x12\x15\n\rinclude_crops\x18\x03 \x01(\x08\"\xdd\x01\n\x0c\x44\x65tectedFace\x12\x1f\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x12.lfr.common.v1.Box\x12\'\n\tlandmarks\x18\x02 \x03(\x0b\x32\x14.lfr.common.v1.Point\x12\r\n\x05score\x18\x03 \x01(\x02\x12+\n\x07quality\x18\x04 \x01(\x0b\x32\x1a.lfr.common.v1.FaceQuality\x12\"\n\x05\x63hips\x18\x05 \x03(\x0b\x32\x13.lfr.common.v1.Chip\x12\x11\n\tcrop_jpeg\x18\x06 \x01(\x0c\x12\x10\n\x08track_id\x18\x07 \x01(\x04\"s\n\x0e\x44\x65tectResponse\x12-\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1e.lfr.detection.v1.DetectedFace\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65tector_id\x18\x04 \x01(\t\"\xe7\x01\n\nFacesEvent\x12)\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x17.lfr.common.v1.Envelope\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x03\x12\x14\n\x0cvideo_time_s\x18\x03 \x01(\x01\x12-\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x1e.lfr.detection.v1.DetectedFace\x12\x13\n\x0b\x66rame_width\x18\x05 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x06 \x01(\x05\x12\x16\n\x0e\x66\x61\x63\x65s_detected\x18\x07 \x01(\x05\x12\x11\n\tfaces_new\x18\x08 \x01(\x05\x32_\n\x10\x44\x65tectionService\x12K\n\x06\x44\x65tect\x12\x1f.lfr.detection.v1.DetectRequest\x1a .lfr.detection.v1.DetectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETECTREQUEST']._serialized_start=82
   _globals['_DETECTREQUEST']._serialized_end=158
   _globals['_DETECTEDFACE']._serialized_start=161
-  _globals['_DETECTEDFACE']._serialized_end=364
-  _globals['_DETECTRESPONSE']._serialized_start=366
-  _globals['_DETECTRESPONSE']._serialized_end=481
-  _globals['_FACESEVENT']._serialized_start=484
-  _globals['_FACESEVENT']._serialized_end=715
-  _globals['_DETECTIONSERVICE']._serialized_start=717
-  _globals['_DETECTIONSERVICE']._serialized_end=812
+  _globals['_DETECTEDFACE']._serialized_end=382
+  _globals['_DETECTRESPONSE']._serialized_start=384
+  _globals['_DETECTRESPONSE']._serialized_end=499
+  _globals['_FACESEVENT']._serialized_start=502
+  _globals['_FACESEVENT']._serialized_end=733
+  _globals['_DETECTIONSERVICE']._serialized_start=735
+  _globals['_DETECTIONSERVICE']._serialized_end=830
 # @@protoc_insertion_point(module_scope)
