@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from lfr.models.scoring import Recipe
 from lfr.pb import watchlist_pb2 as pb
-from lfr.watchlist.policy import Policy, enrollment_verdict  # noqa: F401 - part of the core's API
+from lfr.policy import Policy
 
 S = pb.DeploymentStatus
 DRAFT, AUTHORISED, ACTIVE = S.DEPLOYMENT_STATUS_DRAFT, S.DEPLOYMENT_STATUS_AUTHORISED, S.DEPLOYMENT_STATUS_ACTIVE

@@ -36,6 +36,7 @@ from lfr.pb import (
 from lfr.pb import (
     watchlist_pb2 as pb,
 )
+from lfr.policy import Policy, PolicyError, parse_policy
 from lfr.runtime import clock, events, limits, subjects
 from lfr.runtime.config import ConfigError
 from lfr.runtime.outbox import Outbox
@@ -59,7 +60,6 @@ from lfr.watchlist.core import (
 from lfr.watchlist.identification import Identification
 from lfr.watchlist.identify import validate_identify
 from lfr.watchlist.jobs import FINISHED
-from lfr.watchlist.policy import Policy, PolicyError, parse_policy
 from lfr.watchlist.store import ImageStore, MetadataStore, VectorIndex, collection_name
 
 REFERENCE = "reference"  # the watchlist-event subject token of the reference collection

@@ -12,7 +12,7 @@ import pytest
 
 from lfr.bench import engine_check
 from lfr.cli.model import policy_far
-from lfr.watchlist.policy import FALSE_ACCEPT_TARGET, PolicyError, parse_policy
+from lfr.policy import FALSE_ACCEPT_TARGET, PolicyError, parse_policy
 from lfr.watchlist.service import load_policy
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 from lfr.models.engines import central_face
 from lfr.models.face_choice import Candidate, central_index, dominant_index
 from lfr.models.types import Face
-from lfr.watchlist.policy import PolicyError, parse_policy
+from lfr.policy import PolicyError, parse_policy
 from lfr.watchlist.service import load_policy
 
 BIG = Candidate((400, 150, 600, 400), 80.0, 0.95)      # centred portrait

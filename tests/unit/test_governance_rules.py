@@ -12,6 +12,7 @@ from test_watchlist_policy import DAY, NOW, S, deployment, entry, policy_dict, r
 
 from lfr.models import nonmated
 from lfr.pb import watchlist_pb2 as pb
+from lfr.policy import PolicyError, parse_policy
 from lfr.runtime.clock import ManualClock
 from lfr.runtime.events import ts_from_ns
 from lfr.watchlist.core import (
@@ -22,7 +23,6 @@ from lfr.watchlist.core import (
     composition_digest,
     validate_governance,
 )
-from lfr.watchlist.policy import PolicyError, parse_policy
 from lfr.watchlist.service import load_policy
 
 HOUR = 3600 * S

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from lfr.pb import watchlist_pb2 as pb
+from lfr.policy import CATEGORY_NAMES, PolicyError, parse_policy
 from lfr.runtime.config import Config, ConfigError
 from lfr.runtime.deployments import is_live
 from lfr.runtime.events import ts_from_ns
@@ -26,7 +27,6 @@ from lfr.watchlist.core import (
     validate_governance,
     watchlist_violations,
 )
-from lfr.watchlist.policy import CATEGORY_NAMES, PolicyError, parse_policy
 from lfr.watchlist.service import load_policy
 
 S = 1_000_000_000

@@ -385,7 +385,7 @@ def target_errors(where, key, value, target, services, deployments, index) -> li
 
 def policy_errors(where: str, path: str, mounts: list[dict], vols: dict, index: dict) -> list[str]:
     """LFR_POLICY_FILE names a file of a mounted, rendered ConfigMap, and the watchlist accepts that policy."""
-    from lfr.watchlist.policy import PolicyError, parse_policy
+    from lfr.policy import PolicyError, parse_policy
 
     mount = next((m for m in sorted(mounts, key=lambda m: len(m["mountPath"]), reverse=True)
                   if under(path, m["mountPath"])), None)

@@ -63,7 +63,7 @@ def policy_far(args) -> tuple[float, str]:
     when the state folder names one that answers, else from the policy file (LFR_POLICY_FILE or the shipped
     example)."""
     from lfr.cli.client import AccessError, cli_access, state_dir_of
-    from lfr.watchlist.policy import PolicyError, parse_policy
+    from lfr.policy import PolicyError, parse_policy
 
     if args.far is not None:
         return args.far, "--far (explicit override of the policy's target)"

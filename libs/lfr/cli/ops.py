@@ -24,9 +24,9 @@ from lfr.cli.client import IMAGE_FORMATS_TEXT, IMAGE_SUFFIXES, cli_access, subje
 from lfr.cli.live import capture_date
 from lfr.pb import watchlist_pb2 as pb
 from lfr.pb import watchlist_pb2_grpc
+from lfr.policy import CATEGORY_BY_VALUE, CATEGORY_NAMES
 from lfr.runtime.access import AccessError
 from lfr.runtime.events import ts_from_ns
-from lfr.watchlist.policy import CATEGORY_BY_VALUE, CATEGORY_NAMES
 
 CATEGORIES = CATEGORY_NAMES  # wanted-by-court, wanted-by-police, court-conditions, missing-vulnerable, risk-of-harm
 CATEGORY_NAME = CATEGORY_BY_VALUE

@@ -1,7 +1,8 @@
 """The deployment policy: who may be on a watchlist and where it may be used, as code (pure, no I/O).
 
 A policy file (JSON) is loaded and validated when the watchlist service starts; its version and digest are
-recorded with every deployment, and each decision below names the rule and the policy version it applied.
+recorded with every deployment, and each decision below names the rule and the policy version it applied. A
+library module: the watchlist service applies it, the CLI and tools/deploy_check read and validate it.
 
     {
       "version": "force-2025-03",                    # required, recorded with each deployment
