@@ -43,6 +43,7 @@ from lfr.runtime.outbox import Outbox
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
+from lfr.vectorindex import VectorIndex, collection_name
 from lfr.watchlist.core import (
     ACTIVE,
     AUTHORISED,
@@ -60,7 +61,7 @@ from lfr.watchlist.core import (
 from lfr.watchlist.identification import Identification
 from lfr.watchlist.identify import validate_identify
 from lfr.watchlist.jobs import FINISHED
-from lfr.watchlist.store import ImageStore, MetadataStore, VectorIndex, collection_name
+from lfr.watchlist.store import ImageStore, MetadataStore
 
 REFERENCE = "reference"  # the watchlist-event subject token of the reference collection
 _SUBJECT_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,63}$")

@@ -153,7 +153,7 @@ def test_only_a_checked_engine_can_be_authorised(tmp_path, engines_dir):
 def test_two_engines_vectors_never_meet_in_one_search(tmp_path, engines_dir):
     from lfr.embedding.core import ChipError, embed_chips
     from lfr.pb import common_pb2
-    from lfr.watchlist.store import VectorIndex, collection_name
+    from lfr.vectorindex import VectorIndex, collection_name
 
     # two engines of the same dimension and metric: nothing but their ids tells their vectors apart
     for mid, seed in (("acme-a", 0), ("acme-b", 1)):

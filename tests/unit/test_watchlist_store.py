@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from lfr.watchlist.store import VectorIndex
+from lfr.vectorindex import VectorIndex
 
 
 def _file_bytes(root) -> bytes:

@@ -53,7 +53,7 @@ def run(args) -> dict:
     from lfr.runtime.access import Access
     from lfr.runtime.embedded import EmbeddedSystem
     from lfr.runtime.security import ROLES
-    from lfr.watchlist.store import VectorIndex, collection_name
+    from lfr.vectorindex import VectorIndex, collection_name
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rng = np.random.default_rng(args.seed)
