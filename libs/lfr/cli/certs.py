@@ -9,15 +9,15 @@ services verify tokens against, users.json). Files still valid are kept. For dev
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 
 
 def default_out() -> Path:
-    state = os.environ.get("LFR_STATE_DIR")
-    return (Path(state) if state else Path.cwd() / "state") / "security"
+    from lfr.runtime.paths import state_dir
+
+    return state_dir() / "security"
 
 
 def certs_dev(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from lfr.pb import (
     watchlist_pb2_grpc,
 )
 from lfr.runtime.access import Access, AccessError
+from lfr.runtime.paths import state_dir
 
 
 def _image_suffixes() -> frozenset[str]:
@@ -89,7 +90,7 @@ def subject_images(folder: str | Path) -> dict[str, list[Path]]:
 
 
 def state_dir_of(args) -> Path:
-    return Path(getattr(args, "state_dir", "") or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
+    return state_dir(getattr(args, "state_dir", ""))
 
 
 def cli_access(args) -> Access:

@@ -17,7 +17,6 @@ exits 1 with one line on stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ import grpc
 from lfr.cli.ops import UNAVAILABLE_HINT
 from lfr.cli.report import Failure, _common, channel, iso, run
 from lfr.pb import ingest_pb2, ingest_pb2_grpc, match_pb2, match_pb2_grpc
+from lfr.runtime.paths import state_dir
 
 
 def emit(args, data, text: str) -> None:
@@ -170,7 +170,7 @@ def _pipeline_drops(args) -> dict | None:
     metrics, when the state folder names them (an embedded system); None otherwise."""
     from lfr.bench.live import metric_sum, scrape
 
-    state = Path(args.state_dir or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
+    state = state_dir(args.state_dir)
     try:
         urls = json.loads((state / "endpoints.json").read_text()).get("metrics", {})
         out = {s: int(metric_sum(scrape(urls[s]), "lfr_items_dropped_total", stage=stage))

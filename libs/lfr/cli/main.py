@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
+
+from lfr.runtime.paths import state_dir
 
 SERVICES = ("ingest", "detection", "embedding", "watchlist", "match", "audit")
 BENCHES = {
@@ -30,18 +31,12 @@ BENCHES = {
 }
 
 
-def default_state_dir() -> str:
-    return os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
-
-
 def cmd_serve(args) -> None:
-    os.environ.setdefault("LFR_STATE_DIR", default_state_dir())
-    module = importlib.import_module(f"lfr.{args.service}.service")
-    cls = next(v for k, v in vars(module).items() if k.endswith("Service") and k != "Service"
-               and getattr(v, "name", None) == args.service)
-    from lfr.runtime.service import main
-
-    main(cls)
+    """Become the service's process (`python -m lfr.<service>`, as `lfr up` and the images start it): the CLI is
+    a library and imports no service."""
+    os.environ.setdefault("LFR_STATE_DIR", str(state_dir()))
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", f"lfr.{args.service}"])
 
 
 class Output:
@@ -139,7 +134,7 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("up", help="embedded default: nats-server, Qdrant local mode and all six services")
-    s.add_argument("--state-dir", default=default_state_dir(), help="state folder (default ./state or $LFR_STATE_DIR)")
+    s.add_argument("--state-dir", default=str(state_dir()), help="state folder (default ./state or $LFR_STATE_DIR)")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("demo", help="enroll a watchlist, stream a real video through the embedded system, print alerts")

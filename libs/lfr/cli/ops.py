@@ -27,6 +27,7 @@ from lfr.pb import watchlist_pb2_grpc
 from lfr.policy import CATEGORY_BY_VALUE, CATEGORY_NAMES
 from lfr.runtime.access import AccessError
 from lfr.runtime.events import ts_from_ns
+from lfr.runtime.paths import state_dir
 
 CATEGORIES = CATEGORY_NAMES  # wanted-by-court, wanted-by-police, court-conditions, missing-vulnerable, risk-of-harm
 CATEGORY_NAME = CATEGORY_BY_VALUE
@@ -89,8 +90,7 @@ def category(text: str) -> int:
 def watchlist_stub(args) -> watchlist_pb2_grpc.WatchlistServiceStub:
     target = args.target
     if not target:
-        state = args.state_dir or os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
-        path = Path(state) / "endpoints.json"
+        path = state_dir(args.state_dir) / "endpoints.json"
         if not path.is_file():
             raise Failure(f"no running system found: {path} is missing (start one with `lfr up`, or pass --target)")
         target = json.loads(path.read_text())["watchlist"]
@@ -530,7 +530,7 @@ def supervisor_gone(state: Path) -> int:
 
 def system_status(args) -> None:
     """`lfr status [--wait S]`: exit 0 when every service of the system answers SERVING."""
-    state = Path(args.state_dir or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
+    state = state_dir(args.state_dir)
     deadline = time.monotonic() + args.wait
     said = ""
     while True:

@@ -23,7 +23,6 @@ import csv
 import html
 import io
 import json
-import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from lfr.pb import audit_pb2, audit_pb2_grpc, match_pb2, match_pb2_grpc
+from lfr.runtime.paths import state_dir
 
 FIELDS = ("deployment_id", "date", "start_time", "end_time", "site", "purpose_category", "watchlist_size",
           "faces_seen", "alerts", "confirmed_alerts", "false_alerts", "not_engaged", "unadjudicated", "arrests",
@@ -50,8 +50,7 @@ class Failure(Exception):
 def target_of(args, service: str) -> str:
     if args.target:
         return args.target
-    state = args.state_dir or os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
-    path = Path(state) / "endpoints.json"
+    path = state_dir(args.state_dir) / "endpoints.json"
     if not path.is_file():
         raise Failure(f"no running system found: {path} is missing (start one with `lfr up`, or pass --target)")
     return json.loads(path.read_text())[service]

@@ -95,7 +95,9 @@ def engines_dir() -> Path:
     env = os.environ.get("LFR_ENGINES_DIR")
     if env:
         return Path(env)
-    return Path(os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state") / "engines"
+    from lfr.runtime.paths import state_dir
+
+    return state_dir() / "engines"
 
 
 def _folder(model_id: str, root: Path | None = None) -> Path:

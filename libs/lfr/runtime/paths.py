@@ -1,9 +1,16 @@
-"""Where the shared test/benchmark data lives: $LFR_DATA_DIR, else ../shared/data beside the checkout."""
+"""Where things live when nobody says: the shared test/benchmark data ($LFR_DATA_DIR, else ../shared/data
+beside the checkout) and a command's state folder (--state-dir, else $LFR_STATE_DIR, else ./state)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def state_dir(given: str | Path | None = "") -> Path:
+    """The state folder a command uses: the one given (--state-dir), else $LFR_STATE_DIR, else ./state. The
+    one place this default is computed (the CLI, the benchmarks, the engines folder)."""
+    return Path(given or os.environ.get("LFR_STATE_DIR") or Path.cwd() / "state")
 
 
 def data_dir(required: bool = True) -> Path | None:
