@@ -2,7 +2,8 @@
 # A deployment from start to finish on the embedded system. Run it from the checkout (beside ../shared/data)
 # with the environment active (`tox -e lfr -- --help` once, then `. .tox/shared/bin/activate`):
 #     bash docs/walkthrough.sh
-# The README shows this file as it is, and the test suite runs it as it is (tests/e2e/test_newcomer_walkthrough.py).
+# docs/deployments-and-governance.md shows this file as it is, and the test suite runs it as it is
+# (tests/e2e/test_newcomer_walkthrough.py).
 set -euo pipefail
 DATA=${LFR_DATA_DIR:-../shared/data}          # the faces and the video used below
 WORK=${WALKTHROUGH_DIR:-./state/walkthrough}  # this walkthrough's files: the system's state, its log, images, report

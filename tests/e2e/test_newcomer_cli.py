@@ -52,10 +52,12 @@ NO_CALLER = {"up", "demo", "bench", "certs", "serve", "status"}  # commands that
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    """(the line, the lfr arguments) of every `lfr ...` (or `tox -e lfr -- ...`) command in the README's and
-    docs/walkthrough.sh's shell blocks, continuation lines joined, comments dropped, $VARS kept as words."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S) + [(ROOT / "docs" / "walkthrough.sh").read_text()]
+    """(the line, the lfr arguments) of every `lfr ...` (or `tox -e lfr -- ...`) command in the shell blocks of the
+    README and the docs pages, and in docs/walkthrough.sh, continuation lines joined, comments dropped, $VARS kept
+    as words."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```sh\n(.*?)```", page.read_text(), re.S)]
+    blocks.append((ROOT / "docs" / "walkthrough.sh").read_text())
     out = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():

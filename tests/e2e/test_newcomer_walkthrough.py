@@ -1,7 +1,8 @@
-"""The README's deployment walkthrough is docs/walkthrough.sh, shown verbatim in the README and run here exactly
-as written on the embedded system: start it and wait for it properly, create a deployment, build the list, the
-separation-of-duties refusal, authorise, start, stream a camera, watch an alert arrive, review and adjudicate it,
-end the deployment (purged), print the published records; the system it started is stopped at the end."""
+"""The deployment walkthrough is docs/walkthrough.sh, shown verbatim in docs/deployments-and-governance.md (linked
+from the README) and run here exactly as written on the embedded system: start it and wait for it properly, create
+a deployment, build the list, the separation-of-duties refusal, authorise, start, stream a camera, watch an alert
+arrive, review and adjudicate it, end the deployment (purged), print the published records; the system it started
+is stopped at the end."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docs" / "walkthrough.sh"
 
 
-def test_the_readme_shows_the_walkthrough_script_verbatim():
+def test_the_docs_show_the_walkthrough_script_verbatim():
     script = SCRIPT.read_text()
-    readme = (ROOT / "README.md").read_text()
-    assert f"```sh\n{script}```\n" in readme, "README.md must include docs/walkthrough.sh verbatim in a sh block"
+    page = (ROOT / "docs" / "deployments-and-governance.md").read_text()
+    assert f"```sh\n{script}```\n" in page, \
+        "docs/deployments-and-governance.md must include docs/walkthrough.sh verbatim in a sh block"
+    assert "(docs/deployments-and-governance.md)" in (ROOT / "README.md").read_text()
 
 
 def json_objects(text: str) -> list:

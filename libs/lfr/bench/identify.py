@@ -14,26 +14,9 @@ FPIR at the model's default threshold.
   probe is ever normalised with a cohort containing itself, and the cohort never touches the gallery.
 - rank-1/rank-2 margin rules: the decision statistic s1 − λ·s2 (λ = 0 is the plain top score).
 
-Findings on LFW View 1 (lfw-dev: gallery 1,165, 1,897 mated and 1,930 non-mated probes; TPIR at FPIR
-0.01 / 0.001, ours):
-
-- At FPIR 0.001 only one non-mated search may alarm, and the two highest non-mated scores of every model
-  are LFW naming duplicates (Sung_Hong_Choi = Choi_Sung-hong, Hasan_Wirayuda = Hassan_Wirajuda: the same
-  men filed twice; see ``nonmated_top``). TPIR at 0.001 on this folder is therefore set by a mislabelled
-  pair. Removing those two probes moves SFace from 0.517 to 0.887.
-- Flip averaging helps both embedders: SFace 0.950 / 0.468 → 0.957 / 0.517 (rank-1 0.980 → 0.983);
-  dlib 0.506 / 0.317 → 0.558 / 0.319 (rank-1 0.928 → 0.944; TAR at FAR 1e-5 0.47 → 0.54). On by default.
-- SFace: T-norm 0.955 / 0.400, Z-norm 0.956 / 0.482, S-norm 0.960 / 0.436: none raises TPIR at 0.001.
-  Margin λ = 1 gives 0.942 / 0.599 on the raw data, but without the two mislabelled probes it *lowers*
-  TPIR at 0.001 (0.887 → 0.839) and at 0.01: its raw gain only moves where one mislabelled pair falls.
-  Not kept.
-- dlib: margin λ = 0.5 gives 0.725 / 0.525 (from 0.558 / 0.319), and the gain holds without the
-  mislabelled probes (0.561 / 0.408 → 0.730 / 0.566); T-norm 0.599 / 0.437. The margin statistic depends
-  on the gallery (s2 comes from the other entries), so its threshold cannot be fixed independently of the
-  watchlist size; it is not in the engine's default decision (dlib is not the default model). Recommended
-  if dlib is ever deployed, with a threshold calibrated per watchlist size.
-- fusion: Z-norm 0.941 / 0.563, T-norm 0.941 / 0.541 (from 0.956 / 0.473): they lower TPIR at 0.01; the
-  raw 0.001 gains again hinge on the mislabelled pair. Not kept.
+What these experiments found on LFW View 1, and why none is in the default decision (the mislabelled pairs
+that set TPIR at FPIR 0.001 on that folder; flip averaging kept; T/Z/S-norm and margin rules not kept, with the
+margin rule recommended if dlib is ever deployed): docs/models-and-accuracy.md, with the figures.
 """
 
 from __future__ import annotations

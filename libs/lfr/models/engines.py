@@ -25,7 +25,7 @@ Default thresholds (``ModelInfo.threshold``) are set for watchlists, not for LFW
 at a 1:1 false-accept rate of 1e-5 over all 5.9 M impostor pairs among the View 1 *training* images, so a
 watchlist of N entries alerts on roughly N × 1e-5 of the passers-by (1 % for N = 1000). The models'
 published 1:1 thresholds (dlib 0.4, i.e. distance 0.6; OpenCV SFace cosine 0.363) accept far more: on
-LFW with a 1,165-entry gallery they alert on 95 % / 54 % of people not on the list. They are kept as
+LFW they alert on most people not on the list (docs/models-and-accuracy.md). They are kept as
 ``extra["threshold_1to1"]`` for one-to-one checks.
 
 Test-time flip averaging (mean of the vectors of the chip and its mirror image) is on for both embedders:
