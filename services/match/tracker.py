@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfr.models import scoring
-from lfr.models.boxes import Box, iou  # noqa: F401  (iou is part of this module's interface)
+from lfr.models.boxes import Box, iou
 
 
 @dataclass

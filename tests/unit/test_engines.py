@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lfr.models import engines, scoring
-from lfr.models.engines import DLIB, FUSION, SFACE
+from lfr.models.scoring import DLIB, FUSION, SFACE
 
 Scorer = scoring.recipe  # the engines score with lfr.models.scoring (tested against brute force in test_scoring)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from lfr.match.tracker import Sighting, Tracker, iou
+from lfr.match.tracker import Sighting, Tracker
+from lfr.models.boxes import iou
 
 S = 10**9
 FPS = 10

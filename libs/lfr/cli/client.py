@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +59,6 @@ class Clients:
             audit=audit_pb2_grpc.AuditServiceStub(chans["audit"]),
             channels=list(chans.values()),
         )
-
-    @classmethod
-    def from_state_dir(cls, state_dir: str | Path, aio: bool = False, access: Access | None = None) -> Clients:
-        path = Path(state_dir) / "endpoints.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no running system found: {path} is missing (start one with `lfr up`)")
-        return cls.connect(json.loads(path.read_text()), aio=aio, access=access)
 
     def close(self) -> None:
         for ch in self.channels:

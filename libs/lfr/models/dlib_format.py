@@ -197,13 +197,6 @@ class DlibReader:
             return False
         raise self.error(f"bad bool byte 0x{b:02x} (expected '0' or '1')", start)
 
-    def read_vector(self, item: Callable[[], Any]) -> list[Any]:
-        start = self.pos
-        n = self.read_uint()
-        if n > self.remaining():
-            raise self.error(f"vector count {n} exceeds the remaining data", start)
-        return [item() for _ in range(n)]
-
     def read_matrix(self, dtype: Any = np.float64) -> np.ndarray:
         """A dlib::matrix of floating point values, returned as a 2-D array."""
         start = self.pos

@@ -25,7 +25,7 @@ from torch import nn
 from lfr.models.device import resolve_device
 from lfr.models.dlib_format import LayerRecord, read_dnn
 
-__all__ = ["DlibResNet", "load_dlib_resnet", "embed_chips", "resolve_device"]
+__all__ = ["DlibResNet", "load_dlib_resnet", "embed_chips"]
 
 CHIP_SIZE = 150
 DESCRIPTOR_DIM = 128

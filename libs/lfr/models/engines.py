@@ -1,6 +1,6 @@
 """The one face-model API the platform uses: detect → align → embed → score, per model id.
 
-Models (``MODELS``; CLI aliases in ``ALIASES``):
+Models (``MODELS``; CLI aliases in ``scoring.ALIASES``):
 
 ``dlib-resnet-v1`` (alias ``dlib``)
     dlib's ResNet face descriptor on 150×150 dlib chips (YuNet box → calibrated box → dlib's 5-point shape
@@ -53,8 +53,7 @@ import numpy as np
 
 from . import scoring
 from .quality import face_quality
-from .scoring import (  # noqa: F401 - the model ids and thresholds are part of this module's API
-    ALIASES,
+from .scoring import (
     DLIB,
     DLIB_THRESHOLD,
     FUSION,
@@ -468,9 +467,6 @@ class FaceEngine:
         With P probes ((P, D) per component) the result is the (P, M) matrix.
         """
         return self.scorer.score(probe, refs)
-
-    def is_match(self, similarity: np.ndarray | float, threshold: float | None = None) -> np.ndarray | bool:
-        return self.scorer.is_match(similarity, threshold)
 
     # --- convenience ----------------------------------------------------------------------------
     def embed_faces(self, image: np.ndarray, faces: list[Face]) -> dict[str, np.ndarray]:

@@ -111,12 +111,6 @@ class ShapePredictor:
         """Landmarks (P, 2) float32 for one face box ``(x1, y1, x2, y2)`` (end exclusive)."""
         return self.predict_rects(image, [box_to_dlib_rect(box)], round_to_int=round_to_int)[0]
 
-    def predict_many(
-        self, image: np.ndarray, boxes: Sequence[Sequence[float]] | np.ndarray, *, round_to_int: bool = True
-    ) -> np.ndarray:
-        """Landmarks (N, P, 2) float32 for N boxes ``(x1, y1, x2, y2)`` on the same image."""
-        return self.predict_rects(image, [box_to_dlib_rect(b) for b in boxes], round_to_int=round_to_int)
-
     def predict_rects(
         self,
         image: np.ndarray,

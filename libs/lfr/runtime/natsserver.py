@@ -122,9 +122,3 @@ class NatsServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def env_with(**values) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in values.items()})
-    return env
