@@ -13,7 +13,7 @@ from lfr.ingest.sources import SourceState, start_thread
 from lfr.pb import ingest_pb2 as pb
 from lfr.pb import ingest_pb2_grpc, watchlist_pb2_grpc
 from lfr.runtime import events, metrics, subjects
-from lfr.runtime.deployments import DeploymentCache, is_live
+from lfr.runtime.deployments import DeploymentCache, live_refusal
 from lfr.runtime.limits import MAX_SOURCES, InputError, InputInvalid, InputTooLarge, check_source_url
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
@@ -40,7 +40,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             d = await self.svc.deployments.get(deployment_id)
         except grpc.aio.AioRpcError as exc:
             await abort(context, "UNAVAILABLE", f"cannot check the deployment: watchlist {exc.code().name}")
-        reason = is_live(d, camera_id)
+        reason = live_refusal(d, camera_id)
         if reason:
             await abort(context, "FAILED_PRECONDITION", reason)
 
@@ -136,7 +136,7 @@ class IngestService(Service):
                 d = await self.deployments.get(src.deployment_id)
             except grpc.aio.AioRpcError:
                 d = None
-            if is_live(d, src.camera_id):
+            if live_refusal(d, src.camera_id):
                 metrics.DROPPED.labels(self.name, "frames", "not_live").inc()
                 return
             await self.publish(src.deployment_id, src.camera_id, jpeg, w, h, capture_ns, t, index)

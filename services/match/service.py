@@ -19,7 +19,7 @@ from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchli
 from lfr.pb import match_pb2 as pb
 from lfr.runtime import clock, events, metrics, subjects
 from lfr.runtime.config import ConfigError
-from lfr.runtime.deployments import DeploymentCache, is_live
+from lfr.runtime.deployments import DeploymentCache, live_refusal
 from lfr.runtime.rpc import abort, channel
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -217,7 +217,7 @@ class MatchService(Service):
             c.faces_seen += faces_seen(msg)
             return
         decisions = []
-        if not is_live(d, env.camera_id) and d.watchlist_size > 0:  # the one rule: ACTIVE, in window, its camera
+        if not live_refusal(d, env.camera_id) and d.watchlist_size > 0:  # the one rule: ACTIVE, in window, its camera
             index, refs = await self._watchlist(d)  # the live watchlist's vectors, in memory: no call per frame
             probes = {}
             for comp in index.recipe.components:
@@ -335,7 +335,7 @@ class MatchService(Service):
                 d = await self.deployments.get(dep)
             except grpc.aio.AioRpcError:
                 continue  # the watchlist is unreachable: decided at the next tick
-            if is_live(d, "", check_camera=False):
+            if live_refusal(d, "", check_camera=False):
                 self.watchlists.pop(dep, None)
                 self.log.info("match.watchlist_dropped", deployment_id=dep)
 

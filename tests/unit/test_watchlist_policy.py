@@ -10,7 +10,7 @@ import pytest
 from lfr.pb import watchlist_pb2 as pb
 from lfr.policy import CATEGORY_NAMES, PolicyError, parse_policy
 from lfr.runtime.config import Config, ConfigError
-from lfr.runtime.deployments import is_live
+from lfr.runtime.deployments import live_refusal
 from lfr.runtime.events import ts_from_ns
 from lfr.watchlist.core import (
     ACTIVE,
@@ -295,19 +295,19 @@ def test_new_deployment_needs_an_actor_a_site_a_purpose_and_a_window():
     assert "past" in validate_governance(req, NOW + 3600 * S)
 
 
-def test_is_live_is_the_one_rule_for_frames_and_alerts():
+def test_live_refusal_is_the_one_rule_for_frames_and_alerts():
     d = pb.Deployment(id="d1", status=pb.DEPLOYMENT_STATUS_ACTIVE, cameras=["c1"],
                       planned_start=ts_from_ns(NOW - 60 * S), planned_end=ts_from_ns(NOW + 60 * S))
-    assert is_live(d, "c1", NOW) == ""
-    assert "camera" in is_live(d, "c2", NOW)
-    assert "expired" in is_live(d, "c1", NOW + 60 * S)
-    assert "planned start" in is_live(d, "c1", NOW - 61 * S)
-    assert "unknown" in is_live(None, "c1", NOW)
+    assert live_refusal(d, "c1", NOW) == ""
+    assert "camera" in live_refusal(d, "c2", NOW)
+    assert "expired" in live_refusal(d, "c1", NOW + 60 * S)
+    assert "planned start" in live_refusal(d, "c1", NOW - 61 * S)
+    assert "unknown" in live_refusal(None, "c1", NOW)
     for status in (pb.DEPLOYMENT_STATUS_DRAFT, pb.DEPLOYMENT_STATUS_AUTHORISED, pb.DEPLOYMENT_STATUS_ENDED):
         d.status = status
-        assert "not ACTIVE" in is_live(d, "c1", NOW)
+        assert "not ACTIVE" in live_refusal(d, "c1", NOW)
     d.status, d.end_reason = pb.DEPLOYMENT_STATUS_ENDED, "planned end passed"
-    assert "planned end passed" in is_live(d, "c1", NOW)
+    assert "planned end passed" in live_refusal(d, "c1", NOW)
 
 
 def test_audit_maps_governance_events_to_record_types():

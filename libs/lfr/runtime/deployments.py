@@ -36,7 +36,7 @@ class DeploymentCache:
         if cached:
             # A live deployment is trusted for the TTL (its end arrives as an event at once) but never past its
             # planned end; anything else is re-read soon, so a start takes effect even before its event arrives.
-            live = not is_live(cached[1], "", self.now_ns(), check_camera=False)
+            live = not live_refusal(cached[1], "", self.now_ns(), check_camera=False)
             if time.monotonic() - cached[0] < (self.ttl_s if live else self.recheck_s):
                 return cached[1]
         try:
@@ -45,7 +45,7 @@ class DeploymentCache:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and cached:
                 # The watchlist is restarting: keep what was read last, so live cameras keep matching. Safe: a
-                # lifecycle event (an end, a cancel) drops the cached value, and is_live still applies the window.
+                # lifecycle event (an end, a cancel) drops the cached value, and live_refusal still applies the window.
                 return cached[1]
             if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise
@@ -58,7 +58,7 @@ def _iso(ts) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts.seconds))
 
 
-def is_live(d: watchlist_pb2.Deployment | None, camera_id: str, now_ns: int | None = None,
+def live_refusal(d: watchlist_pb2.Deployment | None, camera_id: str, now_ns: int | None = None,
             check_camera: bool = True) -> str:
     """'' if frames from this camera may be processed for this deployment now, else the reason they may not.
 
