@@ -132,3 +132,30 @@ def test_no_module_docstring_holds_a_measured_number():
             doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
             found += [f"{path.relative_to(ROOT)}: {hit!r}" for hit in measured_numbers(doc)]
     assert not found, "measured numbers belong in docs/ (with their command and date):\n" + "\n".join(found)
+
+
+def test_every_file_and_module_the_docs_name_exists():
+    """A path of this repository (`libs/...`, `services/...`, `tools/...`, ...) or a Python module (`lfr.x.y`) named
+    in backticks by the README or a docs page exists: a moved file leaves no stale pointer behind."""
+    import importlib.util
+
+    def importable(dotted: str) -> bool:
+        parts = dotted.split(".")
+        for i in range(len(parts), 1, -1):  # `lfr.models.scoring.ExactIndex`: the module part is enough
+            try:
+                if importlib.util.find_spec(".".join(parts[:i])):
+                    return True
+            except (ImportError, ValueError):
+                continue
+        return False
+
+    stale = []
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        text = page.read_text()
+        for ref in set(re.findall(r"`((?:libs|services|tests|tools|deploy|protos|docs|\.ci)/[\w./-]+)`", text)):
+            if not (ROOT / ref.rstrip("/")).exists():
+                stale.append(f"{page.name}: {ref}")
+        for ref in set(re.findall(r"`(lfr(?:\.\w+)+)`", text)):
+            if not re.match(r"lfr\.(?:v\d|\w+\.v\d)\.", ref) and not importable(ref):  # subjects, proto packages
+                stale.append(f"{page.name}: {ref}")
+    assert not stale, sorted(stale)
