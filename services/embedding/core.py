@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from lfr.errors import Invalid
 from lfr.pb import common_pb2
 
 
-class ChipError(ValueError):
-    pass
+class ChipError(Invalid, ValueError):
+    """A chip this service cannot embed (a domain error: INVALID_ARGUMENT at the edge)."""
 
 
 def chips_to_arrays(chips: list[common_pb2.Chip], sizes: dict[str, int]) -> dict[str, tuple[list[int], np.ndarray]]:

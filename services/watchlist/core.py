@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 
+from lfr.errors import FailedPrecondition, Invalid, PermissionDenied
 from lfr.models.scoring import Recipe
 from lfr.pb import watchlist_pb2 as pb
 from lfr.policy import Policy
@@ -41,15 +42,6 @@ SWEEPER = "system:sweeper"
 
 def status_name(status: int) -> str:
     return S.Name(status).removeprefix("DEPLOYMENT_STATUS_")
-
-
-class Refused(Exception):
-    """A request the core refuses; `code` names the gRPC status the adapter returns."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -115,9 +107,8 @@ class DeploymentRecord:
         allowed, _ = TRANSITIONS[action]
         if self.status not in allowed:
             allowed_names = " or ".join(sorted(status_name(s) for s in allowed))
-            raise Refused("FAILED_PRECONDITION",
-                          f"cannot {action} deployment {self.id}: it is {status_name(self.status)}"
-                          f" (it must be {allowed_names})")
+            raise FailedPrecondition(f"cannot {action} deployment {self.id}: it is {status_name(self.status)}"
+                                     f" (it must be {allowed_names})")
 
     def transition(self, action: str, **changes) -> DeploymentRecord:
         self.check(action)
@@ -126,14 +117,14 @@ class DeploymentRecord:
     def start(self, now_ns: int, current_digest: str) -> DeploymentRecord:
         self.check("start")
         if current_digest != self.authorised_digest:
-            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: the watchlist differs from the one "
-                          "authorised; it needs authorisation again")
+            raise FailedPrecondition(f"deployment {self.id}: the watchlist differs from the one "
+                                     "authorised; it needs authorisation again")
         if now_ns < self.planned_start_ns:
-            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: its window opens at "
-                          f"{iso(self.planned_start_ns)}; it cannot start before")
+            raise FailedPrecondition(f"deployment {self.id}: its window opens at "
+                                     f"{iso(self.planned_start_ns)}; it cannot start before")
         if now_ns >= self.planned_end_ns:
-            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: its window closed at "
-                          f"{iso(self.planned_end_ns)}; it cannot start")
+            raise FailedPrecondition(f"deployment {self.id}: its window closed at "
+                                     f"{iso(self.planned_end_ns)}; it cannot start")
         return self.transition("start", started_at_ns=now_ns)
 
     def end(self, now_ns: int, reason: str) -> DeploymentRecord:
@@ -177,15 +168,15 @@ class DeploymentRecord:
         authorisations it lacks must confirm it within `confirm_within_ns`."""
         self.check("start_urgent")
         if not actor:
-            raise Refused("INVALID_ARGUMENT", "actor is required")
+            raise Invalid("actor is required")
         if not reason.strip():
-            raise Refused("INVALID_ARGUMENT", "urgent use needs a reason (why it cannot wait for authorisation)")
+            raise Invalid("urgent use needs a reason (why it cannot wait for authorisation)")
         if actor in self.builders:
-            raise Refused("PERMISSION_DENIED", f"{actor} built the watchlist of deployment {self.id} and cannot "
-                          "start it under urgency: another officer must")
+            raise PermissionDenied(f"{actor} built the watchlist of deployment {self.id} and cannot "
+                                   "start it under urgency: another officer must")
         if now_ns < self.planned_start_ns or now_ns >= self.planned_end_ns:
-            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: now is outside its window "
-                          f"{iso(self.planned_start_ns)} - {iso(self.planned_end_ns)}")
+            raise FailedPrecondition(f"deployment {self.id}: now is outside its window "
+                                     f"{iso(self.planned_start_ns)} - {iso(self.planned_end_ns)}")
         return replace(self, status=ACTIVE, started_at_ns=now_ns, urgent=True, urgent_by=actor, urgent_rank=rank,
                        urgent_reason=reason.strip(), urgent_confirm_by_ns=now_ns + confirm_within_ns,
                        authorised_digest=current_digest,
@@ -196,19 +187,19 @@ class DeploymentRecord:
         """An authorisation of an urgent deployment's list after its start; confirmed once `required` are in
         (the officer who started it under urgency does not count)."""
         if not self.urgent_unconfirmed or self.urgent_lapsed_at_ns or self.status not in (ACTIVE, ENDED):
-            raise Refused("FAILED_PRECONDITION", f"deployment {self.id} is {status_name(self.status)} and not "
-                          "awaiting confirmation of urgent use")
+            raise FailedPrecondition(f"deployment {self.id} is {status_name(self.status)} and not "
+                                     "awaiting confirmation of urgent use")
         if now_ns >= self.urgent_confirm_by_ns:
-            raise Refused("FAILED_PRECONDITION", f"deployment {self.id}: urgent use had to be confirmed by "
-                          f"{iso(self.urgent_confirm_by_ns)}")
+            raise FailedPrecondition(f"deployment {self.id}: urgent use had to be confirmed by "
+                                     f"{iso(self.urgent_confirm_by_ns)}")
         if not actor:
-            raise Refused("INVALID_ARGUMENT", "actor (the authorising officer) is required")
+            raise Invalid("actor (the authorising officer) is required")
         if actor in self.builders or actor == self.urgent_by:
-            raise Refused("PERMISSION_DENIED", f"{actor} built the watchlist or started deployment {self.id} "
-                          "under urgency and cannot confirm it: another officer must")
+            raise PermissionDenied(f"{actor} built the watchlist or started deployment {self.id} "
+                                   "under urgency and cannot confirm it: another officer must")
         if digest != self.authorised_digest or (reviewed_digest and reviewed_digest != digest):
-            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} differs from the one "
-                          "started under urgency")
+            raise FailedPrecondition(f"the watchlist of deployment {self.id} differs from the one "
+                                     "started under urgency")
         kept = tuple(a for a in self.approvals if a.digest == digest and a.actor != self.urgent_by)
         d, complete = self._approved(kept, actor, digest, required, reasons, now_ns)
         return replace(d, urgent_confirmed_at_ns=now_ns) if complete else d
@@ -217,10 +208,10 @@ class DeploymentRecord:
     def changed_by(self, actor: str) -> DeploymentRecord:
         """The record after a change of its watchlist by `actor`: back to DRAFT, approvals void."""
         if self.status not in CHANGEABLE:
-            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} cannot change: it is "
-                          f"{status_name(self.status)} (only DRAFT or AUTHORISED)")
+            raise FailedPrecondition(f"the watchlist of deployment {self.id} cannot change: it is "
+                                     f"{status_name(self.status)} (only DRAFT or AUTHORISED)")
         if not actor:
-            raise Refused("INVALID_ARGUMENT", "actor is required")
+            raise Invalid("actor is required")
         builders = self.builders if actor in self.builders else (*self.builders, actor)
         return replace(self, status=DRAFT, approvals=(), authorised_digest="", builders=builders)
 
@@ -229,13 +220,13 @@ class DeploymentRecord:
         """Record `actor`'s approval of the composition `digest`; AUTHORISED once `required` are in."""
         self.check("authorise")
         if not actor:
-            raise Refused("INVALID_ARGUMENT", "actor (the authorising officer) is required")
+            raise Invalid("actor (the authorising officer) is required")
         if actor in self.builders:
-            raise Refused("PERMISSION_DENIED", f"{actor} built the watchlist of deployment {self.id} and "
-                          "cannot authorise it: another officer must")
+            raise PermissionDenied(f"{actor} built the watchlist of deployment {self.id} and "
+                                   "cannot authorise it: another officer must")
         if reviewed_digest and reviewed_digest != digest:
-            raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {self.id} changed since it was "
-                          "reviewed: review it again")
+            raise FailedPrecondition(f"the watchlist of deployment {self.id} changed since it was "
+                                     "reviewed: review it again")
         kept = tuple(a for a in self.approvals if a.digest == digest)
         d, complete = self._approved(kept, actor, digest, required, reasons, now_ns)
         return d.transition("authorise", authorised_digest=digest) if complete else d
@@ -245,8 +236,8 @@ class DeploymentRecord:
         """The record with `actor`'s approval added to the approvals `kept`, and whether `required` are now in;
         one officer approves a list once."""
         if any(a.actor == actor for a in kept):
-            raise Refused("FAILED_PRECONDITION", f"{actor} has already approved this watchlist; "
-                          f"a second authoriser is required ({'; '.join(reasons)})")
+            raise FailedPrecondition(f"{actor} has already approved this watchlist; "
+                                     f"a second authoriser is required ({'; '.join(reasons)})")
         approvals = (*kept, Approval(actor, now_ns, digest))
         d = replace(self, approvals=approvals, authorisers_required=required, second_reasons=tuple(reasons))
         return d, len(approvals) >= required

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lfr.errors import Refused
 from lfr.models import nonmated, scoring
 from lfr.models.face_choice import Candidate
 from lfr.pb import (
@@ -51,7 +52,6 @@ from lfr.watchlist.core import (
     DeploymentRecord,
     EntryRecord,
     ImageRecord,
-    Refused,
     composition_digest,
     status_name,
     validate_governance,

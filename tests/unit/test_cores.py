@@ -9,13 +9,14 @@ import pytest
 from PIL import Image
 
 from lfr.audit.core import record_from_event
+from lfr.errors import Refused
 from lfr.ingest.core import Sampler, check_frame
 from lfr.match.core import Counters, decide_top
 from lfr.models import scoring
 from lfr.pb import common_pb2, match_pb2, watchlist_pb2
 from lfr.policy import enrollment_verdict
 from lfr.runtime import events
-from lfr.watchlist.core import DeploymentRecord, Refused, validate_new_deployment
+from lfr.watchlist.core import DeploymentRecord, validate_new_deployment
 
 
 def jpeg(w=64, h=48) -> bytes:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lfr.errors import Refused
 from lfr.pb import watchlist_pb2 as pb
 from lfr.policy import CATEGORY_NAMES, PolicyError, parse_policy
 from lfr.runtime.config import Config, ConfigError
@@ -22,7 +23,6 @@ from lfr.watchlist.core import (
     DeploymentRecord,
     EntryRecord,
     ImageRecord,
-    Refused,
     composition_digest,
     validate_governance,
     watchlist_violations,

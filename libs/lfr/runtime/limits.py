@@ -1,7 +1,8 @@
 """Hostile-input checks shared by the services: sizes before decoding, per-request counts, file inputs confined
 to the media roots, network sources restricted to rtsp(s) on allowed hosts.
 
-Every refusal is an :class:`InputError` whose ``code`` names the gRPC status the adapter answers with:
+Every refusal is an :class:`InputError` (a domain error of lfr.errors) whose ``code`` names the gRPC status the
+edge answers with:
 
 - :class:`InputInvalid` -> INVALID_ARGUMENT: malformed (not a decodable image, a relative path, a bad URL)
 - :class:`InputTooLarge` -> RESOURCE_EXHAUSTED: over a limit (encoded bytes, declared pixels, items per request)
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from lfr.errors import Invalid, NotFound, PermissionDenied, Refused, ResourceExhausted
 from lfr.models.images import ImageError, decode_image, image_header
 from lfr.runtime.config import Config
 
@@ -41,29 +43,25 @@ NETWORK_SCHEMES = ("rtsp", "rtsps")
 IMAGE_REFUSALS = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 
 
-class InputError(ValueError):
-    """Refused caller input; ``code`` is the gRPC status name the adapter answers with."""
+class InputError(Refused, ValueError):
+    """Refused caller input (a domain error, lfr.errors); ``code`` is the gRPC status name the edge answers with."""
 
     code = "INVALID_ARGUMENT"
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
-
-class InputInvalid(InputError):
+class InputInvalid(InputError, Invalid):
     code = "INVALID_ARGUMENT"
 
 
-class InputTooLarge(InputError):
+class InputTooLarge(InputError, ResourceExhausted):
     code = "RESOURCE_EXHAUSTED"
 
 
-class InputNotAllowed(InputError):
+class InputNotAllowed(InputError, PermissionDenied):
     code = "PERMISSION_DENIED"
 
 
-class InputNotFound(InputError):
+class InputNotFound(InputError, NotFound):
     code = "NOT_FOUND"
 
 

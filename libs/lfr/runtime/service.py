@@ -25,10 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from lfr.errors import Refused
 from lfr.runtime import events, metrics, subjects
 from lfr.runtime.bus import Bus
 from lfr.runtime.config import Config, ConfigError
 from lfr.runtime.logs import get_logger, setup_logging
+from lfr.runtime.rpc import bounded
 from lfr.runtime.security import AuthInterceptor, Guard, Identity, server_credentials
 from lfr.runtime.storage import STATUS, StorageGuard
 
@@ -59,8 +61,10 @@ class Service:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Logs and counts every call by code and time; an unexpected exception becomes INTERNAL with a generic
-    message (the details go to the log, never to the caller)."""
+    """Logs and counts every call by code and time. The one place domain errors meet gRPC: a refusal a core
+    raised (lfr.errors.Refused and its kinds, lfr.runtime.limits' InputError among them) becomes its status with
+    its message; an unexpected exception becomes INTERNAL with a generic message (the details go to the log,
+    never to the caller)."""
 
     def __init__(self, service: str, storage: StorageGuard | None = None):
         self.service = service
@@ -90,6 +94,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     if isinstance(exc, grpc.aio.AbortError):
                         code = (context.code() or grpc.StatusCode.UNKNOWN).name
                         raise
+                    if isinstance(exc, Refused):
+                        code = exc.code
+                        await context.abort(getattr(grpc.StatusCode, code), bounded(exc.message))
                     refusal = storage.failed(exc, method) if storage is not None else None
                     if refusal is not None:  # a full or read-only disk: the caller is told which, and may retry
                         code = refusal[0]
@@ -115,6 +122,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
+                    if isinstance(exc, Refused):
+                        await context.abort(getattr(grpc.StatusCode, exc.code), bounded(exc.message))
                     log.error("rpc.failed", method=method, error=type(exc).__name__, exc_info=True)
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
                 finally:
