@@ -6,6 +6,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from lfr.errors import FailedPrecondition, Invalid
 from lfr.pb import match_pb2
 
 
@@ -60,27 +61,26 @@ class Counters:
 NOTE_MAX = 4000
 
 
-def adjudication_refusal(outcome: int, engagement: int, note: str, actor: str, already: bool,
-                         amend: bool) -> tuple[str, str]:
-    """('', '') if an adjudication may be recorded, else (status name, reason). Enums as match_pb2 numbers."""
+def check_adjudication(outcome: int, engagement: int, note: str, actor: str, already: bool, amend: bool) -> None:
+    """Nothing if an adjudication may be recorded, else raises Invalid or FailedPrecondition (lfr.errors) with the
+    reason. Enums as match_pb2 numbers."""
     if not actor.strip():
-        return "INVALID_ARGUMENT", "actor is required: the officer who adjudicates"
+        raise Invalid("actor is required: the officer who adjudicates")
     if outcome not in (match_pb2.OUTCOME_CONFIRMED_MATCH, match_pb2.OUTCOME_FALSE_ALERT,
                        match_pb2.OUTCOME_NOT_ENGAGED):
-        return "INVALID_ARGUMENT", "outcome is required: confirmed match, false alert or not engaged"
+        raise Invalid("outcome is required: confirmed match, false alert or not engaged")
     if engagement not in match_pb2.Engagement.values():
-        return "INVALID_ARGUMENT", f"unknown engagement {engagement}"
+        raise Invalid(f"unknown engagement {engagement}")
     if outcome == match_pb2.OUTCOME_NOT_ENGAGED:
         if engagement not in (match_pb2.ENGAGEMENT_UNSPECIFIED, match_pb2.ENGAGEMENT_NO_ACTION):
-            return "INVALID_ARGUMENT", "a not-engaged alert has no engagement result (no action)"
+            raise Invalid("a not-engaged alert has no engagement result (no action)")
     elif engagement == match_pb2.ENGAGEMENT_UNSPECIFIED:
-        return "INVALID_ARGUMENT", "engagement is required for a confirmed match or a false alert: arrest, " \
-                                   "other action or no action"
+        raise Invalid("engagement is required for a confirmed match or a false alert: arrest, other action or no "
+                      "action")
     if len(note) > NOTE_MAX:
-        return "INVALID_ARGUMENT", f"note is longer than {NOTE_MAX} characters"
+        raise Invalid(f"note is longer than {NOTE_MAX} characters")
     if already and not amend:
-        return "FAILED_PRECONDITION", "the alert is already adjudicated; set amend to replace the outcome"
-    return "", ""
+        raise FailedPrecondition("the alert is already adjudicated; set amend to replace the outcome")
 
 
 MAX_ENGAGEMENT_MINUTES = 24 * 60

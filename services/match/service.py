@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from lfr.match.alerts import AlertBook
-from lfr.match.core import Counters, adjudication_refusal, decide_top, engagement_refusal, reference_refusal
+from lfr.match.core import Counters, check_adjudication, decide_top, engagement_refusal, reference_refusal
 from lfr.match.tracker import Action, AlertState, Sighting, Tracker
 from lfr.models import scoring
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
@@ -93,10 +93,8 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         book = self.svc.book
         if book.current(request.alert_id) is None:
             await abort(context, "NOT_FOUND", f"no alert {request.alert_id!r}")
-        code, reason = adjudication_refusal(request.outcome, request.engagement, request.note, request.actor,
-                                            book.adjudication(request.alert_id) is not None, request.amend)
-        if code:
-            await abort(context, code, reason)
+        check_adjudication(request.outcome, request.engagement, request.note, request.actor,
+                           book.adjudication(request.alert_id) is not None, request.amend)
         attributes = {k: v for k, v in request.attributes.items() if v}
         reason = engagement_refusal(request.outcome, request.engagement_minutes, request.person_informed,
                                     attributes, await self.svc.equitability_attributes() if attributes else {})

@@ -12,8 +12,9 @@ import pytest
 from lfr.audit import chain, report
 from lfr.audit.core import RecordData, record_from_event
 from lfr.audit.store import AuditStore
+from lfr.errors import Refused
 from lfr.match.alerts import AlertBook
-from lfr.match.core import adjudication_refusal
+from lfr.match.core import check_adjudication
 from lfr.pb import audit_pb2, match_pb2, watchlist_pb2
 from lfr.runtime import events
 from lfr.runtime.clock import ManualClock, OffsetFileClock
@@ -162,8 +163,7 @@ def test_identification_facts_name_what_they_were_about():
 
 
 def test_adjudication_rules():
-    ok = adjudication_refusal(match_pb2.OUTCOME_CONFIRMED_MATCH, match_pb2.ENGAGEMENT_ARREST, "", "pc", False, False)
-    assert ok == ("", "")
+    check_adjudication(match_pb2.OUTCOME_CONFIRMED_MATCH, match_pb2.ENGAGEMENT_ARREST, "", "pc", False, False)
     cases = [(match_pb2.OUTCOME_UNSPECIFIED, 0, "pc", False, False, "INVALID_ARGUMENT"),
              (match_pb2.OUTCOME_FALSE_ALERT, 0, "pc", False, False, "INVALID_ARGUMENT"),
              (match_pb2.OUTCOME_NOT_ENGAGED, match_pb2.ENGAGEMENT_ARREST, "pc", False, False, "INVALID_ARGUMENT"),
@@ -171,8 +171,10 @@ def test_adjudication_rules():
              (match_pb2.OUTCOME_FALSE_ALERT, match_pb2.ENGAGEMENT_NO_ACTION, "pc", True, False,
               "FAILED_PRECONDITION")]
     for outcome, engagement, actor, already, amend, code in cases:
-        assert adjudication_refusal(outcome, engagement, "", actor, already, amend)[0] == code
-    assert adjudication_refusal(match_pb2.OUTCOME_NOT_ENGAGED, 0, "", "pc", True, True) == ("", "")
+        with pytest.raises(Refused) as info:
+            check_adjudication(outcome, engagement, "", actor, already, amend)
+        assert info.value.code == code
+    check_adjudication(match_pb2.OUTCOME_NOT_ENGAGED, 0, "", "pc", True, True)  # an amendment may be recorded
 
 
 def lifecycle(dep: str, action: str, t_ns: int, **fields) -> bytes:
