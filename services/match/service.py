@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +14,7 @@ import numpy as np
 
 from lfr.match.alerts import AlertBook
 from lfr.match.core import Counters, check_adjudication, decide_top, engagement_refusal, reference_refusal
+from lfr.match.replicas import Replicas, add_stats, alert_db_name, id_prefix
 from lfr.match.tracker import Action, AlertState, Sighting, Tracker
 from lfr.models import scoring
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
@@ -48,9 +50,19 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
             await abort(context, "INVALID_ARGUMENT", "deployment_id is required")
         if await self.svc.deployments.get(request.deployment_id) is None:
             await abort(context, "NOT_FOUND", f"no deployment {request.deployment_id!r}")
+        replicas = self.svc.replicas
+        own = self._own_alerts(request)
+        async for alert in (own if replicas.local_only(context) else replicas.stream(request, context, own)):
+            yield alert
+
+    async def _own_alerts(self, request):
+        """The deployment's alerts this replica owns, from the durable stream, each as its latest revision with
+        its probe crop from the alert book."""
         subject = subjects.alerts(request.deployment_id, "*")
         async for _seq, data in self.svc.rt.bus.replay(subjects.ALERTS.name, subject, request.from_start):
             alert = pb.Alert.FromString(data)
+            if not self.svc.replicas.owns(alert.alert_id):
+                continue  # another replica's: it sends it with its crop
             current = self.svc.book.current(alert.alert_id)
             if current is not None:
                 revision, probe, deleted = current
@@ -67,11 +79,17 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
             c = Counters()  # nothing seen yet
         stats = self.svc.stats_pb(request.deployment_id, c)
         stats.pending_adjudications, stats.overdue = self.svc.book.pending_counts(request.deployment_id)
+        if not self.svc.replicas.local_only(context):  # every replica's counts added up
+            for part in await self.svc.replicas.gather("GetStats", request, context):
+                add_stats(stats, part)
         return stats
 
     async def GetAlert(self, request, context):
         if not request.alert_id or not request.actor.strip():
             await abort(context, "INVALID_ARGUMENT", "alert_id and actor (who views the crops) are required")
+        forwarded = await self.svc.replicas.owner_call("GetAlert", request, request.alert_id, context)
+        if forwarded is not None:  # another replica's alert: its owner answered (and recorded the access)
+            return forwarded
         review = self.svc.book.get(request.alert_id)
         if review is None:
             await abort(context, "NOT_FOUND", f"no alert {request.alert_id!r}")
@@ -83,13 +101,23 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
     async def ListAlerts(self, request, context):
         if not request.deployment_id:
             await abort(context, "INVALID_ARGUMENT", "deployment_id is required")
-        self.svc.accessed(context, "ListAlerts", request.actor, request.deployment_id, request.deployment_id)
-        return pb.ListAlertsResponse(alerts=self.svc.book.list(request.deployment_id, request.unadjudicated_only,
-                                                                request.overdue_only))
+        replicas = self.svc.replicas
+        local = replicas.local_only(context)
+        if not local or not replicas.peers:  # once per request, by the replica the caller called
+            self.svc.accessed(context, "ListAlerts", request.actor, request.deployment_id, request.deployment_id)
+        alerts = self.svc.book.list(request.deployment_id, request.unadjudicated_only, request.overdue_only)
+        if not local:  # every replica's alerts, in the order they were raised
+            for part in await replicas.gather("ListAlerts", request, context):
+                alerts.extend(part.alerts)
+            alerts.sort(key=lambda r: r.alert.raised_at.ToNanoseconds())
+        return pb.ListAlertsResponse(alerts=alerts)
 
     async def Adjudicate(self, request, context):
         if not request.alert_id:
             await abort(context, "INVALID_ARGUMENT", "alert_id is required")
+        forwarded = await self.svc.replicas.owner_call("Adjudicate", request, request.alert_id, context)
+        if forwarded is not None:  # another replica's alert: adjudicated in its owner's book
+            return forwarded
         book = self.svc.book
         if book.current(request.alert_id) is None:
             await abort(context, "NOT_FOUND", f"no alert {request.alert_id!r}")
@@ -136,13 +164,16 @@ class MatchService(Service):
         self.unrecorded: list[Action] = []  # alerts waiting for the alert book's disk to take writes again
         self.deployments = DeploymentCache(self.watchlist)
         self.watchlists: dict[str, tuple] = {}  # deployment -> (what was loaded, ExactIndex, entry -> subject_ref)
+        # replica i of R: its partitions of the embeddings, its alert book, alert ids that name it (lfr.match.replicas)
+        self.replicas = Replicas(cfg, self.log)
+        prefix = id_prefix(cfg.match_replica, cfg.match_replicas)
         self.tracker = Tracker(track_gap_s=cfg.track_gap_s, realert_window_s=cfg.realert_window_s,
                                update_interval_s=cfg.alert_update_interval_s, min_frames=cfg.alert_min_frames,
-                               strong_margin=cfg.alert_strong_margin)
+                               strong_margin=cfg.alert_strong_margin, new_id=lambda: prefix + uuid.uuid4().hex)
         if not cfg.alert_db and not cfg.state_dir:
             raise ConfigError("LFR_ALERT_DB (or LFR_STATE_DIR): match keeps its alert book (alerts, their crops while "
                               "retained, adjudications) in a file; name one on a persistent volume")
-        self.book = AlertBook(cfg.alert_db or cfg.state_path("match-alerts.sqlite"), clock.from_config(cfg),
+        self.book = AlertBook(cfg.alert_db or cfg.state_path(alert_db_name(cfg.match_replica)), clock.from_config(cfg),
                               cfg.adjudication_due_s, cfg.alert_retention_s)
         rt.bus.use_outbox(self.book.outbox)  # every durable fact of match leaves through the book's outbox
         self.stage = Stage(self.name, "match", cfg.queue_size * 4, 1, self._process,
@@ -185,9 +216,15 @@ class MatchService(Service):
         # rules loop catches up on an announcement missed while match was down (lapsed_deployments)
         self.lifecycle_sub = await self.rt.bus.subscribe(subjects.lifecycle(), watchlist_pb2.DeploymentEvent,
                                                          self._on_lifecycle, stage="lifecycle")
-        self.sub = await self.rt.bus.subscribe(subjects.embeddings(), embedding_pb2.EmbeddingsEvent,
-                                               lambda m, _s: self.stage.offer(m), queue=subjects.QUEUE["match"],
-                                               stage="match")
+        # this replica's partitions of the embeddings (the server maps each camera to one: its passes stay here)
+        parts = subjects.match_partitions(self.config.match_replica, self.config.match_replicas)
+        self.subs = [await self.rt.bus.subscribe(subjects.embeddings_partition(k), embedding_pb2.EmbeddingsEvent,
+                                                 lambda m, _s: self.stage.offer(m), queue=subjects.QUEUE["match"],
+                                                 stage="match")
+                     for k in (parts if self.config.match_replicas > 1 else ["*"])]
+        self.log.info("match.partitions", replica=self.config.match_replica, replicas=self.config.match_replicas,
+                      partitions=parts)
+        self.tasks.append(asyncio.create_task(self._load_live_watchlists(), name="match-watchlists"))
 
     def _counters(self, deployment_id: str) -> Counters:
         return self.counters.setdefault(deployment_id, Counters())
@@ -326,6 +363,23 @@ class MatchService(Service):
             self.log.info("match.watchlist_loaded", deployment_id=d.id, entries=len(index), model=wv.model_id)
         return held[1], held[2]
 
+    async def _load_live_watchlists(self, deployment_id: str = "") -> None:
+        """The vectors of the live deployments (or of one just started) loaded now: at this replica's start and
+        at a deployment's start, not at the first frame. Every replica loads every live deployment: which
+        cameras land on which replica is the server's hash, and a watchlist is small (128 floats per vector)."""
+        try:
+            if deployment_id:
+                found = [await self.deployments.get(deployment_id)]
+            else:
+                found = list((await self.watchlist.ListDeployments(watchlist_pb2.ListDeploymentsRequest(),
+                                                                   timeout=10)).deployments)
+            for d in found:
+                if d is not None and not live_refusal(d, "", check_camera=False) and d.watchlist_size > 0:
+                    await self._watchlist(d)
+        except grpc.aio.AioRpcError as exc:  # the watchlist is unreachable: the first frame loads it
+            self.log.warning("match.watchlist_prefetch_failed", code=exc.code().name)
+        self.tasks = [t for t in self.tasks if not t.done()]
+
     async def _drop_watchlists(self) -> None:
         """Forget the vectors of every deployment that is no longer live (ended, purged, expired)."""
         for dep in list(self.watchlists):
@@ -361,6 +415,8 @@ class MatchService(Service):
     def _on_lifecycle(self, ev: watchlist_pb2.DeploymentEvent, _subject: str) -> None:
         if ev.action == "urgent_lapsed":
             self._purge_lapsed(ev.deployment.id, ev.reason)
+        elif ev.action == "started":  # its watchlist's vectors in memory before its first frame
+            self.tasks.append(asyncio.create_task(self._load_live_watchlists(ev.deployment.id)))
 
     def _purge_lapsed(self, deployment_id: str, reason: str) -> None:
         deleted = self.book.delete_deployment_images(deployment_id, reason or "urgent use was not confirmed in time")
@@ -444,8 +500,9 @@ class MatchService(Service):
     async def stop_intake(self) -> None:
         if hasattr(self, "lifecycle_sub"):
             await self.lifecycle_sub.unsubscribe()
-        if hasattr(self, "sub"):
-            await self.sub.unsubscribe()
+        if hasattr(self, "subs"):
+            for sub in self.subs:
+                await sub.unsubscribe()
             await self.stage.drain(self.config.grace_s)
             self.worker.cancel()
             for task in self.tasks:

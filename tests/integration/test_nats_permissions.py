@@ -94,12 +94,14 @@ async def wait_for(cond, timeout_s: float = 5.0) -> bool:
 def test_one_user_per_service_and_the_table_follows_the_subjects():
     assert set(natsauth.SERVICES) == set(SERVICES) and natsauth.ADMIN not in SERVICES
     perms = natsauth.PERMISSIONS
-    biometric = {subjects.frames(), subjects.faces(), subjects.embeddings()}
+    biometric = {subjects.frames(), subjects.faces(), subjects.embeddings(), subjects.embeddings_partition()}
     # each stage publishes its output only, and each biometric subject has one publisher and one reader
     assert {u: biometric & set(p.publish) for u, p in perms.items() if biometric & set(p.publish)} == {
-        "ingest": {subjects.frames()}, "detection": {subjects.faces()}, "embedding": {subjects.embeddings()}}
+        "ingest": {subjects.frames()}, "detection": {subjects.faces()},
+        "embedding": {subjects.embeddings(), subjects.embeddings_partition()}}
     assert {u: biometric & set(p.subscribe) for u, p in perms.items() if biometric & set(p.subscribe)} == {
-        "detection": {subjects.frames()}, "embedding": {subjects.faces()}, "match": {subjects.embeddings()}}
+        "detection": {subjects.frames()}, "embedding": {subjects.faces()},
+        "match": {subjects.embeddings_partition()}}  # its partitions of the embeddings (the server maps them)
     assert [u for u, p in perms.items() if subjects.alerts() in p.publish] == ["match"]
     assert [u for u, p in perms.items() if subjects.audit() in p.publish] == ["audit"]
     for user in SERVICES:  # access events as itself only, replies on its own inbox only
@@ -162,7 +164,7 @@ async def test_every_service_does_its_job_with_its_own_user(server, creds, strea
                                        queue=subjects.QUEUE["detection"])
         await b["embedding"].subscribe(subjects.faces(), ENV, lambda m, s: got["embedding"].append(s),
                                        queue=subjects.QUEUE["embedding"])
-        await b["match"].subscribe(subjects.embeddings(), ENV, lambda m, s: got["match"].append(s),
+        await b["match"].subscribe(subjects.embeddings_partition(), ENV, lambda m, s: got["match"].append(s),
                                    queue=subjects.QUEUE["match"])
         await b["match"].subscribe(subjects.lifecycle(), ENV, lambda m, s: got["match-lc"].append(s))
         await b["ingest"].subscribe(subjects.lifecycle(), ENV, lambda m, s: got["ingest-lc"].append(s))
@@ -207,8 +209,12 @@ async def test_every_service_does_its_job_with_its_own_user(server, creds, strea
 
         assert await wait_for(lambda: len(recorded) == 2 + 5 + len(SERVICES))
         assert subjects.alerts("dep1", "cam1") in recorded and subjects.access("detection") in recorded
+        # published as embeddings.dep1.cam1, read as its partition (the server checks the publish after mapping)
+        [partitioned] = got["match"]
+        assert partitioned.rsplit(".", 1)[0] == subjects.embeddings("dep1", "cam1")
+        assert 0 <= int(partitioned.rsplit(".", 1)[1]) < subjects.MATCH_PARTITIONS
         assert got == {"detection": [subjects.frames("dep1", "cam1")], "embedding": [subjects.faces("dep1", "cam1")],
-                       "match": [subjects.embeddings("dep1", "cam1")], "match-lc": [subjects.lifecycle("dep1")],
+                       "match": [partitioned], "match-lc": [subjects.lifecycle("dep1")],
                        "ingest-lc": [subjects.lifecycle("dep1")]}
         assert {u: x.last_error for u, x in b.items()} == {u: "" for u in b}  # no violation anywhere
     finally:

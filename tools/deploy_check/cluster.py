@@ -54,6 +54,12 @@ def nats_errors(objects, index, stream_names) -> list[str]:
 
     if not m or int(m.group(1)) < Config().max_message_bytes:
         problems.append("nats.conf: max_payload must be an integer >= LFR_MAX_MESSAGE_BYTES")
+    from lfr.runtime.natsserver import mappings_config
+    from lfr.runtime.subjects import PARTITION_MAPPING
+
+    if mappings_config(PARTITION_MAPPING) not in text:
+        problems.append("nats.conf: the embeddings' partition mapping must be lfr.runtime.subjects.PARTITION_MAPPING "
+                        "(match replicas read partitions of it)")
     if "include ./permissions.conf" not in text:
         problems.append("nats.conf: must include ./permissions.conf")
     from lfr.runtime import natsauth

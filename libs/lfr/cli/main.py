@@ -67,11 +67,16 @@ def cmd_up(args) -> None:
     started this one is gone (a launcher such as tox exits on SIGTERM without passing it on)."""
     from prometheus_client import start_http_server
 
-    from lfr.runtime.embedded import EmbeddedSystem
+    from lfr.runtime.embedded import EmbeddedSystem, parse_replicas
     from lfr.runtime.natsserver import free_port
 
     out = Output()
-    system = EmbeddedSystem(args.state_dir, supervise=True, log=lambda line: out.say(json.dumps(line)))
+    try:
+        replicas = parse_replicas(args.replicas)
+    except ValueError as exc:
+        sys.exit(f"lfr up: {exc}")
+    system = EmbeddedSystem(args.state_dir, supervise=True, log=lambda line: out.say(json.dumps(line)),
+                            replicas=replicas)
     stop = threading.Event()
     why: list[str] = []
 
@@ -135,6 +140,9 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("up", help="embedded default: nats-server, Qdrant local mode and all six services")
     s.add_argument("--state-dir", default=str(state_dir()), help="state folder (default ./state or $LFR_STATE_DIR)")
+    s.add_argument("--replicas", default="", metavar="SERVICE=N,...",
+                   help="run replicas of match, detection or embedding, e.g. match=2,detection=2,embedding=2 "
+                        "(match replicas split the cameras by NATS subject partitioning; docs/scaling.md)")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("demo", help="enroll a watchlist, stream a real video through the embedded system, print alerts")

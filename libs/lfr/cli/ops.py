@@ -503,7 +503,11 @@ def system_health(state: Path) -> dict[str, str]:
         access = Access.dev(state) if (state / "security").is_dir() else Access.from_env()
     except AccessError:
         return {s: "NO_CREDENTIALS" for s in SERVICES}
-    return {s: check_health(endpoints[s], access=access, timeout=2.0) for s in SERVICES if s in endpoints}
+    health = {s: check_health(endpoints[s], access=access, timeout=2.0) for s in SERVICES if s in endpoints}
+    for s, targets in (endpoints.get("replicas") or {}).items():  # `lfr up --replicas`: "match-1", ...
+        for i, target in enumerate(targets[1:], 1):
+            health[f"{s}-{i}"] = check_health(target, access=access, timeout=2.0)
+    return health
 
 
 def supervisor_of(state: Path) -> dict:

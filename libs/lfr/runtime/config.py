@@ -74,7 +74,14 @@ class Config:
     alert_retention_s: float = _opt(31 * 86400.0, "alert probe crops and reference copies are deleted this long "
                                     "after the alert (default 31 days); the deletion is audited")
     alert_sweep_interval_s: float = _opt(5.0, "how often match applies the retention and adjudication-due rules")
-    alert_db: str = _opt("", "match's alert review store, SQLite (empty = <state dir>/match-alerts.sqlite)")
+    alert_db: str = _opt("", "match's alert review store, SQLite (empty = <state dir>/match-alerts.sqlite, "
+                         "replica i > 0: match-alerts-<i>.sqlite)")
+    match_replicas: int = _opt(1, "match replicas: they share the embeddings' partitions by camera (at most "
+                               "lfr.runtime.subjects.MATCH_PARTITIONS, 12)")
+    match_replica: int = _opt(0, "this match replica's index, 0 to LFR_MATCH_REPLICAS - 1 (Kubernetes: the "
+                              "StatefulSet's pod index); it reads the partitions k with k % replicas == index")
+    match_peers: str = _opt("", "every match replica's gRPC address, comma separated, in replica order (with more "
+                            "than one replica): each answers for its own alerts and forwards or fans out the rest")
     clock_offset_file: str = _opt("", "drills and tests: a file holding seconds added to the clock of the time "
                                   "rules (retention, adjudication due); empty = the wall clock")
     policy_file: str = _opt("", "deployment policy file (JSON; empty = the example policy shipped with LFR)")
@@ -175,6 +182,13 @@ class Config:
             raise ConfigError("LFR_ALERT_MIN_FRAMES: must be 1 or more")
         if self.alert_strong_margin < 0:
             raise ConfigError("LFR_ALERT_STRONG_MARGIN: must be 0 or more")
+        if not 1 <= self.match_replicas <= 12 or not 0 <= self.match_replica < self.match_replicas:
+            raise ConfigError("LFR_MATCH_REPLICAS / LFR_MATCH_REPLICA: replicas must be 1 to 12 and the replica's "
+                              "index 0 to replicas - 1")
+        peers = [p for p in self.match_peers.split(",") if p.strip()]
+        if self.match_replicas > 1 and len(peers) != self.match_replicas:
+            raise ConfigError(f"LFR_MATCH_PEERS: must list the {self.match_replicas} match replicas' addresses in "
+                              f"replica order (it lists {len(peers)})")
         if self.realert_window_s < 0:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
         if self.flip not in ("on", "off", "model"):

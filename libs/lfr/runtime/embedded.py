@@ -33,6 +33,10 @@ STOP_ORDER = ("ingest", "detection", "embedding", "match", "watchlist", "audit")
 TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_TARGET",
                "watchlist": "LFR_WATCHLIST_TARGET"}
 NATS = "nats"  # the supervised nats-server's name in restart counts and status
+# Services that may run more than one process here (`lfr up --replicas match=2,detection=2,embedding=2`): detection
+# and embedding share the live flow through NATS queue groups, match replicas each read their partitions of the
+# embeddings (by camera). Replica 0 keeps the service's name ("match"), the others are "match-1", "match-2", ...
+REPLICABLE = ("detection", "embedding", "match")
 CONSOLE = "console"  # the operator console (HTTP), started once the services serve (not when insecure)
 
 # Every child starts through this launcher: it sets SIGKILL as its own parent-death signal (kept across the exec)
@@ -71,21 +75,51 @@ class Backoff:
         return d
 
 
+def service_of(process: str) -> str:
+    """The service a process runs: "match-1" -> "match"."""
+    base, _, n = process.rpartition("-")
+    return base if base and n.isdigit() else process
+
+
+def replica_of(process: str) -> int:
+    base, _, n = process.rpartition("-")
+    return int(n) if base and n.isdigit() else 0
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """`match=2,detection=2` -> {"match": 2, "detection": 2}; ValueError naming what is wrong."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        name, _, n = item.partition("=")
+        if name not in REPLICABLE:
+            raise ValueError(f"--replicas: {name!r} cannot run replicas here (only {', '.join(REPLICABLE)}: "
+                             "watchlist and audit are single writers, ingest holds its sources)")
+        if not n.isdigit() or not 1 <= int(n) <= 12:
+            raise ValueError(f"--replicas: {item!r}: the number of replicas must be 1 to 12")
+        out[name] = int(n)
+    return out
+
+
 class EmbeddedSystem:
     def __init__(self, state_dir: str | Path, env: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 insecure: bool = False, media_roots=(), supervise: bool = False, log=None, console: bool = True):
+                 insecure: bool = False, media_roots=(), supervise: bool = False, log=None, console: bool = True,
+                 replicas: dict[str, int] | None = None):
         self.state_dir = Path(state_dir).resolve()
         self.host = host
         self.extra_env = dict(env or {})
         self.insecure = insecure  # plaintext and unauthenticated: only when asked for explicitly
         self.media_roots = [Path(r).resolve() for r in media_roots]  # beyond <state>/media and the shared data
         self.security: dict[str, str] = {}
-        ports = free_ports(2 * len(SERVICES) + 2, host)
+        self.replicas = {s: n for s, n in (replicas or {}).items() if n != 1}
+        parse_replicas(",".join(f"{s}={n}" for s, n in self.replicas.items()))  # the same checks as the CLI's
+        # every process: a service's replicas right after it ("match", "match-1", ...)
+        self.names = [f"{s}-{i}" if i else s for s in SERVICES for i in range(self.replicas.get(s, 1))]
+        ports = free_ports(2 * len(self.names) + 2, host)
         self.console_port = ports.pop() if console and not insecure else 0  # the console needs the dev IdP
         self.nats = NatsServer(self.state_dir / "nats", port=ports.pop())
         self.nats_secrets = self.state_dir / "security" / "nats"  # a password per service (and admin), 0600
-        self.ports = {s: ports.pop() for s in SERVICES}
-        self.metrics_ports = {s: ports.pop() for s in SERVICES}
+        self.ports = {s: ports.pop() for s in self.names}
+        self.metrics_ports = {s: ports.pop() for s in self.names}
         self.procs: dict[str, subprocess.Popen] = {}
         # Supervision: restarts per process, what ended each one last, when each was started
         self.supervised = supervise
@@ -106,13 +140,21 @@ class EmbeddedSystem:
     def endpoint(self, service: str) -> str:
         return f"{self.host}:{self.ports[service]}"
 
+    def replica_endpoints(self, service: str) -> list[str]:
+        """The gRPC addresses of a service's processes, replica 0 first."""
+        return [self.endpoint(p) for p in self.names if service_of(p) == service]
+
     def service_env(self, service: str) -> dict[str, str]:
+        process, service = service, service_of(service)  # a replica runs its service as the service's user
         env = dict(os.environ)
         env.update({
             "LFR_NATS_URL": self.nats.url, "LFR_STATE_DIR": str(self.state_dir), "LFR_GRPC_HOST": self.host,
-            "LFR_GRPC_PORT": str(self.ports[service]), "LFR_METRICS_PORT": str(self.metrics_ports[service]),
+            "LFR_GRPC_PORT": str(self.ports[process]), "LFR_METRICS_PORT": str(self.metrics_ports[process]),
             "LFR_NATS_USER": service, "LFR_NATS_PASSWORD_FILE": str(natsauth.password_file(self.nats_secrets, service)),
         })
+        if service == "match" and self.replicas.get("match", 1) > 1:  # its partitions, its peers (lfr.match.replicas)
+            env.update({"LFR_MATCH_REPLICAS": str(self.replicas["match"]), "LFR_MATCH_REPLICA": str(replica_of(process)),
+                        "LFR_MATCH_PEERS": ",".join(self.replica_endpoints("match"))})
         env.update({key: self.endpoint(s) for s, key in TARGET_KEYS.items()})
         if self.insecure:
             env["LFR_INSECURE"] = "1"
@@ -188,7 +230,7 @@ class EmbeddedSystem:
         logs.mkdir(parents=True, exist_ok=True)
         with self.lock, open(logs / f"{service}.log", "ab") as out:
             env = self.console_env() if service == CONSOLE else self.service_env(service)
-            self.procs[service] = self._popen([sys.executable, "-m", f"lfr.{service}"], env=env,
+            self.procs[service] = self._popen([sys.executable, "-m", f"lfr.{service_of(service)}"], env=env,
                                               stdout=out, stderr=out, stdin=subprocess.DEVNULL)
             self.started_at[service] = time.monotonic()
 
@@ -207,9 +249,9 @@ class EmbeddedSystem:
             with self.lock:
                 self.nats.start()
                 self.started_at[NATS] = time.monotonic()
-            for s in SERVICES:
+            for s in self.names:
                 self.start_service(s)
-            self.wait_healthy(SERVICES, timeout_s)
+            self.wait_healthy(self.names, timeout_s)
             if self.console_port:
                 self.start_service(CONSOLE)
                 self.wait_console()
@@ -227,6 +269,7 @@ class EmbeddedSystem:
             metrics["supervisor"] = self.supervisor_metrics
         return {"nats": self.nats.url, **{s: self.endpoint(s) for s in SERVICES},
                 **({"console": self.console_url()} if self.console_port else {}), "metrics": metrics,
+                "replicas": {s: self.replica_endpoints(s) for s in self.replicas},
                 "supervisor": self.status()}
 
     def write_endpoints(self) -> None:
@@ -378,7 +421,8 @@ class EmbeddedSystem:
         """Stop every process, producers first, nats-server last; then the supervisor thread (after them)."""
         self.stopping.set()
         try:
-            for s in [*STOP_ORDER, *(p for p in list(self.procs) if p not in STOP_ORDER)]:
+            order = {s: i for i, s in enumerate(STOP_ORDER)}  # a service's replicas stop with it
+            for s in sorted(self.procs, key=lambda p: order.get(service_of(p), len(order))):
                 try:
                     self.stop_service(s)
                 except Exception as exc:  # noqa: BLE001 - one failure never leaves the others running

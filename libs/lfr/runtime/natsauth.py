@@ -78,14 +78,15 @@ _FACTS = (subjects.ALERTS, subjects.EVENTS, subjects.AUDIT)
 PERMISSIONS: dict[str, Permissions] = {
     "ingest": _service("ingest", [subjects.frames()], [subjects.lifecycle()]),
     "detection": _service("detection", [subjects.faces()], [subjects.frames()]),
-    "embedding": _service("embedding", [subjects.embeddings()], [subjects.faces()]),
+    # the server checks a publish after its subject mapping: embedding's vectors arrive partitioned
+    "embedding": _service("embedding", [subjects.embeddings(), subjects.embeddings_partition()], [subjects.faces()]),
     # durable facts need only their subject: JetStream's ack comes back on the inbox
     "watchlist": _service("watchlist", [subjects.lifecycle(), subjects.watchlist()]),
     "match": _service("match", [
         subjects.alerts(), subjects.matchstats(), subjects.adjudications(), subjects.alertflags(),
         subjects.retention(),
         *_reads(subjects.ALERTS, durable=False),  # ReplayAlerts: ephemeral consumers
-    ], [subjects.embeddings(), subjects.lifecycle()]),
+    ], [subjects.embeddings_partition(), subjects.lifecycle()]),  # its partitions of the embeddings
     "audit": _service("audit", [
         subjects.audit(),
         *_declares(*_FACTS),

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from lfr.runtime import subjects
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
@@ -45,10 +47,13 @@ class NatsServer:
     `auth`: an `authorization { ... }` block (`natsauth.server_auth_config`); empty = no authentication.
     `tls_dir`: a folder with ca.pem, nats.pem and nats.key; the server then requires TLS, and with
     `tls_verify` (the default) a client certificate signed by that CA as well (mutual TLS): a password that
-    leaks, or is sent to an impostor, is then useless without a workload's key."""
+    leaks, or is sent to an impostor, is then useless without a workload's key.
+    `mappings`: the server's subject mappings (default: the platform's, `subjects.PARTITION_MAPPING`, which
+    partitions the embeddings by camera for match's replicas)."""
 
     def __init__(self, store_dir: str | Path, port: int = 0, host: str = "127.0.0.1", max_payload: int = 8 << 20,
-                 auth: str = "", tls_dir: str | Path | None = None, tls_verify: bool = True):
+                 auth: str = "", tls_dir: str | Path | None = None, tls_verify: bool = True,
+                 mappings: dict[str, str] | None = None):
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port(host)
@@ -56,6 +61,7 @@ class NatsServer:
         self.auth = auth
         self.tls_dir = Path(tls_dir) if tls_dir else None
         self.tls_verify = tls_verify
+        self.mappings = subjects.PARTITION_MAPPING if mappings is None else mappings
         self.proc: subprocess.Popen | None = None
         self.popen = None  # how to start the process (Popen-like), e.g. a supervisor's; default: its own session
 
@@ -66,6 +72,8 @@ class NatsServer:
     def config(self) -> str:
         text = (f"listen: {self.host}:{self.port}\nmax_payload: {self.max_payload}\n"
                 f"jetstream {{ store_dir: \"{self.store_dir / 'jetstream'}\" }}\n")
+        if self.mappings:
+            text += mappings_config(self.mappings)
         if self.tls_dir:
             d = self.tls_dir.resolve()
             text += (f"tls {{\n  cert_file: \"{d / 'nats.pem'}\"\n  key_file: \"{d / 'nats.key'}\"\n"
@@ -122,3 +130,9 @@ class NatsServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def mappings_config(mappings: dict[str, str]) -> str:
+    """A nats-server `mappings` block (also what deploy/k8s/base/nats/nats.conf must hold)."""
+    lines = "".join(f'  "{src}": "{dest}"\n' for src, dest in mappings.items())
+    return f"mappings {{\n{lines}}}\n"

@@ -38,7 +38,34 @@ def faces(deployment: str = "*", camera: str = "*") -> str:
 
 
 def embeddings(deployment: str = "*", camera: str = "*") -> str:
+    """Where embedding publishes a frame's vectors. The nats-server maps it (PARTITION_MAPPING) to
+    `embeddings_partition`: subscribers read the partitioned subject, never this one."""
     return _subject("embeddings", deployment, camera)
+
+
+# match scales out by camera with NATS's own deterministic subject partitioning: the server maps every
+# `lfr.v1.embeddings.<deployment>.<camera>` to `...<camera>.<k>`, k = partition(MATCH_PARTITIONS) of the
+# deployment and camera tokens, and match replica i of R reads the partitions k with k % R == i. So one
+# camera's faces always reach the same replica (its tracker and its one alert per pass hold), with no router of
+# our own. The number of partitions is fixed (the server's mapping never changes); replicas can be 1 ... it.
+MATCH_PARTITIONS = 12
+PARTITION_MAPPING = {
+    f"lfr.{VERSION}.embeddings.*.*":
+        f"lfr.{VERSION}.embeddings.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({MATCH_PARTITIONS},1,2)}}}}",
+}
+
+
+def embeddings_partition(partition: int | str = "*", deployment: str = "*", camera: str = "*") -> str:
+    """The partitioned subject of a camera's embeddings (as the server's mapping rewrites it)."""
+    return f"{embeddings(deployment, camera)}.{partition}"
+
+
+def match_partitions(replica: int, replicas: int) -> list[int]:
+    """The embeddings' partitions match replica `replica` (0-based) of `replicas` reads."""
+    if not 1 <= replicas <= MATCH_PARTITIONS or not 0 <= replica < replicas:
+        raise ValueError(f"match replica {replica} of {replicas}: replicas must be 1 to {MATCH_PARTITIONS} and "
+                         f"the replica 0 to replicas - 1")
+    return [k for k in range(MATCH_PARTITIONS) if k % replicas == replica]
 
 
 # Durable facts (JetStream, file storage) ----------------------------------------------------------
