@@ -9,7 +9,13 @@ from pathlib import Path
 
 import grpc
 
-from lfr.pb import audit_pb2_grpc, ingest_pb2_grpc, match_pb2_grpc, watchlist_pb2_grpc
+from lfr.pb import (
+    audit_pb2_grpc,
+    identification_pb2_grpc,
+    ingest_pb2_grpc,
+    match_pb2_grpc,
+    watchlist_pb2_grpc,
+)
 from lfr.runtime.access import Access
 from lfr.runtime.config import Config, ConfigError
 
@@ -23,7 +29,8 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 STUBS = {"watchlist": watchlist_pb2_grpc.WatchlistServiceStub, "match": match_pb2_grpc.MatchServiceStub,
-         "ingest": ingest_pb2_grpc.IngestServiceStub, "audit": audit_pb2_grpc.AuditServiceStub}
+         "ingest": ingest_pb2_grpc.IngestServiceStub, "audit": audit_pb2_grpc.AuditServiceStub,
+         "identification": identification_pb2_grpc.IdentificationServiceStub}
 
 
 class ApiError(Exception):
@@ -50,10 +57,12 @@ class Targets:
     match: str
     ingest: str
     audit: str
+    identification: str
 
     @classmethod
     def from_config(cls, cfg: Config) -> Targets:
-        return cls(cfg.watchlist_target, cfg.match_target, cfg.ingest_target, cfg.audit_target)
+        return cls(cfg.watchlist_target, cfg.match_target, cfg.ingest_target, cfg.audit_target,
+                   cfg.identification_target)
 
 
 def console_access(cfg: Config) -> Access:
@@ -69,7 +78,7 @@ def console_access(cfg: Config) -> Access:
 
 
 class Backend:
-    """aio channels to the four services the console uses; ``as_person(token)`` gives their stubs' calls."""
+    """aio channels to the five services the console uses; ``as_person(token)`` gives their stubs' calls."""
 
     def __init__(self, targets: Targets, access: Access):
         opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]

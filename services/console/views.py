@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from lfr.console.auth import Session, csrf_ok, may, roles_for
 from lfr.console.backend import ApiError, Calls, api_error
-from lfr.pb import audit_pb2, ingest_pb2, match_pb2, watchlist_pb2
+from lfr.pb import audit_pb2, identification_pb2, ingest_pb2, match_pb2, watchlist_pb2
 from lfr.runtime import events
 from lfr.runtime.security import AuthError
 
@@ -40,7 +40,7 @@ ENGAGEMENT_TEXT = {match_pb2.ENGAGEMENT_ARREST: "arrest", match_pb2.ENGAGEMENT_O
                    match_pb2.ENGAGEMENT_WORDS_OF_ADVICE: "words of advice",
                    match_pb2.ENGAGEMENT_NO_ACTION: "no engagement", 0: ""}
 SOURCE_STATE = {v: k.removeprefix("SOURCE_STATE_").lower() for k, v in ingest_pb2.SourceState.items()}
-JOB_STATE = {v: k.removeprefix("JOB_STATE_").lower() for k, v in watchlist_pb2.JobState.items()}
+JOB_STATE = {v: k.removeprefix("JOB_STATE_").lower() for k, v in identification_pb2.JobState.items()}
 STATS_EVERY_S = 2.0
 HEARTBEAT_S = 15.0
 PROBE_TTL_S = 300
@@ -135,7 +135,7 @@ def _nav(s: Session | None) -> list[tuple[str, str]]:
     items.append(("/records", "Records"))
     if may(s.roles, "audit", "Query"):
         items.append(("/audit", "Audit"))
-    if may(s.roles, "watchlist", "Identify") or may(s.roles, "watchlist", "ListJobs"):
+    if may(s.roles, "identification", "Identify") or may(s.roles, "identification", "ListJobs"):
         items.append(("/investigations", "Investigations"))
     return items
 
@@ -689,12 +689,12 @@ async def audit_page(request: Request) -> Response:
 # ----------------------------------------------------------------------------------------------- investigations
 async def investigations(request: Request) -> Response:
     s, calls = person(request)
-    if not (may(s.roles, "watchlist", "Identify") or may(s.roles, "watchlist", "ListJobs")):
-        need(s, "watchlist", "Identify", "Investigations")
-    galleries = await calls.unary("watchlist", "ListGalleries", watchlist_pb2.ListGalleriesRequest(),
-                                  what="Galleries") if may(s.roles, "watchlist", "ListGalleries") else None
-    jobs = await calls.unary("watchlist", "ListJobs", watchlist_pb2.ListJobsRequest(), what="Jobs") \
-        if may(s.roles, "watchlist", "ListJobs") else None
+    if not (may(s.roles, "identification", "Identify") or may(s.roles, "identification", "ListJobs")):
+        need(s, "identification", "Identify", "Investigations")
+    galleries = await calls.unary("identification", "ListGalleries", identification_pb2.ListGalleriesRequest(),
+                                  what="Galleries") if may(s.roles, "identification", "ListGalleries") else None
+    jobs = await calls.unary("identification", "ListJobs", identification_pb2.ListJobsRequest(), what="Jobs") \
+        if may(s.roles, "identification", "ListJobs") else None
     return render(request, "investigations.html", galleries=list(galleries.galleries) if galleries else [],
                   jobs=list(jobs.jobs)[::-1] if jobs else [], job_state=JOB_STATE, result=None)
 
@@ -713,7 +713,7 @@ def _target(f, req) -> None:
 
 async def identify(request: Request) -> Response:
     s, calls = person(request)
-    need(s, "watchlist", "Identify", "Operator-initiated identification")
+    need(s, "identification", "Identify", "Operator-initiated identification")
     f = await form_of(request)
     photo_key = (f.get("photo_key") or "").strip()
     if photo_key:  # a face chosen from the previous answer: the photo is still in this session's memory
@@ -728,23 +728,23 @@ async def identify(request: Request) -> Response:
             raise ApiError(400, "Request refused", "Choose the photo to search with.")
         photo_key = secrets.token_urlsafe(12)
         s.keep_image(f"photo:{photo_key}", image)
-    req = watchlist_pb2.IdentifyRequest(image=image, k=int(_float(f, "k", 10)), case_reference=f.get("case_reference", ""),
+    req = identification_pb2.IdentifyRequest(image=image, k=int(_float(f, "k", 10)), case_reference=f.get("case_reference", ""),
                                         justification=f.get("justification", ""), actor=s.user,
                                         investigation=bool(f.get("investigation")), face=int(_float(f, "face", 0)))
     _target(f, req)
-    resp = await calls.unary("watchlist", "Identify", req, timeout=60, what="The identification search")
+    resp = await calls.unary("identification", "Identify", req, timeout=60, what="The identification search")
     faces = []
     for face in resp.faces:
         key = secrets.token_urlsafe(12)
         s.keep_image(f"mem:{key}", face.crop_jpeg)
         faces.append({"n": face.face, "key": key, "q": face.quality})
-    jobs = await calls.unary("watchlist", "ListJobs", watchlist_pb2.ListJobsRequest(), what="Jobs") \
-        if may(s.roles, "watchlist", "ListJobs") else None
-    galleries = await calls.unary("watchlist", "ListGalleries", watchlist_pb2.ListGalleriesRequest(),
+    jobs = await calls.unary("identification", "ListJobs", identification_pb2.ListJobsRequest(), what="Jobs") \
+        if may(s.roles, "identification", "ListJobs") else None
+    galleries = await calls.unary("identification", "ListGalleries", identification_pb2.ListGalleriesRequest(),
                                   what="Galleries")
     return render(request, "investigations.html", galleries=list(galleries.galleries),
                   jobs=list(jobs.jobs)[::-1] if jobs else [], job_state=JOB_STATE, result=resp, faces=faces,
-                  outcome=watchlist_pb2.IdentifyOutcome.Name(resp.outcome).removeprefix("IDENTIFY_OUTCOME_").lower(),
+                  outcome=identification_pb2.IdentifyOutcome.Name(resp.outcome).removeprefix("IDENTIFY_OUTCOME_").lower(),
                   photo_key=photo_key, sent=f, category_name=dict(CATEGORIES))
 
 
@@ -758,25 +758,25 @@ async def memory_image(request: Request) -> Response:
 
 async def job_submit(request: Request) -> Response:
     s, calls = person(request)
-    need(s, "watchlist", "SubmitJob", "Retrospective identification")
+    need(s, "identification", "SubmitJob", "Retrospective identification")
     f = await form_of(request)
     media = []
     for line in (f.get("media") or "").splitlines():
         line = line.strip()
         if line:
-            media.append(watchlist_pb2.MediaSource(url=line) if "://" in line else watchlist_pb2.MediaSource(path=line))
-    req = watchlist_pb2.SubmitJobRequest(media=media, case_reference=f.get("case_reference", ""),
+            media.append(identification_pb2.MediaSource(url=line) if "://" in line else identification_pb2.MediaSource(path=line))
+    req = identification_pb2.SubmitJobRequest(media=media, case_reference=f.get("case_reference", ""),
                                          justification=f.get("justification", ""), actor=s.user,
                                          k=int(_float(f, "k", 5)), fps=_float(f, "fps"),
                                          investigation=bool(f.get("investigation")))
     _target(f, req)
-    job = await calls.unary("watchlist", "SubmitJob", req, timeout=60, what="Submitting the job")
+    job = await calls.unary("identification", "SubmitJob", req, timeout=60, what="Submitting the job")
     s.say("ok", f"Job {job.job_id[:8]} submitted.")
     return redirect(request, f"/jobs/{job.job_id}")
 
 
 async def _job_results(calls: Calls, job_id: str) -> list:
-    call = calls.stream("watchlist", "StreamResults", watchlist_pb2.StreamResultsRequest(job_id=job_id), timeout=30)
+    call = calls.stream("identification", "StreamResults", identification_pb2.StreamResultsRequest(job_id=job_id), timeout=30)
     try:
         return [r async for r in call]
     except grpc.RpcError as exc:
@@ -785,18 +785,18 @@ async def _job_results(calls: Calls, job_id: str) -> list:
 
 async def job_page(request: Request) -> Response:
     s, calls = person(request)
-    need(s, "watchlist", "GetJob", "A retrospective job")
-    job = await calls.unary("watchlist", "GetJob", watchlist_pb2.GetJobRequest(job_id=request.path_params["id"]),
+    need(s, "identification", "GetJob", "A retrospective job")
+    job = await calls.unary("identification", "GetJob", identification_pb2.GetJobRequest(job_id=request.path_params["id"]),
                             what="The job")
-    results = await _job_results(calls, job.job_id) if may(s.roles, "watchlist", "StreamResults") else []
+    results = await _job_results(calls, job.job_id) if may(s.roles, "identification", "StreamResults") else []
     return render(request, "job.html", job=job, results=results, job_state=JOB_STATE,
-                  running=job.state in (watchlist_pb2.JOB_STATE_QUEUED, watchlist_pb2.JOB_STATE_RUNNING))
+                  running=job.state in (identification_pb2.JOB_STATE_QUEUED, identification_pb2.JOB_STATE_RUNNING))
 
 
 async def job_progress(request: Request) -> Response:
     s, calls = person(request)
-    need(s, "watchlist", "GetJob", "A retrospective job")
-    job = await calls.unary("watchlist", "GetJob", watchlist_pb2.GetJobRequest(job_id=request.path_params["id"]),
+    need(s, "identification", "GetJob", "A retrospective job")
+    job = await calls.unary("identification", "GetJob", identification_pb2.GetJobRequest(job_id=request.path_params["id"]),
                             what="The job")
     p = job.progress
     return JSONResponse({"state": JOB_STATE[job.state], "frames_done": p.frames_done,
@@ -807,9 +807,9 @@ async def job_progress(request: Request) -> Response:
 
 async def job_cancel(request: Request) -> Response:
     s, calls = person(request)
-    need(s, "watchlist", "CancelJob", "Cancelling a job")
+    need(s, "identification", "CancelJob", "Cancelling a job")
     f = await form_of(request)
-    job = await calls.unary("watchlist", "CancelJob", watchlist_pb2.CancelJobRequest(
+    job = await calls.unary("identification", "CancelJob", identification_pb2.CancelJobRequest(
         job_id=request.path_params["id"], actor=s.user, reason=f.get("reason", "")), what="Cancelling the job")
     s.say("ok", f"Job {job.job_id[:8]} is {JOB_STATE[job.state]}.")
     return redirect(request, f"/jobs/{job.job_id}")

@@ -1,4 +1,4 @@
-"""Pure core of the ingest service: frame checks and frame sampling. No I/O."""
+"""Pure core of the ingest service: frame checks (sampling is `lfr.media.Sampler`). No I/O."""
 
 from __future__ import annotations
 
@@ -31,20 +31,3 @@ def check_frame(data: bytes, max_bytes: int, max_pixels: int) -> tuple[int, int]
     if fmt == "PNG" and b"IEND" not in data[-16:]:
         raise InputInvalid("PNG frame is truncated (no IEND chunk)")
     return w, h
-
-
-class Sampler:
-    """Keep frames at a target rate from a source of timestamped frames."""
-
-    def __init__(self, target_fps: float):
-        self.period = 1.0 / target_fps
-        self.next_t: float | None = None
-
-    def keep(self, t: float) -> bool:
-        if self.next_t is None:
-            self.next_t = t
-        if t + 1e-6 >= self.next_t:
-            # Advance on the grid; if the source jumped ahead, restart the grid at t.
-            self.next_t = max(self.next_t + self.period, t + self.period * 0.5)
-            return True
-        return False

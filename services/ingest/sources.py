@@ -1,5 +1,5 @@
-"""Pulled sources: a file path or rtsp(s):// URL (checked by the caller) decoded with PyAV in a thread, sampled
-to a target fps."""
+"""Pulled sources: a file path or rtsp(s):// URL (checked by the caller) opened by `lfr.media`, decoded with PyAV in
+a thread, sampled to a target fps."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import av
-
-from lfr.ingest.core import Sampler
+from lfr.media import Sampler, open_container
 from lfr.models.images import DEFAULT_MAX_PIXELS
 from lfr.runtime.limits import check_pixels
 
@@ -29,25 +27,6 @@ class SourceState:
     frames_published: int = 0
     error: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
-
-
-def open_container(url: str, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Open a checked location (see `lfr.runtime.limits.check_source_url`): an rtsp(s):// URL, or a file that
-    ffmpeg may read only as a file (no network or pseudo-protocol it could name, e.g. from a playlist). A
-    video stream whose frames would exceed `max_pixels` is refused before anything is decoded."""
-    if url.startswith(("rtsp://", "rtsps://")):
-        options = {"rtsp_transport": "tcp", "stimeout": "5000000"}
-    else:
-        options = {"protocol_whitelist": "file"}
-    container = av.open(url, options=options, timeout=10)
-    try:
-        if container.streams.video:
-            cc = container.streams.video[0].codec_context
-            check_pixels(cc.width, cc.height, max_pixels)
-    except BaseException:
-        container.close()
-        raise
-    return container
 
 
 class NonRefSkip:
@@ -79,10 +58,31 @@ class NonRefSkip:
             self.active = False  # decided
 
 
+class I420(bytes):
+    """A decoded frame's planes, YUV 4:2:0: Y (w x h), then U and V (w/2 x h/2 each). Handed to detection as they
+    are (FrameEvent.i420): no JPEG encode here, no decode there (#14)."""
+
+
+def frame_payload(frame, encoding: str, jpeg_quality: int, raw_limit: int) -> bytes:
+    """What ingest publishes of a decoded frame: its I420 planes (`encoding` "raw", even dimensions, at most
+    `raw_limit` bytes), else a JPEG. H.264 decodes to yuv420p already, so the planes are one copy; other pixel
+    formats are converted by the decoder's own scaler (no RGB step)."""
+    w, h = frame.width, frame.height
+    if encoding == "raw" and w % 2 == 0 and h % 2 == 0 and w * h * 3 // 2 <= raw_limit:
+        if frame.format.name not in ("yuv420p", "yuvj420p"):
+            frame = frame.reformat(format="yuv420p")
+        return I420(frame.to_ndarray().tobytes())
+    buf = io.BytesIO()
+    frame.to_image().save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue()
+
+
 def run_source(src: SourceState, jpeg_quality: int,
-               emit: Callable[[bytes, int, int, int, float, int], None], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Decode, sample and hand frames to `emit(jpeg, w, h, capture_ns, video_time_s, index)` until the end
-    of the source or `src.stop`. Files are paced at their own frame rate when `realtime` is set."""
+               emit: Callable[[bytes, int, int, int, float, int], None], max_pixels: int = DEFAULT_MAX_PIXELS,
+               encoding: str = "jpeg", raw_limit: int = 0) -> None:
+    """Decode, sample and hand frames to `emit(image, w, h, capture_ns, video_time_s, index)` until the end
+    of the source or `src.stop`; `image` is a JPEG, or the frame's `I420` planes (`frame_payload`). Files are paced
+    at their own frame rate when `realtime` is set."""
     try:
         with open_container(src.url, max_pixels) as container:
             stream = container.streams.video[0]
@@ -106,9 +106,8 @@ def run_source(src: SourceState, jpeg_quality: int,
                         src.stop.wait(delay)
                 check_pixels(frame.width, frame.height, max_pixels)  # a stream may change size midway
                 capture_ns = time.time_ns()
-                buf = io.BytesIO()
-                frame.to_image().save(buf, format="JPEG", quality=jpeg_quality)
-                emit(buf.getvalue(), frame.width, frame.height, capture_ns, t, index - 1)
+                emit(frame_payload(frame, encoding, jpeg_quality, raw_limit), frame.width, frame.height, capture_ns, t,
+                     index - 1)
                 src.frames_published += 1
         src.state = "FINISHED"
     except Exception as exc:  # a source failure is reported on the source, never crashes the service
@@ -117,8 +116,9 @@ def run_source(src: SourceState, jpeg_quality: int,
 
 
 async def start_thread(loop: asyncio.AbstractEventLoop, src: SourceState, jpeg_quality: int, emit,
-                       max_pixels: int = DEFAULT_MAX_PIXELS) -> threading.Thread:
-    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit, max_pixels),
+                       max_pixels: int = DEFAULT_MAX_PIXELS, encoding: str = "jpeg",
+                       raw_limit: int = 0) -> threading.Thread:
+    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit, max_pixels, encoding, raw_limit),
                               name=f"source-{src.source_id}", daemon=True)
     thread.start()
     return thread

@@ -1,6 +1,6 @@
 """Watchlist service: deployments and their lifecycle, the reference collection, bespoke watchlists with the
-policy and quality gate, authorisation, the sweeper (automatic end, purge), and search; galleries, operator-
-initiated identification and retrospective jobs (`identification.py`).
+policy and quality gate, authorisation, the sweeper (automatic end, purge), and search. (Galleries,
+operator-initiated identification and retrospective jobs are the identification service's.)
 
 The gRPC servicer only checks request fields and maps refusals to statuses; the decisions are in the pure
 core (`core.py`, `policy.py`). Every decision is published as a durable event (lifecycle or watchlist).
@@ -58,9 +58,6 @@ from lfr.watchlist.core import (
     validate_new_deployment,
     watchlist_violations,
 )
-from lfr.watchlist.identification import Identification
-from lfr.watchlist.identify import validate_identify
-from lfr.watchlist.jobs import FINISHED
 from lfr.watchlist.store import ImageStore, MetadataStore
 
 REFERENCE = "reference"  # the watchlist-event subject token of the reference collection
@@ -317,71 +314,6 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
                           "deployment's watchlist is handed out for matching")
         return await self.svc.watchlist_vectors(d)
 
-    # Galleries, operator-initiated and retrospective identification ---------------------------------------
-    @refusals
-    async def AddGalleryImages(self, request, context):
-        self._provenance(request)
-        captured = _images_captured(request)
-        return await self.svc.ident.add_gallery_images(request, captured)
-
-    @refusals
-    async def FindGalleryImages(self, request, context):
-        limits.check_count(len(request.sha256), limits.MAX_DIGESTS_PER_REQUEST, "digests")
-        g = self.svc.ident.gallery(request.gallery)
-        present = self.svc.ident.store.known_sha256(g.name, list(request.sha256))
-        return pb.FindGalleryImagesResponse(present=[x for x in request.sha256 if x in present])
-
-    @refusals
-    async def GetGallery(self, request, context):
-        return self.svc.ident.gallery_pb(self.svc.ident.gallery(request.gallery))
-
-    async def ListGalleries(self, request, context):
-        ident = self.svc.ident
-        return pb.ListGalleriesResponse(galleries=[ident.gallery_pb(ident.store.get(n)) for n in ident.store.names()])
-
-    @refusals
-    async def Identify(self, request, context):
-        error = validate_identify(request)
-        if error:
-            raise Refused("INVALID_ARGUMENT", error)
-        return await self.svc.ident.identify(request)
-
-    @refusals
-    async def ReembedGallery(self, request, context):
-        return await self.svc.ident.reembed_gallery(request)
-
-    @refusals
-    async def SubmitJob(self, request, context):
-        return await self.svc.ident.submit(request)
-
-    @refusals
-    async def GetJob(self, request, context):
-        return self.svc.ident.job_pb(self.svc.ident.get_job(request.job_id))
-
-    async def ListJobs(self, request, context):
-        ident = self.svc.ident
-        return pb.ListJobsResponse(jobs=[ident.job_pb(j) for j in ident.list_jobs()])
-
-    async def StreamResults(self, request, context):
-        ident = self.svc.ident
-        try:
-            ident.get_job(request.job_id)
-        except Refused as exc:
-            await abort(context, exc.code, exc.message)
-        seq = request.after_seq
-        while True:
-            finished = ident.get_job(request.job_id).state in FINISHED  # read before the results: none missed
-            for r in ident.results(request.job_id, seq):
-                seq = r.seq
-                yield r
-            if finished or not request.follow:
-                return
-            await asyncio.sleep(0.25)
-
-    @refusals
-    async def CancelJob(self, request, context):
-        return await self.svc.ident.cancel(request.job_id, request.actor, request.reason)
-
 
 class WatchlistService(Service):
     name = "watchlist"
@@ -396,11 +328,12 @@ class WatchlistService(Service):
         self.policy = load_policy(cfg.policy_file)
         self.clock = clock.from_config(cfg)
         self.purge_after_ns = int(cfg.purge_after_s * 1e9)
-        self.meta = MetadataStore(cfg.state_path("watchlist.sqlite"))
+        cfg.watchlist_path().mkdir(parents=True, exist_ok=True)  # LFR_WATCHLIST_DIR, else the state dir
+        self.meta = MetadataStore(cfg.watchlist_path("watchlist.sqlite"))
         # durable facts are written to the metadata database, in the transaction of the change they report
         self.outbox = rt.bus.use_outbox(Outbox(self.meta.db, self.meta.lock, self.name))
-        self.images = ImageStore(cfg.state_path("watchlist-images"))
-        self.index = await rt.run_cpu(lambda: VectorIndex(cfg.state_path("qdrant") if not cfg.qdrant_url else None,
+        self.images = ImageStore(cfg.watchlist_path("watchlist-images"))
+        self.index = await rt.run_cpu(lambda: VectorIndex(cfg.watchlist_path("qdrant") if not cfg.qdrant_url else None,
                                                            cfg.qdrant_url, cfg.qdrant_api_key))
         self.detection = detection_pb2_grpc.DetectionServiceStub(channel(cfg.detection_target, cfg))
         self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel(cfg.embedding_target, cfg))
@@ -408,7 +341,6 @@ class WatchlistService(Service):
         self._recipe: tuple[tuple[str, str], scoring.Recipe] | None = None
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sweeper: asyncio.Task | None = None
-        self.ident = Identification(self)
         self.log.info("watchlist.policy", version=self.policy.version, digest=self.policy.digest)
         rt.add_servicer(watchlist_pb2_grpc.add_WatchlistServiceServicer_to_server, WatchlistServicer(self),
                         pb.DESCRIPTOR.services_by_name["WatchlistService"])
@@ -417,11 +349,8 @@ class WatchlistService(Service):
         await self.sweep()  # what came due while the service was down (automatic end, purge) is done first
         self.sweeper = asyncio.create_task(self._sweep_forever(), name="watchlist-sweeper")
         await self.model()
-        await self.ident.start()  # galleries loaded, unfinished jobs resumed
 
     async def stop_intake(self) -> None:
-        if hasattr(self, "ident"):
-            await self.ident.stop()  # a running job stops at once; it resumes from its checkpoint at the next start
         if self.sweeper is not None:
             self.sweeper.cancel()
             try:
@@ -1113,8 +1042,6 @@ class WatchlistService(Service):
         return out
 
     async def close(self) -> None:
-        if hasattr(self, "ident"):
-            self.ident.close()
         if hasattr(self, "index"):
             self.index.close()
         if hasattr(self, "meta"):

@@ -19,6 +19,7 @@ from lfr.pb import (
     common_pb2,
     detection_pb2,
     embedding_pb2,
+    identification_pb2,
     ingest_pb2,
     match_pb2,
     watchlist_pb2,
@@ -30,6 +31,7 @@ EXPECTED = {
     "ingest": "lfr.ingest.v1.IngestService", "detection": "lfr.detection.v1.DetectionService",
     "embedding": "lfr.embedding.v1.EmbeddingService", "watchlist": "lfr.watchlist.v1.WatchlistService",
     "match": "lfr.match.v1.MatchService", "audit": "lfr.audit.v1.AuditService",
+    "identification": "lfr.identification.v1.IdentificationService",
 }
 
 
@@ -151,7 +153,7 @@ def hostile_input(clients, live_deployment: str, tmp_path) -> None:
     code, msg = code_of(clients.ingest.PushFrames, iter([ingest_pb2.PushFrameRequest(
         deployment_id=live_deployment, camera_id="c1", image=bomb)]))
     assert code == C.RESOURCE_EXHAUSTED and "pixels" in msg
-    code, msg = code_of(clients.watchlist.Identify, watchlist_pb2.IdentifyRequest(
+    code, msg = code_of(clients.identification.Identify, identification_pb2.IdentifyRequest(
         image=bomb, gallery="g", case_reference="C-1", justification="test", actor="op"))
     assert code == C.RESOURCE_EXHAUSTED and "probe image refused (too_many_pixels)" in msg
     d = create_deployment(clients, "bomb", ["c1"])
@@ -174,10 +176,10 @@ def hostile_input(clients, live_deployment: str, tmp_path) -> None:
                 deployment_id=live_deployment, camera_id="c1", url=url))
             assert code == C.PERMISSION_DENIED and why in msg, (url, code, msg)
         job = dict(gallery="g", case_reference="C-1", justification="test", actor="op")
-        for media, why in [(watchlist_pb2.MediaSource(path=str(outside)), "outside the media roots"),
-                           (watchlist_pb2.MediaSource(path=str(tmp_path / "escape.mp4")), "link"),
-                           (watchlist_pb2.MediaSource(url="ftp://example.com/v.mp4"), "not allowed")]:
-            code, msg = code_of(clients.watchlist.SubmitJob, watchlist_pb2.SubmitJobRequest(media=[media], **job))
+        for media, why in [(identification_pb2.MediaSource(path=str(outside)), "outside the media roots"),
+                           (identification_pb2.MediaSource(path=str(tmp_path / "escape.mp4")), "link"),
+                           (identification_pb2.MediaSource(url="ftp://example.com/v.mp4"), "not allowed")]:
+            code, msg = code_of(clients.identification.SubmitJob, identification_pb2.SubmitJobRequest(media=[media], **job))
             assert code == C.PERMISSION_DENIED and why in msg, (media, code, msg)
     finally:
         shutil.rmtree(outside, ignore_errors=True)
@@ -189,7 +191,7 @@ def test_a_timestamp_outside_years_1_to_9999_is_invalid_argument(clients, data):
     C = grpc.StatusCode
     jpeg = (data / "faces/misc/obama.jpg").read_bytes()
     far = Timestamp(seconds=-(2**63))
-    code, msg = code_of(clients.watchlist.AddGalleryImages, watchlist_pb2.AddGalleryImagesRequest(
+    code, msg = code_of(clients.identification.AddGalleryImages, identification_pb2.AddGalleryImagesRequest(
         gallery="ts-gallery", subject_ref="s", source_system="test", legal_basis="test", images=[jpeg],
         captured_at=[far], actor="e2e"))
     assert code == C.INVALID_ARGUMENT and "captured_at" in msg, (code, msg)

@@ -29,7 +29,15 @@ from hypothesis import strategies as st
 
 from lfr.bench.abuse import ApiMethod, api_methods, bearer, call, jpeg_bomb, png_bomb, tiny_image
 from lfr.cli.live import create_deployment, enroll
-from lfr.pb import audit_pb2, common_pb2, detection_pb2, embedding_pb2, ingest_pb2, watchlist_pb2
+from lfr.pb import (
+    audit_pb2,
+    common_pb2,
+    detection_pb2,
+    embedding_pb2,
+    identification_pb2,
+    ingest_pb2,
+    watchlist_pb2,
+)
 from lfr.runtime import events
 from lfr.runtime.access import Access
 from lfr.runtime.devidp import find_dev_idp
@@ -217,13 +225,13 @@ TEMPLATES: dict[str, Callable[[], object]] = {
         captured_at=[_ts(-86400)], actor=SELF),
     "lfr.watchlist.v1.AddFromReferenceRequest": lambda: watchlist_pb2.AddFromReferenceRequest(
         deployment_id=TEMPLATE_IDS["deployment"], subject_refs=["fuzz-subject"], category=2, actor=SELF),
-    "lfr.watchlist.v1.AddGalleryImagesRequest": lambda: watchlist_pb2.AddGalleryImagesRequest(
+    "lfr.identification.v1.AddGalleryImagesRequest": lambda: identification_pb2.AddGalleryImagesRequest(
         gallery="fuzz-gallery", subject_ref="fuzz-subject", images=[_face()], legal_basis="testing",
         source_system="fuzz", actor=SELF),
-    "lfr.watchlist.v1.IdentifyRequest": lambda: watchlist_pb2.IdentifyRequest(
+    "lfr.identification.v1.IdentifyRequest": lambda: identification_pb2.IdentifyRequest(
         image=_face(), gallery="fuzz-gallery", case_reference="case-1", justification="fuzzing", k=3, actor=SELF),
-    "lfr.watchlist.v1.SubmitJobRequest": lambda: watchlist_pb2.SubmitJobRequest(
-        media=[watchlist_pb2.MediaSource(path=TEMPLATE_IDS["image"])], gallery="fuzz-gallery",
+    "lfr.identification.v1.SubmitJobRequest": lambda: identification_pb2.SubmitJobRequest(
+        media=[identification_pb2.MediaSource(path=TEMPLATE_IDS["image"])], gallery="fuzz-gallery",
         case_reference="case-1", justification="fuzzing", actor=SELF),
     "lfr.watchlist.v1.SearchRequest": lambda: watchlist_pb2.SearchRequest(
         deployment_id=TEMPLATE_IDS["deployment"], k=1,

@@ -25,10 +25,10 @@ from lfr.bench import metrics
 from lfr.bench.identify import _select
 from lfr.bench.lfw import list_identities
 from lfr.bench.oifr import evaluate_oifr, library_flip
+from lfr.models.face_choice import central_index
 from lfr.pb import audit_pb2
-from lfr.pb import watchlist_pb2 as pb
+from lfr.pb import identification_pb2 as pb
 from lfr.runtime import clock
-from lfr.watchlist.identification import central_index
 
 GALLERY = "custody"
 C = grpc.StatusCode
@@ -69,7 +69,7 @@ def gallery(clients, lfw, data, ground_truth):
 
 
 def add(clients, subject: str, images: list[bytes], gallery: str = GALLERY) -> pb.AddGalleryImagesResponse:
-    return clients.watchlist.AddGalleryImages(pb.AddGalleryImagesRequest(
+    return clients.identification.AddGalleryImages(pb.AddGalleryImagesRequest(
         gallery=gallery, subject_ref=subject, source_system="custody", legal_basis="PACE s.64A", images=images,
         actor="records-officer"), timeout=120)
 
@@ -78,7 +78,7 @@ def identify(clients, image: bytes, **kw) -> pb.IdentifyResponse:
     req = dict(gallery=GALLERY, case_reference="CASE-42", justification="unconscious person, no identification",
                actor="PC 17 Jones")
     req.update(kw)
-    return clients.watchlist.Identify(pb.IdentifyRequest(image=image, **req), timeout=120)
+    return clients.identification.Identify(pb.IdentifyRequest(image=image, **req), timeout=120)
 
 
 def audit(clients, prefix: str) -> list[dict]:
@@ -91,7 +91,7 @@ def wait_for(predicate, timeout_s=60.0, interval=0.3):  # jobs take longer than 
 
 
 def get_job(clients, job_id: str) -> pb.Job:
-    return clients.watchlist.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30)
+    return clients.identification.GetJob(pb.GetJobRequest(job_id=job_id), timeout=30)
 
 
 def wait_job(clients, job_id: str, timeout_s=400.0) -> pb.Job:
@@ -100,20 +100,20 @@ def wait_job(clients, job_id: str, timeout_s=400.0) -> pb.Job:
 
 
 def results(clients, job_id: str) -> list[pb.JobResult]:
-    return list(clients.watchlist.StreamResults(pb.StreamResultsRequest(job_id=job_id), timeout=60))
+    return list(clients.identification.StreamResults(pb.StreamResultsRequest(job_id=job_id), timeout=60))
 
 
 def submit(clients, media: list[Path], **kw) -> pb.Job:
     req = dict(gallery=GALLERY, case_reference="OP-ARCADE", justification="disorder on 12 May: identify suspects",
                actor="DC 9 Price")
     req.update(kw)
-    return clients.watchlist.SubmitJob(pb.SubmitJobRequest(
+    return clients.identification.SubmitJob(pb.SubmitJobRequest(
         media=[pb.MediaSource(path=str(m)) for m in media], **req), timeout=60)
 
 
 # Operator-initiated identification ---------------------------------------------------------------------------
 def test_identify_ranks_the_right_person_first_and_audits_the_search(system, clients, lfw, gallery):
-    g = clients.watchlist.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30)
+    g = clients.identification.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30)
     assert g.images == len(gallery) and g.model_id == "sface-2021dec"
     for person in people_with(lfw, 3, 12)[:4]:
         probe = (lfw / list_identities(lfw)[person][1]).read_bytes()  # another photo than the one in the gallery
@@ -147,7 +147,7 @@ def test_identify_ranks_the_right_person_first_and_audits_the_search(system, cli
     for path in Path(system.state_dir).rglob("*"):
         if path.is_file() and path.stat().st_size < 200 << 20 and "logs" not in path.parts:
             assert marker not in path.read_bytes(), f"probe bytes found in {path}"
-    assert clients.watchlist.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30).images == len(gallery)
+    assert clients.identification.GetGallery(pb.GetGalleryRequest(gallery=GALLERY), timeout=30).images == len(gallery)
 
 
 def test_several_faces_no_face_and_bad_requests(clients, data, gallery):
@@ -182,7 +182,7 @@ def test_identify_benchmark_through_the_grpc_path_gives_the_library_tpir(clients
     fpirs = metrics.fpir_points(sum(1 for v in identities.values() if len(v) == 1))
     pipe = OursPipeline("sface", flip=library_flip(None), quiet=True)  # embed as the embedding service does
     library = library_identify.evaluate(pipe, lfw, identities, fpirs, False)
-    oifr = evaluate_oifr(clients.watchlist, lfw, identities, fpirs, "bench-oifr", pipe.scorer.threshold)
+    oifr = evaluate_oifr(clients.identification, lfw, identities, fpirs, "bench-oifr", pipe.scorer.threshold)
     assert library["no_face"] == 0 and oifr["no_face"] == 0  # both chose the same faces
     assert oifr["mated_probes"] == library["mated_probes"] >= 20 and oifr["nonmated_probes"] >= 20
     assert oifr["rank1"] == library["rank1"]
@@ -234,7 +234,7 @@ def test_job_over_real_videos_a_known_video_and_an_image_folder(system, clients,
     assert all(r.candidates[0].subject_ref == person and not r.video for r in stills)
     # faster than real time: media seconds examined per second of work, measured by the job itself
     assert p.media_seconds_done > 15 and p.realtime_factor > 1.0, (p.realtime_factor, wall)
-    assert not (Path(system.state_dir) / "jobs" / final.job_id).exists()  # temporary data gone
+    assert not (Path(system.state_dir) / "identification" / "jobs" / final.job_id).exists()  # temporary data gone
     records = wait_for(lambda: audit(clients, "watchlist.identification_job_finished"))
     assert records and records[-1]["job_id"] == final.job_id and records[-1]["case_reference"] == "OP-ARCADE"
     assert records[-1]["results"] == len(out)
@@ -243,16 +243,16 @@ def test_job_over_real_videos_a_known_video_and_an_image_folder(system, clients,
 def test_cancel_a_job_deletes_its_temporary_data(system, clients, data, gallery):
     job = submit(clients, [data / "video/stage-audience-360p30.mp4", data / "video/pedestrians-1080p25.mp4"],
                  fps=10, investigation=True)
-    work = Path(system.state_dir) / "jobs" / job.job_id
+    work = Path(system.state_dir) / "identification" / "jobs" / job.job_id
     assert wait_for(lambda: get_job(clients, job.job_id).progress.frames_done >= 8, 120)
     assert wait_for(lambda: work.exists(), 60)  # open appearances checkpointed while it runs
-    cancelled = clients.watchlist.CancelJob(pb.CancelJobRequest(job_id=job.job_id, actor="DS 4 Khan",
+    cancelled = clients.identification.CancelJob(pb.CancelJobRequest(job_id=job.job_id, actor="DS 4 Khan",
                                                                 reason="wrong footage"), timeout=60)
     assert cancelled.state == pb.JOB_STATE_CANCELLED and cancelled.cancelled_by == "DS 4 Khan"
     assert cancelled.progress.frames_done < cancelled.progress.frames_total
     assert not work.exists()
     with pytest.raises(grpc.RpcError) as info:
-        clients.watchlist.CancelJob(pb.CancelJobRequest(job_id=job.job_id, actor="DS 4 Khan"), timeout=30)
+        clients.identification.CancelJob(pb.CancelJobRequest(job_id=job.job_id, actor="DS 4 Khan"), timeout=30)
     assert info.value.code() == C.FAILED_PRECONDITION
     records = wait_for(lambda: audit(clients, "watchlist.identification_job_cancelled"))
     assert records[-1]["job_id"] == job.job_id and records[-1]["_actor"] == "DS 4 Khan"
@@ -263,7 +263,7 @@ def test_a_job_resumes_after_a_restart_and_cleans_up(system, clients, data, gall
                  fps=8)
     before = wait_for(lambda: (j := get_job(clients, job.job_id)).progress.frames_done >= 16 and j, 180)
     assert before and before.state == pb.JOB_STATE_RUNNING
-    system.restart_service("watchlist")
+    system.restart_service("identification")
     after = get_job(clients, job.job_id)
     assert after.resumes == 1 and after.progress.frames_done >= before.progress.frames_done  # not from zero
     final = wait_job(clients, job.job_id)
@@ -272,7 +272,7 @@ def test_a_job_resumes_after_a_restart_and_cleans_up(system, clients, data, gall
     assert final.progress.frames_done <= final.progress.frames_total + 8  # no frame examined twice over
     webcam = [r for r in results(clients, job.job_id) if r.item.endswith("webcam-help-480p30.mkv")]
     assert [r.candidates[0].subject_ref for r in webcam] == ["WEBCAM-A"]
-    assert not (Path(system.state_dir) / "jobs" / job.job_id).exists()
+    assert not (Path(system.state_dir) / "identification" / "jobs" / job.job_id).exists()
 
 
 def test_cli_identify_gallery_import_and_jobs(system, clients, lfw, data, tmp_path, gallery):

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LFR = [sys.executable, "-m", "lfr.cli.main"]
 _W, _M, _A, _I = ("/lfr.watchlist.v1.WatchlistService/", "/lfr.match.v1.MatchService/",
                   "/lfr.audit.v1.AuditService/", "/lfr.ingest.v1.IngestService/")
+_ID = "/lfr.identification.v1.IdentificationService/"
 # The gRPC method each command of the README calls first (its role decides who may run it).
 METHODS = {
     ("deployment", "create"): _W + "CreateDeployment", ("deployment", "authorise"): _W + "AuthoriseDeployment",
@@ -42,9 +43,9 @@ METHODS = {
     ("report", "deployments"): _A + "PublicRecords", ("report", "totals"): _A + "Totals",
     ("report", "deployment"): _A + "DeploymentReport", ("audit", "verify"): _A + "Verify",
     ("audit", "query"): _A + "Query",
-    ("identify",): _W + "Identify", ("gallery", "import"): _W + "AddGalleryImages",
-    ("gallery", "show"): _W + "GetGallery", ("job", "submit"): _W + "SubmitJob", ("job", "status"): _W + "GetJob",
-    ("job", "results"): _W + "StreamResults", ("job", "cancel"): _W + "CancelJob", ("job", "list"): _W + "ListJobs",
+    ("identify",): _ID + "Identify", ("gallery", "import"): _ID + "AddGalleryImages",
+    ("gallery", "show"): _ID + "GetGallery", ("job", "submit"): _ID + "SubmitJob", ("job", "status"): _ID + "GetJob",
+    ("job", "results"): _ID + "StreamResults", ("job", "cancel"): _ID + "CancelJob", ("job", "list"): _ID + "ListJobs",
     ("source", "start"): _I + "StartSource", ("source", "stop"): _I + "StopSource",
     ("source", "list"): _I + "ListSources",
 }

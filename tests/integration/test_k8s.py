@@ -287,16 +287,16 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
     (lambda o: containers(o, "ingest")[0].setdefault("env", []).append({"name": "LFR_INSECURE", "value": "true"}),
      "Deployment/ingest: sets LFR_INSECURE"),
     # media: only from read-only mounts, only where media are read; camera hosts need a way to the cameras
-    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_MEDIA_ROOTS="/var/lib/lfr"),
-     "Deployment/watchlist: LFR_MEDIA_ROOTS entry '/var/lib/lfr' must lie on a readOnly volume mount"),
+    (lambda o: find(o, "ConfigMap", "lfr-identification")["data"].update(LFR_MEDIA_ROOTS="/var/lib/lfr"),
+     "Deployment/identification: LFR_MEDIA_ROOTS entry '/var/lib/lfr' must lie on a readOnly volume mount"),
     (lambda o: mount(o, "ingest", "media").pop("readOnly"),
      "Deployment/ingest: LFR_MEDIA_ROOTS entry '/srv/lfr/media' must lie on a readOnly volume mount"),
     (lambda o: find(o, "ConfigMap", "lfr-ingest")["data"].pop("LFR_MEDIA_ROOTS"),
      "Deployment/ingest: LFR_MEDIA_ROOTS must name the evidence/media mount"),
     (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_SOURCE_HOSTS="cam-01.example"),
-     "Deployment/match: sets LFR_SOURCE_HOSTS, but only ('ingest', 'watchlist') read media"),
-    (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_SOURCE_HOSTS="cam-01.example"),
-     "Deployment/watchlist: LFR_SOURCE_HOSTS lists camera hosts but no NetworkPolicy lets it reach RTSP"),
+     "Deployment/match: sets LFR_SOURCE_HOSTS, but only ('ingest', 'identification') read media"),
+    (lambda o: find(o, "ConfigMap", "lfr-identification")["data"].update(LFR_SOURCE_HOSTS="cam-01.example"),
+     "Deployment/identification: LFR_SOURCE_HOSTS lists camera hosts but no NetworkPolicy lets it reach RTSP"),
     # the console (an HTTP workload): single sign-on only, its own client certificate, reachable from the gateway
     (lambda o: o.remove(find(o, "Deployment", "console")), "services/console: no Deployment named console"),
     (lambda o: find(o, "ConfigMap", "lfr-console")["data"].update(LFR_CONSOLE_AUTH="dev"),
@@ -323,8 +323,8 @@ def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(ren
     objects = rendered["prod"]
     services = sorted(p.name for p in (dc.REPO / "services").iterdir() if (p / "__main__.py").is_file()
                       and p.name not in dc.WEB_SERVICES)
-    assert services == ["audit", "detection", "embedding", "ingest", "match", "watchlist"]
-    assert set(dc.SINGLETONS) == {"watchlist", "match", "audit"}
+    assert services == ["audit", "detection", "embedding", "identification", "ingest", "match", "watchlist"]
+    assert set(dc.SINGLETONS) == {"watchlist", "match", "audit", "identification"}
     hpas = {o["metadata"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
     assert hpas == set(services) - set(dc.SINGLETONS) == {"detection", "embedding", "ingest"}
     scaled = {o["metadata"]["name"] for o in rendered["prod-keda"] if o["kind"] == "ScaledObject"}
@@ -365,7 +365,7 @@ def test_every_service_runs_mutual_tls_with_its_own_certificate_and_probes_the_h
     common = find(objects, "ConfigMap", "lfr-common")["data"]
     assert common["LFR_AUTH_KEYS_DIR"] == "/etc/lfr/auth-keys" and common["LFR_HEALTH_PORT"] == "8086"
     assert common["LFR_AUTH_ISSUER"] == ("lfr-dev-idp" if overlay == "dev" else "https://idp.example/realms/lfr")
-    for name in ("ingest", "detection", "embedding", "watchlist", "match", "audit"):
+    for name in ("ingest", "detection", "embedding", "watchlist", "match", "audit", "identification"):
         data = find(objects, "ConfigMap", f"lfr-{name}")["data"]
         assert data["LFR_TLS_DIR"] == "/run/secrets/tls" and "LFR_INSECURE" not in data | common
         c = containers(objects, name)[0]
@@ -386,7 +386,7 @@ def test_every_service_runs_mutual_tls_with_its_own_certificate_and_probes_the_h
         assert cert["commonName"] == name and cert["secretName"] == f"lfr-tls-{name}"
         assert cert["dnsNames"][:3] == [name, f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
         assert cert["issuerRef"] == {"group": "cert-manager.io", "kind": "Issuer", "name": "lfr-ca"}
-    for name in ("ingest", "watchlist"):
+    for name in ("ingest", "identification"):
         assert find(objects, "ConfigMap", f"lfr-{name}")["data"]["LFR_MEDIA_ROOTS"] == "/srv/lfr/media"
         assert mount(objects, name, "media") == {"name": "media", "mountPath": "/srv/lfr/media", "readOnly": True}
     assert find(objects, "ConfigMap", "lfr-ingest")["data"]["LFR_SOURCE_HOSTS"] == ""
@@ -514,11 +514,11 @@ def test_a_forces_evidence_store_replaces_the_media_placeholder(tmp_path):
     (force / "media.yaml").write_text(patch)
     (force / "kustomization.yaml").write_text(
         "resources:\n- ../prod\npatches:\n"
-        + "".join(f"- path: media.yaml\n  target:\n    kind: Deployment\n    name: {n}\n" for n in ("ingest", "watchlist")))
+        + "".join(f"- path: media.yaml\n  target:\n    kind: Deployment\n    name: {n}\n" for n in ("ingest", "identification")))
     objects = dc.render(force)
     assert dc.schema_errors(objects, dc.MIN_K8S, root=tree) == []
     assert dc.contract_errors(objects) == []
-    for name in ("ingest", "watchlist"):
+    for name in ("ingest", "identification"):
         vol = volume(objects, name, "media")
         assert "emptyDir" not in vol and vol["persistentVolumeClaim"]["readOnly"] is True, vol
 
@@ -640,10 +640,10 @@ async def test_nats_permissions_let_the_platform_work_and_protect_the_streams(re
 
 def test_the_dockerfile_builds_every_service_image_the_right_way(rendered):
     ports = {n: int(find(rendered["prod"], "ConfigMap", f"lfr-{n}")["data"]["LFR_GRPC_PORT"])
-             for n in ("ingest", "detection", "embedding", "watchlist", "match", "audit")}
+             for n in ("ingest", "detection", "embedding", "watchlist", "match", "audit", "identification")}
     assert dc.dockerfile_errors(grpc_ports=ports) == []
     stages = dc.parse_dockerfile(dc.DOCKERFILE.read_text())
-    assert {"ingest", "watchlist", "match", "audit", "detection", "embedding", "detection-cuda",
+    assert {"ingest", "watchlist", "identification", "match", "audit", "detection", "embedding", "detection-cuda",
             "embedding-cuda"} <= set(stages)
 
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from lfr.audit.core import record_from_event
 from lfr.errors import Refused
-from lfr.ingest.core import Sampler, check_frame
+from lfr.ingest.core import check_frame
 from lfr.match.core import Counters, decide_top
+from lfr.media import Sampler
 from lfr.models import scoring
 from lfr.pb import common_pb2, match_pb2, watchlist_pb2
 from lfr.policy import enrollment_verdict

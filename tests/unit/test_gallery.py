@@ -8,19 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from lfr.pb import watchlist_pb2 as pb
-from lfr.watchlist import jobs as J
-from lfr.watchlist.gallery import (
-    Component,
-    EmbeddedIndex,
-    GalleryRecord,
-    GalleryStore,
-    ImageRow,
-    IndexParams,
-    QdrantIndex,
-    check_gallery_name,
-)
-from lfr.watchlist.identify import NO_FACE, SEARCHED, SEVERAL, choose_face, rank, validate_identify
+from lfr.galleryindex import EmbeddedIndex, IndexParams, QdrantIndex
+from lfr.identification import jobs as J
+from lfr.identification.gallery import Component, GalleryRecord, GalleryStore, ImageRow, check_gallery_name
+from lfr.identification.identify import NO_FACE, SEARCHED, SEVERAL, choose_face, rank, validate_identify
+from lfr.pb import identification_pb2 as pb
 
 SMALL = IndexParams(connectivity=16, expansion_add=64, expansion_search=128, threads=1)
 
@@ -159,7 +151,7 @@ def test_identify_request_checks():
 
 
 def test_central_face_rule_is_the_library_rule():
-    from lfr.watchlist.identification import central_index
+    from lfr.models.face_choice import central_index
 
     boxes = [(0, 0, 30, 30), (40, 40, 80, 80), (45, 45, 60, 60)]
     assert central_index(120, 120, boxes) == 1  # the largest box holding the centre

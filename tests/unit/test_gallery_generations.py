@@ -9,8 +9,9 @@ import dataclasses
 import numpy as np
 from qdrant_client import QdrantClient
 
-from lfr.watchlist import jobs as J
-from lfr.watchlist.gallery import Component, GalleryRecord, GalleryStore, IndexParams
+from lfr.galleryindex import IndexParams
+from lfr.identification import jobs as J
+from lfr.identification.gallery import Component, GalleryRecord, GalleryStore
 
 SMALL = IndexParams(connectivity=16, expansion_add=64, expansion_search=128, threads=1)
 OLD = GalleryRecord("custody", "sface-2021dec", "v1", (Component("sface-2021dec", "v1", 8, "cosine"),),

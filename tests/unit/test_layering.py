@@ -16,13 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Known violations being removed while #15 moves the gallery code into services/identification (H-ident):
-# (importer, imported service package). Each entry must still be a real edge (test_allow_list_is_not_stale), and
-# the list is to be empty when that move is done.
-ALLOWED: set[tuple[str, str]] = {
-    ("lfr.bench.gallery", "lfr.watchlist"),  # the gallery index (lfr.watchlist.gallery), moving to identification
-    ("lfr.bench.oifr", "lfr.watchlist"),  # central_index of lfr.watchlist.identification, moving likewise
-}
+# Known violations (importer, imported service package), each still a real edge (test_allow_list_is_not_stale).
+# Empty since #15 moved the gallery index to lfr.galleryindex and the identification code to its own service.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def package_dirs() -> dict[str, Path]:

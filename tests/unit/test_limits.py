@@ -120,7 +120,7 @@ def test_request_counts_and_video_pixels():
 def test_video_with_frames_over_the_pixel_limit_is_refused_on_open(tmp_path):
     import av
 
-    from lfr.ingest.sources import open_container
+    from lfr.media import open_container
 
     path = tmp_path / "v.mp4"
     with av.open(str(path), mode="w") as out:
@@ -225,7 +225,7 @@ def test_a_root_reached_through_a_link_works(tree, tmp_path):
 
 
 def test_job_folders_confine_every_file(tree):
-    from lfr.watchlist.identification import resolve_items
+    from lfr.media import resolve_items
 
     root, outside = tree
     (root / "stills").mkdir()

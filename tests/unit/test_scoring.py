@@ -161,7 +161,7 @@ def test_an_incoherent_description_is_refused():
 
 def test_gallery_index_scores_with_the_recipe(tmp_path):
     """The embedded gallery's exact re-scoring and brute force are the model's similarity."""
-    from lfr.watchlist.gallery import EmbeddedIndex
+    from lfr.galleryindex import EmbeddedIndex
 
     for model_id, metric in ((SFACE, "cosine"), (DLIB, "euclidean")):
         idx = EmbeddedIndex(tmp_path / model_id, 128, metric)

@@ -36,7 +36,8 @@ SERVER_ERRORS = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS"})
 PROVENANCE = {"source_system": "abuse-bench", "legal_basis": "load testing"}
 SERVICE_OF = {"lfr.watchlist.v1.WatchlistService": "watchlist", "lfr.match.v1.MatchService": "match",
               "lfr.audit.v1.AuditService": "audit", "lfr.ingest.v1.IngestService": "ingest",
-              "lfr.detection.v1.DetectionService": "detection", "lfr.embedding.v1.EmbeddingService": "embedding"}
+              "lfr.detection.v1.DetectionService": "detection", "lfr.embedding.v1.EmbeddingService": "embedding",
+              "lfr.identification.v1.IdentificationService": "identification"}
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,14 @@ class ApiMethod:
 
 
 def api_methods() -> list[ApiMethod]:
-    """Every method of the six services' external APIs, sorted by path."""
+    """Every method of the seven services' external APIs, sorted by path."""
     from google.protobuf import descriptor_pool, message_factory
 
     from lfr.pb import (  # noqa: F401  (registers the descriptors)
         audit_pb2,
         detection_pb2,
         embedding_pb2,
+        identification_pb2,
         ingest_pb2,
         match_pb2,
         watchlist_pb2,
@@ -150,14 +152,14 @@ def jpeg_bomb(width: int = 65_500, height: int = 65_500) -> bytes:
 
 def images_accepted(method: str, response: bytes) -> int:
     """How many images a batch method's OK answer says it took (they answer per image, not with a status)."""
-    from lfr.pb import watchlist_pb2
+    from lfr.pb import identification_pb2, watchlist_pb2
 
     if method == "EnrollEntry":
         return sum(r.accepted for r in watchlist_pb2.EnrollEntryResponse.FromString(response).results)
     if method == "AddReference":
         return watchlist_pb2.AddReferenceResponse.FromString(response).images_stored
     if method == "AddGalleryImages":
-        return watchlist_pb2.AddGalleryImagesResponse.FromString(response).images_added
+        return identification_pb2.AddGalleryImagesResponse.FromString(response).images_added
     return 0
 
 
@@ -240,7 +242,7 @@ class Abuser:
     """The hostile callers of one system: channels, tokens, payloads."""
 
     def __init__(self, state_dir: Path, endpoints: dict[str, str], seed: int, work_dir: Path):
-        from lfr.pb import detection_pb2, watchlist_pb2
+        from lfr.pb import detection_pb2, identification_pb2
         from lfr.runtime.access import Access
         from lfr.runtime.config import Config
         from lfr.runtime.devidp import find_dev_idp
@@ -275,7 +277,7 @@ class Abuser:
         junk = b"\xff\xd8\xff\xe0" + random.Random(seed).randbytes(limit + 64 * 1024)
         self.oversized_bodies = {  # over the gRPC message limit: refused by the transport before any handler
             "Detect": detection_pb2.DetectRequest(image=junk).SerializeToString(),
-            "Identify": watchlist_pb2.IdentifyRequest(image=junk, gallery="abuse", case_reference="abuse-1",
+            "Identify": identification_pb2.IdentifyRequest(image=junk, gallery="abuse", case_reference="abuse-1",
                                                       justification="abuse bench").SerializeToString(),
         }
         self.near_limit = detection_pb2.DetectRequest(image=junk[: limit - 4096]).SerializeToString()
@@ -312,12 +314,12 @@ class Abuser:
 
     # one hostile call of each kind; each returns (category, method, code, details) -----------------------------
     def image_request(self, name: str, image: bytes) -> bytes:
-        from lfr.pb import detection_pb2, watchlist_pb2
+        from lfr.pb import detection_pb2, identification_pb2, watchlist_pb2
 
         if name == "Detect":
             return detection_pb2.DetectRequest(image=image).SerializeToString()
         if name == "Identify":
-            return watchlist_pb2.IdentifyRequest(image=image, gallery="abuse", case_reference="abuse-1",
+            return identification_pb2.IdentifyRequest(image=image, gallery="abuse", case_reference="abuse-1",
                                                  justification="abuse bench").SerializeToString()
         if name == "EnrollEntry":
             return watchlist_pb2.EnrollEntryRequest(deployment_id=self.deployment_id, subject_ref="abuse-1",
@@ -325,7 +327,7 @@ class Abuser:
         if name == "AddReference":
             return watchlist_pb2.AddReferenceRequest(subject_ref="abuse-ref", images=[image],
                                                      **PROVENANCE).SerializeToString()
-        return watchlist_pb2.AddGalleryImagesRequest(gallery="abuse", subject_ref="abuse-1", images=[image],
+        return identification_pb2.AddGalleryImagesRequest(gallery="abuse", subject_ref="abuse-1", images=[image],
                                                      **PROVENANCE).SerializeToString()
 
     def bomb(self, rng: random.Random, subject: str):

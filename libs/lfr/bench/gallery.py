@@ -1,7 +1,7 @@
 """``lfr bench gallery``: the gallery index at scale: insert rate, top-10 search latency, recall against exact
 search, memory.
 
-It drives the watchlist service's own embedded index (:class:`lfr.watchlist.gallery.EmbeddedIndex`: usearch
+It drives the gallery index the identification service uses (:class:`lfr.galleryindex.EmbeddedIndex`: usearch
 HNSW over a durable float32 file, exact re-scoring), in a temporary folder.
 
 Vectors. Scale needs more faces than any data set here, so the gallery is filled with synthetic vectors drawn
@@ -133,7 +133,7 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def run(args) -> dict:
-    from lfr.watchlist.gallery import EmbeddedIndex, IndexParams
+    from lfr.galleryindex import EmbeddedIndex, IndexParams
 
     t_start = time.perf_counter()
     if args.no_real:

@@ -9,7 +9,7 @@ found, the library embeds a stand-in box in the middle of the image; the platfor
 are counted (``no_face``): a gallery image without a face is not in the gallery, a probe without a face is a
 search with no candidate. Where neither path met such an image, the TPIRs must be equal.
 
-Needs a running system (``--state-dir`` of ``lfr up``, or ``--target`` for the watchlist service) running the same
+Needs a running system (``--state-dir`` of ``lfr up``, or ``--target`` for the identification service) running the same
 model as ``--model``, or ``--embedded`` to start one in a temporary folder.
 """
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use at most N identities")
     parser.add_argument("--gallery", default="", help="gallery name (default: a new one per run)")
     parser.add_argument("--state-dir", default="", help="state folder of a running system (lfr up)")
-    parser.add_argument("--target", default="", help="watchlist service HOST:PORT")
+    parser.add_argument("--target", default="", help="identification service HOST:PORT")
     parser.add_argument("--embedded", action="store_true", help="start an embedded system for the run")
     parser.add_argument("--flip", choices=("on", "off", "model"), default=None,
                         help="flip averaging of the library path: set it as the embedding service's LFR_FLIP "
@@ -55,14 +55,14 @@ def library_flip(flip: str | None) -> str:
 
 
 def _central(resp) -> int:
-    from lfr.watchlist.identification import central_index
+    from lfr.models.face_choice import central_index
 
     return central_index(resp.width, resp.height, [(f.box.x1, f.box.y1, f.box.x2, f.box.y2) for f in resp.faces])
 
 
 def search(stub, image: bytes, gallery: str, case: str) -> tuple[str, float, bool]:
     """(top subject or '', top score or -inf, no face) of one probe through Identify."""
-    from lfr.pb import watchlist_pb2 as pb
+    from lfr.pb import identification_pb2 as pb
 
     req = pb.IdentifyRequest(image=image, gallery=gallery, k=2, investigation=True, case_reference=case,
                              justification="benchmark: lfr bench identify-oifr", actor="")
@@ -79,7 +79,7 @@ def search(stub, image: bytes, gallery: str, case: str) -> tuple[str, float, boo
 
 def evaluate_oifr(stub, root: Path, identities: dict[str, list[str]], fpirs, gallery: str, threshold=None) -> dict:
     """The open-set protocol through AddGalleryImages + Identify."""
-    from lfr.pb import watchlist_pb2 as pb
+    from lfr.pb import identification_pb2 as pb
 
     t0 = time.perf_counter()
     split = metrics.open_set_split(identities)
@@ -109,7 +109,7 @@ def run(args) -> dict:
 
     from lfr.bench import identify
     from lfr.bench.pipeline import OursPipeline, set_threads
-    from lfr.pb import watchlist_pb2_grpc
+    from lfr.pb import identification_pb2_grpc
 
     set_threads(args.threads)
     root = data_dir(args)
@@ -125,7 +125,7 @@ def run(args) -> dict:
             temp = tempfile.mkdtemp(prefix="lfr-oifr-")  # the gallery's images, the development keys: removed
             system = EmbeddedSystem(temp,
                                     env={"LFR_MODEL": resolve_model_id(args.model)}).start()
-            target = system.endpoint("watchlist")
+            target = system.endpoint("identification")
             access = system.access(user="bench", follow_actor=True, roles=["watchlist_manager", "investigator"])
         else:
             from lfr.cli.client import cli_access
@@ -134,10 +134,10 @@ def run(args) -> dict:
                 target = args.target
             else:
                 state = args.state_dir or os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
-                target = json.loads((Path(state) / "endpoints.json").read_text())["watchlist"]
+                target = json.loads((Path(state) / "endpoints.json").read_text())["identification"]
             access = cli_access(args)
         with access.channel(target) as ch:
-            stub = watchlist_pb2_grpc.WatchlistServiceStub(ch)
+            stub = identification_pb2_grpc.IdentificationServiceStub(ch)
             pipe = OursPipeline(args.model, flip=library_flip(args.flip), quiet=True)
             oifr = evaluate_oifr(stub, root, identities, fpirs, gallery, pipe.scorer.threshold)
         library = identify.evaluate(pipe, root, identities, fpirs, False)

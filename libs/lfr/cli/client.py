@@ -10,6 +10,7 @@ from lfr.pb import (
     audit_pb2_grpc,
     detection_pb2_grpc,
     embedding_pb2_grpc,
+    identification_pb2_grpc,
     ingest_pb2_grpc,
     match_pb2_grpc,
     watchlist_pb2_grpc,
@@ -41,15 +42,16 @@ class Clients:
     watchlist: watchlist_pb2_grpc.WatchlistServiceStub
     match: match_pb2_grpc.MatchServiceStub
     audit: audit_pb2_grpc.AuditServiceStub
+    identification: identification_pb2_grpc.IdentificationServiceStub
     channels: list
 
     @classmethod
     def connect(cls, endpoints: dict, aio: bool = False, access: Access | None = None) -> Clients:
-        """Stubs for the six services; ``access`` gives the TLS certificate and tokens (plaintext if None)."""
+        """Stubs for the seven services; ``access`` gives the TLS certificate and tokens (plaintext if None)."""
         access = access or Access.insecure()
         opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         chans = {s: access.channel(endpoints[s], aio=aio, options=opts) for s in
-                 ("ingest", "detection", "embedding", "watchlist", "match", "audit")}
+                 ("ingest", "detection", "embedding", "watchlist", "match", "audit", "identification")}
         return cls(
             ingest=ingest_pb2_grpc.IngestServiceStub(chans["ingest"]),
             detection=detection_pb2_grpc.DetectionServiceStub(chans["detection"]),
@@ -57,6 +59,7 @@ class Clients:
             watchlist=watchlist_pb2_grpc.WatchlistServiceStub(chans["watchlist"]),
             match=match_pb2_grpc.MatchServiceStub(chans["match"]),
             audit=audit_pb2_grpc.AuditServiceStub(chans["audit"]),
+            identification=identification_pb2_grpc.IdentificationServiceStub(chans["identification"]),
             channels=list(chans.values()),
         )
 

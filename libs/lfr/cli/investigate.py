@@ -1,6 +1,7 @@
 """Investigators' commands: `lfr identify`, `lfr gallery ...`, `lfr job ...` (operator-initiated and retrospective
-identification). Like the operator commands (lfr/cli/ops.py) they talk gRPC to the watchlist service of a running
-system (--state-dir / --target), act --as a person, print --json, and exit 1 with a one-line reason on a refusal.
+identification). Like the operator commands (lfr/cli/ops.py) they talk gRPC, to the identification service of a
+running system (--state-dir / --target), act --as a person, print --json, and exit 1 with a one-line reason on a
+refusal.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ from pathlib import Path
 
 import grpc
 
+from lfr.cli import ops
 from lfr.cli.client import subject_images
-from lfr.cli.ops import Failure, Progress, _common, captured, emit, image_paths, iso, parse_time, run
-from lfr.pb import watchlist_pb2 as pb
+from lfr.cli.ops import Failure, Progress, _common, captured, emit, image_paths, iso, parse_time
+from lfr.pb import identification_pb2 as pb
+from lfr.pb import identification_pb2_grpc
 from lfr.runtime.events import ts_from_ns
 
 STATES = {v: k.removeprefix("JOB_STATE_") for k, v in pb.JobState.items()}
+
+
+def identification_stub(args) -> identification_pb2_grpc.IdentificationServiceStub:
+    return ops.service_stub(args, "identification", identification_pb2_grpc.IdentificationServiceStub)
+
+
+def run(args) -> None:
+    ops.run(args, identification_stub)
 
 
 def clock(seconds: float) -> str:

@@ -13,7 +13,7 @@ import threading
 
 from lfr.runtime.paths import state_dir
 
-SERVICES = ("ingest", "detection", "embedding", "watchlist", "match", "audit")
+SERVICES = ("ingest", "detection", "embedding", "watchlist", "identification", "match", "audit")
 BENCHES = {
     "verify": "lfr.bench.verify",
     "identify": "lfr.bench.identify",
@@ -138,7 +138,7 @@ def build_parser(bench: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("service", choices=SERVICES)
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("up", help="embedded default: nats-server, Qdrant local mode and all six services")
+    s = sub.add_parser("up", help="embedded default: nats-server, Qdrant local mode and all seven services")
     s.add_argument("--state-dir", default=str(state_dir()), help="state folder (default ./state or $LFR_STATE_DIR)")
     s.add_argument("--replicas", default="", metavar="SERVICE=N,...",
                    help="run replicas of match, detection or embedding, e.g. match=2,detection=2,embedding=2 "

@@ -87,19 +87,27 @@ def category(text: str) -> int:
     return CATEGORIES[text]
 
 
-def watchlist_stub(args) -> watchlist_pb2_grpc.WatchlistServiceStub:
+def service_stub(args, service: str, stub_class):
+    """A stub of `service` of the running system (--target, else its endpoints.json), calling as the CLI's caller."""
     target = args.target
     if not target:
         path = state_dir(args.state_dir) / "endpoints.json"
         if not path.is_file():
             raise Failure(f"no running system found: {path} is missing (start one with `lfr up`, or pass --target)")
-        target = json.loads(path.read_text())["watchlist"]
+        endpoints = json.loads(path.read_text())
+        if service not in endpoints:
+            raise Failure(f"the running system lists no {service} service in {path} (restart it with this version)")
+        target = endpoints[service]
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     try:
         access = cli_access(args)
     except AccessError as exc:
         raise Failure(str(exc)) from None
-    return watchlist_pb2_grpc.WatchlistServiceStub(access.channel(target, options=opts))
+    return stub_class(access.channel(target, options=opts))
+
+
+def watchlist_stub(args) -> watchlist_pb2_grpc.WatchlistServiceStub:
+    return service_stub(args, "watchlist", watchlist_pb2_grpc.WatchlistServiceStub)
 
 
 # Output ----------------------------------------------------------------------------------------------
@@ -571,7 +579,8 @@ def _common() -> argparse.ArgumentParser:
     c = argparse.ArgumentParser(add_help=False)
     g = c.add_argument_group("connection and identity")
     g.add_argument("--state-dir", default="", help="state folder of the running system (default $LFR_STATE_DIR or ./state)")
-    g.add_argument("--target", default="", help="watchlist service HOST:PORT (instead of --state-dir)")
+    g.add_argument("--target", default="", help="the service's HOST:PORT (instead of --state-dir): watchlist, or identification "
+                   "for lfr identify|gallery|job")
     g.add_argument("--as", dest="actor", default=None,
                    help="the acting person, a user of the embedded system's development identity provider "
                    "(default $LFR_ACTOR); refused with a production token (LFR_TOKEN), which names the caller")
@@ -727,9 +736,9 @@ def status_main(args) -> None:
         sys.exit(1)
 
 
-def run(args) -> None:
+def run(args, stub_of=watchlist_stub) -> None:
     try:
-        args.run(args, watchlist_stub(args))
+        args.run(args, stub_of(args))
     except grpc.RpcError as exc:
         print(f"lfr: {rpc_error_text(exc)}", file=sys.stderr)
         sys.exit(1)

@@ -41,6 +41,11 @@ class Config:
     max_message_bytes: int = _opt(8 * 1024 * 1024, "largest gRPC message accepted")
     max_image_pixels: int = _opt(40_000_000, "largest image (width x height) decoded")
     detect_max_side: int = _opt(960, "frames are downscaled so the longer side is at most this before detection")
+    detect_fast_side: int = _opt(640, "live: frames are detected at this longer side, and one in "
+                                 "LFR_DETECT_FULL_EVERY per camera at LFR_DETECT_MAX_SIDE (a second look for faces "
+                                 "too small at the fast scale, followed by the tracker in between); 0 = every frame "
+                                 "at LFR_DETECT_MAX_SIDE")
+    detect_full_every: int = _opt(5, "live: one frame in this many per camera is detected at LFR_DETECT_MAX_SIDE")
     detection_batch: int = _opt(1, "frames per detector batch (more helps on a GPU; on a CPU it only adds latency)")
     embedding_batch: int = _opt(8, "faces per embedder batch (frames are batched until their faces reach this)")
     flip: str = _opt("off", "test-time flip averaging in the embedding service: on, off, or model (the model's "
@@ -48,6 +53,9 @@ class Config:
     queue_size: int = _opt(8, "bounded queue per stage; the oldest item is dropped (and counted) when full")
     ingest_fps: float = _opt(10.0, "default sampling rate of pulled sources")
     jpeg_quality: int = _opt(90, "JPEG quality of frames published by ingest")
+    frame_encoding: str = _opt("raw", "how ingest hands a pulled source's frames to detection: raw (the decoded "
+                               "YUV 4:2:0 planes, no JPEG encode or decode: least CPU, 3 MB a 1080p frame on NATS) "
+                               "or jpeg (about 10x less traffic, for ingest and detection on different machines)")
     live_embed_interval_ms: float = _opt(300.0, "live: a face tracked from frame to frame (by box overlap, per "
                                          "camera) is embedded at most this often, or sooner when clearly better; "
                                          "0 = embed every face of every frame")
@@ -55,9 +63,13 @@ class Config:
     detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
     embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
     watchlist_target: str = _opt("127.0.0.1:50054", "watchlist service gRPC address")
+    identification_target: str = _opt("127.0.0.1:50057", "identification service gRPC address (console)")
     qdrant_url: str = _opt("", "Qdrant server URL (empty = local mode under the state dir)")
     qdrant_api_key: str = _opt("", "Qdrant API key (use LFR_QDRANT_API_KEY_FILE for a secret file)")
     audit_db: str = _opt("", "audit index SQLite path (empty = <state dir>/audit.sqlite)")
+    watchlist_dir: str = _opt("", "folder of the watchlist's own stores: its database (deployments, entries, its "
+                              "outbox), the watchlist and reference images, Qdrant local mode (empty = the state "
+                              "dir); its own volume lets a full or read-only disk be met by the watchlist alone")
     stream_replicas: int = _opt(1, "JetStream replicas of the platform's durable streams (3 on a 3-node cluster)")
     stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
     track_gap_s: float = _opt(1.5, "a pass ends when its tracked face has not been matched for this long")
@@ -191,6 +203,10 @@ class Config:
                               f"replica order (it lists {len(peers)})")
         if self.realert_window_s < 0:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
+        if self.detect_fast_side < 0 or self.detect_full_every < 1:
+            raise ConfigError("LFR_DETECT_FAST_SIDE must be 0 or more and LFR_DETECT_FULL_EVERY 1 or more")
+        if self.frame_encoding not in ("raw", "jpeg"):
+            raise ConfigError("LFR_FRAME_ENCODING: must be raw or jpeg")
         if self.flip not in ("on", "off", "model"):
             raise ConfigError("LFR_FLIP: must be on, off or model")
         for name in ("gallery_connectivity", "gallery_ef", "job_batch"):
@@ -212,6 +228,10 @@ class Config:
         if self.device not in ("", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError("LFR_DEVICE: must be cpu, cuda, cuda:N or empty")
         return self
+
+    def watchlist_path(self, *parts: str) -> Path:
+        """A path under the watchlist's own stores' folder (LFR_WATCHLIST_DIR, else the state dir)."""
+        return Path(self.watchlist_dir).joinpath(*parts) if self.watchlist_dir else self.state_path(*parts)
 
     def state_path(self, *parts: str) -> Path:
         if not self.state_dir:

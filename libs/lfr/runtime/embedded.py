@@ -1,4 +1,4 @@
-"""The embedded default: a real nats-server, Qdrant local mode and all six services as separate processes
+"""The embedded default: a real nats-server, Qdrant local mode and all seven services as separate processes
 on loopback, sharing one state folder. Used by `lfr up`, `lfr demo`, `lfr bench pipeline` and the tests.
 
 Supervision (`supervise=True`, as `lfr up` runs it): a process that exits or is killed is started again, as
@@ -27,9 +27,9 @@ from lfr.runtime import natsauth
 from lfr.runtime.bus import Bus
 from lfr.runtime.natsserver import NatsServer, free_ports
 
-SERVICES = ("watchlist", "embedding", "detection", "match", "ingest", "audit")
+SERVICES = ("watchlist", "embedding", "detection", "match", "ingest", "identification", "audit")
 # Stop the producers first, the record keepers last, so in-flight facts reach the audit.
-STOP_ORDER = ("ingest", "detection", "embedding", "match", "watchlist", "audit")
+STOP_ORDER = ("ingest", "identification", "detection", "embedding", "match", "watchlist", "audit")
 TARGET_KEYS = {"detection": "LFR_DETECTION_TARGET", "embedding": "LFR_EMBEDDING_TARGET",
                "watchlist": "LFR_WATCHLIST_TARGET"}
 NATS = "nats"  # the supervised nats-server's name in restart counts and status
@@ -171,15 +171,16 @@ class EmbeddedSystem:
         return env
 
     def console_env(self) -> dict[str, str]:
-        """The console: a client of ingest, watchlist, match and audit with the generic client certificate,
-        signing people in with the development identity provider (see docs/console.md)."""
+        """The console: a client of ingest, watchlist, match, audit and identification with the generic client
+        certificate, signing people in with the development identity provider (see docs/console.md)."""
         env = dict(os.environ)
         env.update({"LFR_STATE_DIR": str(self.state_dir), "LFR_CONSOLE_HOST": self.host,
                     "LFR_CONSOLE_PORT": str(self.console_port), "LFR_CONSOLE_AUTH": "dev",
                     "LFR_TLS_DIR": self.security["tls_dir"], "LFR_CLIENT_CERT": "client",
                     "LFR_AUTH_KEYS_DIR": self.security["auth_keys_dir"], "LFR_AUTH_ISSUER": "lfr-dev-idp",
                     "LFR_AUTH_AUDIENCE": "lfr"})
-        env.update({f"LFR_{s.upper()}_TARGET": self.endpoint(s) for s in ("ingest", "watchlist", "match", "audit")})
+        env.update({f"LFR_{s.upper()}_TARGET": self.endpoint(s)
+                    for s in ("ingest", "watchlist", "match", "audit", "identification")})
         env.update(self.extra_env)
         return env
 
@@ -226,13 +227,22 @@ class EmbeddedSystem:
         return proc
 
     def start_service(self, service: str) -> None:
-        logs = self.state_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with self.lock, open(logs / f"{service}.log", "ab") as out:
+        with self.lock, self._log_file(service) as out:
             env = self.console_env() if service == CONSOLE else self.service_env(service)
             self.procs[service] = self._popen([sys.executable, "-m", f"lfr.{service_of(service)}"], env=env,
                                               stdout=out, stderr=out, stdin=subprocess.DEVNULL)
             self.started_at[service] = time.monotonic()
+
+    def _log_file(self, service: str):
+        """<state>/logs/<service>.log opened for appending; where it cannot be (the state folder full or
+        read-only) the service starts all the same, its output discarded, and the supervisor logs why."""
+        logs = self.state_dir / "logs"
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            return open(logs / f"{service}.log", "ab")
+        except OSError as exc:
+            self.log_event("process.log_unwritable", process=service, error=str(exc)[:300])
+            return open(os.devnull, "ab")
 
     def start(self, timeout_s: float = 180.0) -> EmbeddedSystem:
         self.state_dir.mkdir(parents=True, exist_ok=True)

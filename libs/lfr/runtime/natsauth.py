@@ -82,6 +82,9 @@ PERMISSIONS: dict[str, Permissions] = {
     "embedding": _service("embedding", [subjects.embeddings(), subjects.embeddings_partition()], [subjects.faces()]),
     # durable facts need only their subject: JetStream's ack comes back on the inbox
     "watchlist": _service("watchlist", [subjects.lifecycle(), subjects.watchlist()]),
+    # its searches, jobs and gallery changes are audited as watchlist events (lfr.v1.watchlist.identification, or
+    # .<deployment> for a search of a deployment's watchlist)
+    "identification": _service("identification", [subjects.watchlist()]),
     "match": _service("match", [
         subjects.alerts(), subjects.matchstats(), subjects.adjudications(), subjects.alertflags(),
         subjects.retention(),

@@ -34,7 +34,7 @@ from lfr.runtime import metrics
 from lfr.runtime.config import Config, ConfigError
 from lfr.runtime.logs import get_logger
 
-SERVICES = ("ingest", "detection", "embedding", "watchlist", "match", "audit")
+SERVICES = ("ingest", "detection", "embedding", "watchlist", "match", "audit", "identification")
 ROLES = ("operator", "engagement_officer", "watchlist_manager", "authorising_officer", "investigator", "auditor",
          "public", "service")
 HUMAN_ROLES = frozenset(ROLES) - {"service"}
@@ -42,6 +42,7 @@ HUMAN_ROLES = frozenset(ROLES) - {"service"}
 _W, _M, _A = "/lfr.watchlist.v1.WatchlistService/", "/lfr.match.v1.MatchService/", "/lfr.audit.v1.AuditService/"
 _I, _D, _E = "/lfr.ingest.v1.IngestService/", "/lfr.detection.v1.DetectionService/", \
     "/lfr.embedding.v1.EmbeddingService/"
+_ID = "/lfr.identification.v1.IdentificationService/"
 
 
 def _roles(*names: str) -> frozenset[str]:
@@ -76,18 +77,18 @@ POLICY: dict[str, frozenset[str]] = {
     _W + "GetPolicy": frozenset(ROLES),
     _W + "Search": _roles("service", "watchlist_manager"),
     _W + "GetWatchlistVectors": _roles("service"),  # match holds a live watchlist's vectors in memory
-    # watchlist: operator-initiated and retrospective identification (case reference required by the service)
-    _W + "AddGalleryImages": _roles("watchlist_manager"),
-    _W + "FindGalleryImages": _roles("watchlist_manager", "investigator"),
-    _W + "GetGallery": _roles("watchlist_manager", "investigator", "auditor"),
-    _W + "ListGalleries": _roles("watchlist_manager", "investigator", "auditor"),
-    _W + "ReembedGallery": _roles("watchlist_manager"),  # a model change: the gallery's images re-embedded (#17)
-    _W + "Identify": _roles("investigator"),
-    _W + "SubmitJob": _roles("investigator"),
-    _W + "GetJob": _roles("investigator", "auditor"),
-    _W + "ListJobs": _roles("investigator", "auditor"),
-    _W + "StreamResults": _roles("investigator"),
-    _W + "CancelJob": _roles("investigator"),
+    # identification: galleries, operator-initiated and retrospective identification (case reference required)
+    _ID + "AddGalleryImages": _roles("watchlist_manager"),
+    _ID + "FindGalleryImages": _roles("watchlist_manager", "investigator"),
+    _ID + "GetGallery": _roles("watchlist_manager", "investigator", "auditor"),
+    _ID + "ListGalleries": _roles("watchlist_manager", "investigator", "auditor"),
+    _ID + "ReembedGallery": _roles("watchlist_manager"),  # a model change: the gallery's images re-embedded (#17)
+    _ID + "Identify": _roles("investigator"),
+    _ID + "SubmitJob": _roles("investigator"),
+    _ID + "GetJob": _roles("investigator", "auditor"),
+    _ID + "ListJobs": _roles("investigator", "auditor"),
+    _ID + "StreamResults": _roles("investigator"),
+    _ID + "CancelJob": _roles("investigator"),
     # match: alerts for officers' devices and their adjudication
     _M + "StreamAlerts": _roles("operator", "engagement_officer"),
     _M + "GetStats": _roles("operator", "engagement_officer", "auditor"),

@@ -1,14 +1,16 @@
-"""Operator-initiated and retrospective identification in the watchlist service: galleries (import and search),
-Identify, and the job runner. The decisions are in the pure cores (`identify.py`, `jobs.py`); storage is
-`gallery.py`; this module does the I/O.
+"""The identification service's work: galleries (import, search, re-embedding), Identify, and the job runner.
+The decisions are in the pure cores (`identify.py`, `jobs.py`); gallery storage is `gallery.py` over
+`lfr.galleryindex`; media are opened by `lfr.media`; faces and vectors come from the detection and embedding
+services (`lfr.runtime.faces`), a deployment's watchlist from the watchlist service (GetDeployment, Search).
 
 Privacy: a probe (Identify's image, a job's frames, faces and vectors) lives in memory only, except a running
-job's open appearances, checkpointed to `<state>/jobs/<job>/` so a restart resumes the job; that folder is
-deleted when the job ends (succeeded, failed or cancelled). Results keep candidate ids, scores, times and boxes,
-no image and no vector. Every search and every job is a durable event (who, when, why, case reference, counts).
+job's open appearances, checkpointed to `<state>/identification/jobs/<job>/` so a restart resumes the job; that
+folder is deleted when the job ends (succeeded, failed or cancelled). Results keep candidate ids, scores, times
+and boxes, no image and no vector. Every search and every job is a durable event (who, when, why, case
+reference, counts).
 
-Not starving the live path: gallery work runs on its own threads (never the service's executor, which serves
-the live `Search`), and a job sends one frame at a time to detection, so live frames queue behind at most one.
+Not starving the live path: a job sends one frame at a time to detection, so live frames queue behind at most
+one; gallery reads and writes run on their own threads.
 """
 
 from __future__ import annotations
@@ -17,9 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import os
 import shutil
 import sqlite3
@@ -32,26 +32,21 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from lfr.errors import Refused
+from lfr.galleryindex import EmbeddedIndex
+from lfr.identification import jobs as J
+from lfr.identification.gallery import Component, GalleryRecord, GalleryStore, ImageRow, check_gallery_name
+from lfr.identification.identify import SEARCHED, Ranked, candidate_pb, choose_face, rank
+from lfr.media import FrameReader, check_media, resolve_items
 from lfr.models import scoring
-from lfr.models.images import DEFAULT_MAX_PIXELS
-from lfr.pb import common_pb2, detection_pb2, embedding_pb2
-from lfr.pb import watchlist_pb2 as pb
+from lfr.models.face_choice import central_index
+from lfr.pb import common_pb2, watchlist_pb2
+from lfr.pb import identification_pb2 as pb
 from lfr.runtime import events, limits, subjects
-from lfr.watchlist import jobs as J
-from lfr.watchlist.core import Refused
-from lfr.watchlist.gallery import (
-    Component,
-    EmbeddedIndex,
-    GalleryRecord,
-    GalleryStore,
-    ImageRow,
-    IndexParams,
-    check_gallery_name,
-)
-from lfr.watchlist.identify import SEARCHED, Ranked, candidate_pb, choose_face, rank
+from lfr.runtime.faces import EmbeddingUnavailable, model_mismatch
 
 if TYPE_CHECKING:
-    from lfr.watchlist.service import WatchlistService
+    from lfr.identification.service import IdentificationService
 
 TOKEN = "identification"  # the watchlist-event subject token of searches and jobs about no deployment
 JOBS_SCHEMA = """
@@ -63,16 +58,6 @@ CREATE TABLE IF NOT EXISTS job_results (job_id TEXT NOT NULL, seq INTEGER NOT NU
 
 def _ts(ns: int):
     return events.ts_from_ns(ns) if ns else None
-
-
-def central_index(width: int, height: int, boxes: list[tuple[float, float, float, float]]) -> int:
-    """The face a photo is about, by the library's rule (`lfr.models.engines.central_face`)."""
-    from lfr.models.engines import central_face
-    from lfr.models.types import Face
-
-    faces = [Face(box=b, landmarks=np.zeros((5, 2), np.float32), score=0.0) for b in boxes]
-    chosen = central_face(np.broadcast_to(np.uint8(0), (max(1, height), max(1, width))), faces)
-    return faces.index(chosen)
 
 
 def checked_threshold(requested: float, default: float, model_id: str) -> float:
@@ -89,144 +74,28 @@ def _box(b: common_pb2.Box) -> tuple[float, float, float, float]:
     return (b.x1, b.y1, b.x2, b.y2)
 
 
+def _central(det) -> int:
+    return central_index(det.width, det.height, [_box(f.box) for f in det.faces])
+
+
 class JobCancelled(Exception):
     pass
 
 
-# Media -------------------------------------------------------------------------------------------------------
-def check_media(media: list[dict], roots: str, hosts: str) -> None:
-    """At submission: every path inside the media roots (links resolved), every URL rtsp(s):// on an allowed
-    host; raises `lfr.runtime.limits.InputError`. Checked again when the job runs (`resolve_items`)."""
-    limits.check_count(len(media), limits.MAX_MEDIA_PER_JOB, "media sources")
-    for m in media:
-        if "url" in m:  # validate_job has checked it is a URL (files are given as paths)
-            limits.check_source_url(m["url"], hosts)
-        else:
-            limits.confine_path(m["path"], roots)
-
-
-def resolve_items(media: list[dict], fps: float, roots: str = "", hosts: str = "",
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[J.Item]:
-    """The items of a job: videos and images, folders searched recursively (sorted), durations probed. Paths
-    are confined to `roots` (each file found in a folder too: a link out of the roots is an item error), URLs
-    to rtsp(s):// on `hosts`; at most MAX_ITEMS_PER_JOB items."""
-    items: list[J.Item] = []
-    for m in media:
-        if "url" in m:
-            try:
-                items.append(_video_item(limits.check_source_url(m["url"], hosts), fps, max_pixels))
-            except limits.InputError as exc:
-                items.append(J.Item(m["url"], True, 0, error=exc.message[:200]))
-            continue
-        try:
-            p = limits.confine_path(m["path"], roots)
-        except limits.InputError as exc:
-            items.append(J.Item(m["path"], False, 0, error=exc.message[:200]))
-            continue
-        files = [p]
-        if not p.is_dir() and not p.is_file():
-            items.append(J.Item(m["path"], False, 0, error="not a regular file or folder"))
-            continue
-        if p.is_dir():
-            files = []
-            for x in p.rglob("*"):  # does not descend into linked folders; linked files are confined below
-                if len(files) > limits.MAX_ITEMS_PER_JOB:
-                    break
-                if x.suffix.lower() in J.IMAGE_SUFFIXES | J.VIDEO_SUFFIXES and x.is_file():
-                    files.append(x)
-            files.sort()
-        for f in files:
-            if len(items) >= limits.MAX_ITEMS_PER_JOB:
-                items.append(J.Item(str(p), False, 0, error=f"more than {limits.MAX_ITEMS_PER_JOB} media files: "
-                                    "the rest are not examined"))
-                return items
-            try:
-                real = limits.confine_path(f, roots)
-            except limits.InputError as exc:
-                items.append(J.Item(str(f), False, 0, error=exc.message[:200]))
-                continue
-            if not real.is_file():
-                items.append(J.Item(str(f), False, 0, error="not a regular file"))
-            elif f.suffix.lower() in J.IMAGE_SUFFIXES:
-                items.append(J.Item(str(real), False, 1))
-            else:
-                items.append(_video_item(str(real), fps, max_pixels))
-    return items
-
-
-def _video_item(location: str, fps: float, max_pixels: int = DEFAULT_MAX_PIXELS) -> J.Item:
-    from lfr.ingest.sources import open_container
-
-    try:
-        with open_container(location, max_pixels) as c:
-            stream = c.streams.video[0]
-            if stream.duration and stream.time_base:
-                duration = float(stream.duration * stream.time_base)
-            else:
-                duration = float(c.duration or 0) / 1e6
-    except Exception as exc:
-        return J.Item(location, True, 0, error=f"cannot open: {type(exc).__name__}: {exc}"[:200])
-    return J.Item(location, True, max(1, math.ceil(duration * fps)) if duration > 0 else 0, duration)
-
-
-class FrameReader:
-    """Sampled frames of one video as JPEG, from just after `after_s` (resume); used from worker threads."""
-
-    def __init__(self, location: str, fps: float, after_s: float, max_pixels: int = DEFAULT_MAX_PIXELS):
-        from lfr.ingest.core import Sampler
-        from lfr.ingest.sources import open_container
-
-        self.max_pixels = max_pixels
-        self.container = open_container(location, max_pixels)
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
-        rate = self.stream.average_rate
-        self.rate = float(rate) if rate else 25.0
-        self.sampler = Sampler(fps)
-        self.after_s = after_s
-        if after_s >= 0:
-            self.sampler.next_t = after_s + self.sampler.period
-            if self.stream.time_base:
-                with contextlib.suppress(Exception):
-                    self.container.seek(int(after_s / self.stream.time_base), stream=self.stream, backward=True)
-        self.frames = self.container.decode(self.stream)
-
-    def next_batch(self, n: int) -> list[tuple[float, int, bytes]]:
-        out = []
-        for frame in self.frames:
-            t = float(frame.time or 0.0)
-            if t <= self.after_s + 1e-6 or not self.sampler.keep(t):
-                continue
-            limits.check_pixels(frame.width, frame.height, self.max_pixels)  # a stream may change size midway
-            buf = io.BytesIO()
-            frame.to_image().save(buf, format="JPEG", quality=90)
-            out.append((t, int(round(t * self.rate)), buf.getvalue()))
-            if len(out) >= n:
-                break
-        return out
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.container.close()
-
-
-# The identification part of the watchlist service -----------------------------------------------------------
 class Identification:
-    def __init__(self, svc: WatchlistService):
+    def __init__(self, svc: IdentificationService, store: GalleryStore, folder: Path):
+        """`store`: the galleries; `folder`: the service's state folder (galleries/, jobs.sqlite, jobs/)."""
         self.svc = svc
-        cfg = svc.config
-        params = IndexParams(connectivity=cfg.gallery_connectivity, expansion_search=cfg.gallery_ef)
-        qdrant = svc.index.client if cfg.qdrant_url else None
-        self.store = GalleryStore(cfg.state_path("galleries.sqlite"), cfg.state_path("galleries"), params, qdrant)
-        self.image_root = cfg.state_path("galleries")
+        self.faces = svc.faces
+        self.store = store
+        self.image_root = folder / "galleries"
         self.reads = ThreadPoolExecutor(1, thread_name_prefix="gallery-read")
         self.writes = ThreadPoolExecutor(1, thread_name_prefix="gallery-write")
         self.gallery_locks: dict[str, asyncio.Lock] = {}
-        self.jobs_db = sqlite3.connect(str(cfg.state_path("jobs.sqlite")), check_same_thread=False,
-                                       isolation_level=None)
+        self.jobs_db = sqlite3.connect(str(folder / "jobs.sqlite"), check_same_thread=False, isolation_level=None)
         self.jobs_db.execute("PRAGMA journal_mode=WAL")
         self.jobs_db.executescript(JOBS_SCHEMA)
-        self.jobs_dir = cfg.state_path("jobs")
+        self.jobs_dir = folder / "jobs"
         self.jobs_lock = threading.Lock()
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.cancelled: dict[str, str] = {}  # running job -> who cancelled it
@@ -234,6 +103,12 @@ class Identification:
         self._last_tick: dict[str, float] = {}
         self.runner: asyncio.Task | None = None
         self.log = svc.log
+
+    async def model(self, fresh: bool = False):
+        try:
+            return await self.faces.model(fresh)
+        except EmbeddingUnavailable as exc:
+            raise Refused("UNAVAILABLE", str(exc)) from None
 
     async def _read(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.reads, fn, *args)
@@ -272,9 +147,8 @@ class Identification:
     def event(self, action: str, actor: str, deployment_id: str = "", **fields) -> None:
         """A durable identification fact (no image, no vector) for the audit record."""
         env = events.envelope(self.svc.name, deployment_id=deployment_id)
-        self.svc.rt.bus.publish_durable(subjects.watchlist(deployment_id or TOKEN), pb.WatchlistEvent(
-            envelope=env, action=action, actor=actor, policy_version=self.svc.policy.version, **fields),
-            msg_id=env.event_id)
+        self.svc.rt.bus.publish_durable(subjects.watchlist(deployment_id or TOKEN), watchlist_pb2.WatchlistEvent(
+            envelope=env, action=action, actor=actor, **fields), msg_id=env.event_id)
         self.log.info("identification." + action, actor=actor, deployment_id=deployment_id)
 
     # Galleries ---------------------------------------------------------------------------------------------
@@ -298,16 +172,15 @@ class Identification:
                           reembed_job=self.job_pb(jobs[-1]) if jobs else None)
 
     async def _gallery_model(self, g: GalleryRecord, what: str):
-        model = await self.svc.model(fresh=True)
-        if (model.model_id, model.model_version) != (g.model_id, g.model_version):
-            job = self._reembedding(g.name)
-            then = (f"; re-embedding with {job.model_id} {job.model_version} is under way (job {job.job_id}: "
-                    f"{J.reembed_progress(job.progress.items_done, job.progress.items_total)}), the gallery "
-                    "swaps to it when every image is done" if job else
-                    f"; re-embed it first (ReembedGallery, `lfr gallery reembed {g.name}`)")
-            raise Refused("FAILED_PRECONDITION", f"cannot {what}: gallery {g.name} is embedded with {g.model_id} "
-                          f"{g.model_version} but the embedding service runs {model.model_id} "
-                          f"{model.model_version}" + then)
+        model = await self.model(fresh=True)
+        job = self._reembedding(g.name)
+        then = (f"re-embedding with {job.model_id} {job.model_version} is under way (job {job.job_id}: "
+                f"{J.reembed_progress(job.progress.items_done, job.progress.items_total)}), the gallery "
+                "swaps to it when every image is done" if job else
+                f"re-embed it first (ReembedGallery, `lfr gallery reembed {g.name}`)")
+        refusal = model_mismatch(model, g.model_id, g.model_version, what, f"gallery {g.name}", then)
+        if refusal:
+            raise Refused("FAILED_PRECONDITION", refusal)
         return model
 
     def _reembed_jobs(self, gallery: str) -> list[J.JobRecord]:
@@ -326,7 +199,7 @@ class Identification:
         if not req.actor.strip():
             raise Refused("INVALID_ARGUMENT", "actor is required")
         g = self.gallery(req.gallery)
-        model = await self.svc.model(fresh=True)
+        model = await self.model(fresh=True)
         if (model.model_id, model.model_version) == (g.model_id, g.model_version):
             raise Refused("FAILED_PRECONDITION", f"gallery {g.name} is already embedded with {g.model_id} "
                           f"{g.model_version}, the embedding service's model")
@@ -358,7 +231,7 @@ class Identification:
             default_threshold=model.default_threshold, generation=g.generation + 1)
 
     async def _same_as_job(self, job: J.JobRecord):
-        model = await self.svc.model(fresh=True)
+        model = await self.model(fresh=True)
         if (model.model_id, model.model_version) != (job.model_id, job.model_version):
             raise RuntimeError(f"the embedding service now runs {model.model_id} {model.model_version}, not "
                                f"{job.model_id} {job.model_version}: re-embed again with the model it runs")
@@ -404,8 +277,7 @@ class Identification:
                     continue  # deleted
                 try:
                     data = await asyncio.to_thread((folder / row.file).read_bytes)
-                    det = await self.svc.detection.Detect(detection_pb2.DetectRequest(image=data, include_chips=True),
-                                                          timeout=120)
+                    det = await self.faces.detect(data, timeout=120)
                 except OSError as exc:
                     self._note(job, f"image {image_id}: cannot read the stored image ({type(exc).__name__})")
                     continue
@@ -417,8 +289,7 @@ class Identification:
                 if not det.faces:
                     self._note(job, f"image {image_id}: no face found")
                     continue
-                chosen = central_index(det.width, det.height, [_box(f.box) for f in det.faces])
-                todo.append((image_id, list(det.faces[chosen].chips)))
+                todo.append((image_id, list(det.faces[_central(det)].chips)))
             vectors = await self._embed([chips for _, chips in todo]) if todo else {}
             await self._same_as_job(job)  # vectors of one model only: the service did not change meanwhile
             done = {image_id: n for n, (image_id, _) in enumerate(todo)}
@@ -482,7 +353,7 @@ class Identification:
         async with lock:
             g = self.store.get(req.gallery)
             if g is None:
-                model = await self.svc.model(fresh=True)
+                model = await self.model(fresh=True)
                 g = GalleryRecord(req.gallery, model.model_id, model.model_version,
                                   tuple(Component(c.model_id, c.model_version, c.dim, c.metric)
                                         for c in model.components),
@@ -503,8 +374,7 @@ class Identification:
                     continue
                 try:
                     limits.check_image(image, self.svc.config)  # size and declared pixels, before detection
-                    det = await self.svc.detection.Detect(
-                        detection_pb2.DetectRequest(image=image, include_chips=True), timeout=60)
+                    det = await self.faces.detect(image, timeout=60)
                 except limits.InputError as exc:
                     r.reason = exc.message
                     results.append(r)
@@ -520,9 +390,8 @@ class Identification:
                     r.reason = "no face found"
                     results.append(r)
                     continue
-                chosen = central_index(det.width, det.height, [_box(f.box) for f in det.faces])
                 seen.add(digests[i])
-                todo.append((i, list(det.faces[chosen].chips), len(det.faces)))
+                todo.append((i, list(det.faces[_central(det)].chips), len(det.faces)))
                 results.append(r)
             if todo:
                 vectors = await self._embed([chips for _, chips, _ in todo])  # component -> (n, dim)
@@ -550,15 +419,8 @@ class Identification:
                                                results=results)
 
     async def _embed(self, chips_per_face: list[list]) -> dict[str, np.ndarray]:
-        """One vector per face and component: component -> (faces, dim), in face order."""
-        flat = [(n, c) for n, chips in enumerate(chips_per_face) for c in chips]
-        out: dict[str, list] = {}
-        for start in range(0, len(flat), 256):
-            part = flat[start: start + 256]
-            resp = await self.svc.embedding.Embed(embedding_pb2.EmbedRequest(chips=[c for _, c in part]), timeout=120)
-            for (n, _), v in zip(part, resp.vectors, strict=True):
-                out.setdefault(v.model_id, [None] * len(chips_per_face))[n] = v.values
-        return {m: np.asarray(vs, dtype=np.float32) for m, vs in out.items()}
+        """One vector per face and component: component model id -> (faces, dim), in face order."""
+        return {mid: v for (mid, _version), v in (await self.faces.embed(chips_per_face)).items()}
 
     # Search --------------------------------------------------------------------------------------------------
     def _gallery_hits(self, g: GalleryRecord, probes: dict[str, np.ndarray], k: int
@@ -606,21 +468,38 @@ class Identification:
             await self._gallery_model(g, "search it")
             images, _ = self.store.counts(g.name)
             return g, g.default_threshold, images, g.model_id, g.model_version
-        d = await self.svc.current(deployment_id)
-        if d.purged_at_ns:
+        d = await self._watchlist_call(self.svc.watchlist.GetDeployment,
+                                       watchlist_pb2.GetDeploymentRequest(deployment_id=deployment_id))
+        if d.HasField("purged_at"):
             raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {d.id} has been purged")
-        await self.svc._same_model(d, "search its watchlist")
-        return d, d.threshold, self.svc.meta.entry_count(d.id), d.model_id, d.model_version
+        refusal = model_mismatch(await self.model(fresh=True), d.model_id, d.model_version, "search its watchlist",
+                                 f"deployment {d.id}'s watchlist", "re-embed the watchlist (ReembedWatchlist) first")
+        if refusal:
+            raise Refused("FAILED_PRECONDITION", refusal)
+        return d, d.threshold, d.watchlist_size, d.model_id, d.model_version
+
+    @staticmethod
+    async def _watchlist_call(method, request):
+        """A call to the watchlist service; its refusal (no such deployment, ...) is passed on as it is."""
+        try:
+            return await method(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE):
+                raise Refused(exc.code().name, exc.details() or "the watchlist service refused") from None
+            raise
 
     async def hits(self, target, probes: dict[str, np.ndarray], k: int) -> list[list[tuple[str, float, dict]]]:
         if isinstance(target, GalleryRecord):
             return await self._read(self._gallery_hits, target, probes, k)
         n = len(next(iter(probes.values())))
-        model = await self.svc.model()
-        probe_pbs = [pb.Probe(vectors=[common_pb2.Vector(model_id=c.model_id, model_version=c.model_version,
+        model = await self.model()
+        probe_pbs = [watchlist_pb2.Probe(vectors=[common_pb2.Vector(model_id=c.model_id, model_version=c.model_version,
                                                          values=probes[c.model_id][i].tolist())
                                        for c in model.components]) for i in range(n)]
-        lists = await self.svc.search(target, probe_pbs, min(100, k))
+        found = await self._watchlist_call(self.svc.watchlist.Search, watchlist_pb2.SearchRequest(
+            deployment_id=target.id, probes=probe_pbs, k=min(100, k)))
+        lists = found.results
         return [[(c.entry_id, c.score, {"entry_id": c.entry_id, "subject_ref": c.subject_ref,
                                         "category": c.category}) for c in cl.candidates] for cl in lists]
 
@@ -632,8 +511,7 @@ class Identification:
         threshold = checked_threshold(req.threshold, default_thr, model_id)
         search_id = events.new_id()[:16]
         try:
-            det = await self.svc.detection.Detect(detection_pb2.DetectRequest(
-                image=req.image, include_chips=True, include_crops=True), timeout=60)
+            det = await self.faces.detect(req.image, crops=True, timeout=60)
         except grpc.aio.AioRpcError as exc:
             if exc.code().name in limits.IMAGE_REFUSALS:
                 raise Refused(exc.code().name, exc.details()) from None
@@ -866,7 +744,7 @@ class Identification:
             c = target.components[0]
             cid, metric = c.model_id, c.metric
         else:
-            m = self.svc._model
+            m = self.faces.current
             cid, metric = m.components[0].model_id, m.components[0].metric
         known = scoring.COMPONENTS.get(cid)
         link = known.threshold_1to1 if known else 0.4  # the engine's one-to-one threshold links one person's faces
@@ -934,8 +812,7 @@ class Identification:
         detected = []
         for item_index, t, fi, data in frames:
             try:
-                det = await self.svc.detection.Detect(detection_pb2.DetectRequest(image=data, include_chips=True),
-                                                      timeout=120)
+                det = await self.faces.detect(data, timeout=120)
                 faces = [f for f in det.faces if f.quality.inter_eye_px >= self.svc.config.min_face_px]
             except grpc.aio.AioRpcError as exc:
                 if exc.code().name not in limits.IMAGE_REFUSALS:

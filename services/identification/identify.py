@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lfr.pb import watchlist_pb2 as pb
+from lfr.pb import identification_pb2 as pb
 
 NO_FACE, SEVERAL, SEARCHED = (pb.IDENTIFY_OUTCOME_NO_FACE, pb.IDENTIFY_OUTCOME_SEVERAL_FACES,
                               pb.IDENTIFY_OUTCOME_SEARCHED)

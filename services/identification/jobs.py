@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lfr.media import Item
 from lfr.models.boxes import Box, iou
-from lfr.pb import watchlist_pb2 as pb
+from lfr.pb import identification_pb2 as pb
 
 J = pb.JobState
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (J.JOB_STATE_QUEUED, J.JOB_STATE_RUNNING, J.JOB_STATE_SUCCEEDED,
@@ -25,23 +26,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (J.JOB_STATE_QUEUED, J.JOB_STATE
 FINISHED = {SUCCEEDED, FAILED, CANCELLED}
 SEARCH, REEMBED = "search", "gallery-reembed"  # job kinds (#17: a gallery re-embedded after a model change)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv"}
-
 
 def state_name(state: int) -> str:
     return J.Name(state).removeprefix("JOB_STATE_")
-
-
-@dataclass
-class Item:
-    """One media item of a job: a video (file or URL) or an image file."""
-
-    location: str
-    video: bool
-    frames_est: int = 1  # sampled frames expected (a video: duration x fps; unknown length: 0)
-    duration_s: float = 0.0
-    error: str = ""
 
 
 @dataclass

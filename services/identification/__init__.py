@@ -1,0 +1,1 @@
+"""The identification service: galleries, Identify and retrospective jobs."""
