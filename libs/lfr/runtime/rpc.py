@@ -32,11 +32,6 @@ def bounded(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
 
 
 async def abort(context: grpc.aio.ServicerContext, code: str, message: str):
-    """Abort an RPC with a status named by string (the cores speak in names, not grpc objects)."""
+    """Abort an RPC with a status named by string, from an adapter (a core raises lfr.errors instead, which the
+    shared ErrorInterceptor maps)."""
     await context.abort(getattr(grpc.StatusCode, code), bounded(message))
-
-
-def require(value, what: str) -> None:
-    """Raise ValueError naming a missing required field (adapters turn it into INVALID_ARGUMENT)."""
-    if not value:
-        raise ValueError(f"{what} is required")
