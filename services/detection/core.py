@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import cv2
 import numpy as np
 from PIL import Image
 
+from lfr.models.images import decode_frame, i420_to_rgb
 from lfr.models.quality import face_quality
 from lfr.models.types import Face
-from lfr.pb import common_pb2, detection_pb2
+from lfr.pb import common_pb2, detection_pb2, ingest_pb2
 
 
 def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -20,12 +22,17 @@ def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     if max(h, w) <= max_side:
         return image, 1.0
     factor = max(h, w) / max_side
-    pil = Image.fromarray(image)
-    if factor == int(factor):  # e.g. 1080p -> 960: a box-filter reduce, 4x faster than a resize
-        small = pil.reduce(int(factor))
-    else:
-        small = pil.resize((round(w / factor), round(h / factor)), Image.BILINEAR, reducing_gap=2.0)
-    return np.asarray(small), w / small.width
+    # area averaging (a box filter at an integer factor, e.g. 1080p -> 960): 6x less CPU than Pillow's reduce
+    small = cv2.resize(image, (round(w / factor), round(h / factor)), interpolation=cv2.INTER_AREA)
+    return small, w / small.shape[1]
+
+
+def frame_image(frame: ingest_pb2.FrameEvent, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """A frame event's pixels (RGB): its I420 planes as ingest decoded them, else its JPEG or PNG. Raises
+    `lfr.models.images.ImageError`."""
+    if frame.i420:
+        return i420_to_rgb(frame.i420, frame.width, frame.height, max_pixels)
+    return decode_frame(frame.image, max_bytes, max_pixels)
 
 
 def rescale_face(face: Face, factor: float) -> Face:
@@ -48,12 +55,13 @@ def crop_jpeg(image: np.ndarray, box, margin: float = 0.4, quality: int = 85) ->
     return buf.getvalue()
 
 
-def face_pb(image: np.ndarray, face: Face, chips: dict[str, np.ndarray] | None, crop: bool) -> detection_pb2.DetectedFace:
+def face_pb(image: np.ndarray, face: Face, chips: dict[str, np.ndarray] | None, crop: bool,
+            track_id: int = 0) -> detection_pb2.DetectedFace:
     q = face.quality
     out = detection_pb2.DetectedFace(
         box=common_pb2.Box(x1=face.box[0], y1=face.box[1], x2=face.box[2], y2=face.box[3]),
         landmarks=[common_pb2.Point(x=float(x), y=float(y)) for x, y in np.asarray(face.landmarks)],
-        score=face.score,
+        score=face.score, track_id=track_id,
     )
     if q is not None:
         out.quality.CopyFrom(common_pb2.FaceQuality(
@@ -72,20 +80,25 @@ def inter_eye_px(face: Face) -> float:
     return float(np.hypot(*(lm[1] - lm[0])))
 
 
-def detect_images(engine, images: list[np.ndarray], max_side: int, with_chips: bool, with_crops: bool,
-                  min_face_px: float = 0.0, select: Callable[[int, list[Face]], list[bool]] | None = None
+def detect_images(engine, images: list[np.ndarray], max_side: int | Sequence[int], with_chips: bool, with_crops: bool,
+                  min_face_px: float = 0.0, select: Callable[[int, list[Face]], list[int | None]] | None = None
                   ) -> list[list[detection_pb2.DetectedFace]]:
     """Detect on (downscaled) copies, align and crop from the full-resolution images. Faces with fewer than
     `min_face_px` between the eyes (full resolution) are dropped before their quality, chip or crop is made;
-    `select(image index, faces)`, if given, then says which of the rest to keep (the live face sampler)."""
-    small = [downscale(im, max_side) for im in images]
+    `select(image index, faces)`, if given, then says which of the rest to keep: per face its track id (kept) or
+    None (skipped; the live face sampler). `max_side` may be given per image."""
+    sides = [max_side] * len(images) if isinstance(max_side, int) else list(max_side)
+    small = [downscale(im, side) for im, side in zip(images, sides, strict=True)]
     found = engine.detect([s for s, _ in small])
     out = []
     for k, (image, (_, factor), faces) in enumerate(zip(images, small, found, strict=True)):
         faces = [f for f in (rescale_face(f, factor) for f in faces) if inter_eye_px(f) >= min_face_px]
+        tracks = [0] * len(faces)
         if select is not None and faces:
-            faces = [f for f, keep in zip(faces, select(k, faces), strict=True) if keep]
+            chosen = [(f, t) for f, t in zip(faces, select(k, faces), strict=True) if t is not None]
+            faces, tracks = [f for f, _ in chosen], [t for _, t in chosen]
         if factor != 1.0:
             faces = [replace(f, quality=face_quality(image, f)) for f in faces]
-        out.append([face_pb(image, f, engine.chips(image, f) if with_chips else None, with_crops) for f in faces])
+        out.append([face_pb(image, f, engine.chips(image, f) if with_chips else None, with_crops, t)
+                     for f, t in zip(faces, tracks, strict=True)])
     return out

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from lfr.detection.core import detect_images, inter_eye_px
+import numpy as np
+
+from lfr.detection.core import detect_images, frame_image, inter_eye_px
 from lfr.detection.tracks import FaceSampler
+from lfr.models.images import ImageError
 from lfr.pb import detection_pb2 as pb
 from lfr.pb import detection_pb2_grpc, ingest_pb2
 from lfr.runtime import events, limits, metrics, subjects
@@ -47,12 +50,14 @@ class DetectionService(Service):
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
         self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000)
+        self.frame_counts: dict[tuple[str, str], int] = {}  # per camera: frames since its last full-scale look
         self.skipped = metrics.SKIPPED.labels(self.name, "tracked")
         rt.add_servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(self),
                         pb.DESCRIPTOR.services_by_name["DetectionService"])
 
     async def warmup(self) -> None:
         await self.rt.run_cpu(self.engine.warmup)
+        await self.rt.run_cpu(self._warm_live_scales)
         self.worker = asyncio.create_task(self.stage.run(), name="detect-stage")
         self.sub = await self.rt.bus.subscribe(subjects.frames(), ingest_pb2.FrameEvent, self._on_frame,
                                                queue=subjects.QUEUE["detection"], stage="detect")
@@ -60,29 +65,50 @@ class DetectionService(Service):
     def _on_frame(self, frame: ingest_pb2.FrameEvent, _subject: str) -> None:
         self.stage.offer(frame)
 
+    def _warm_live_scales(self) -> None:
+        """A few detections at the live scales of a 16:9 camera (the detector's first runs at a new image size
+        are several times slower), so the first frames of a camera are not dropped as late."""
+        cfg = self.config
+        frame = np.full((1080, 1920, 3), 127, np.uint8)
+        for side in {cfg.detect_max_side, cfg.detect_fast_side or cfg.detect_max_side}:
+            for _ in range(3):
+                detect_images(self.engine, [frame], side, False, False)
+
+    def _side(self, env) -> int:
+        """The scale a live frame is detected at: LFR_DETECT_FAST_SIDE, and LFR_DETECT_MAX_SIDE for one frame in
+        LFR_DETECT_FULL_EVERY per camera (at 25 fps and the defaults, 5 full looks a second)."""
+        cfg = self.config
+        if not 0 < cfg.detect_fast_side < cfg.detect_max_side:
+            return cfg.detect_max_side
+        key = (env.deployment_id, env.camera_id)
+        n = self.frame_counts.get(key, 0)
+        self.frame_counts[key] = (n + 1) % cfg.detect_full_every
+        return cfg.detect_max_side if n == 0 else cfg.detect_fast_side
+
     def _decode_batch(self, frames: list[ingest_pb2.FrameEvent]):
         cfg = self.config
         images, kept = [], []
         for f in frames:
             try:
-                images.append(limits.decode(f.image, cfg))
+                images.append(frame_image(f, cfg.max_image_bytes, cfg.max_image_pixels))
                 kept.append(f)
-            except limits.InputError:
+            except ImageError:
                 self.stage._drop(f, "bad_image")
         if not images:
             return kept, [], []
         counts = [(0, 0)] * len(images)  # per frame: faces detected, faces new (faces seen)
 
-        def select(k: int, faces) -> list[bool]:  # the live face sampler: a tracked face every interval
+        def select(k: int, faces) -> list[int | None]:  # the live face sampler: a tracked face every interval
             env = kept[k].envelope
             t = env.capture_time.ToNanoseconds() / 1e9
             keep = self.sampler.select((env.deployment_id, env.camera_id), t, [f.box for f in faces],
                                        [inter_eye_px(f) * f.score for f in faces])
-            counts[k] = (len(faces), len(faces) if self.sampler.interval_s <= 0 else self.sampler.new)
+            counts[k] = (len(faces), self.sampler.new)
             self.skipped.inc(keep.count(False))
-            return keep
+            return [track if embed else None for embed, track in zip(keep, self.sampler.ids, strict=True)]
 
-        out = detect_images(self.engine, images, cfg.detect_max_side, True, True, cfg.min_face_px, select)
+        out = detect_images(self.engine, images, [self._side(f.envelope) for f in kept], True, True, cfg.min_face_px,
+                            select)
         self.sampler.forget(older_than=max(f.envelope.capture_time.ToNanoseconds() for f in kept) / 1e9 - 5.0)
         return kept, out, counts
 

@@ -6,6 +6,11 @@ overlap (IoU): positions only, never a chip or a vector, kept at most `expire_s`
 A face is embedded when it starts a track, when `interval_s` has passed since its track was last embedded, or
 when it is clearly better (inter-eye distance x detector score, by the factor `better`) than the best face
 embedded so far on its track. The others are skipped and counted. Pure: no I/O; time comes in as capture time.
+
+Every track has an id, unique per camera while the process runs, sent with each face embedded from it: match
+counts faces seen per track (and splits a track whose embedded faces are of different people). A face that takes up
+a track not seen for more than `split_gap_s` (someone stepping into the place of someone who left) gets a new id:
+it is counted as a new face, and embedded at once.
 """
 
 from __future__ import annotations
@@ -21,18 +26,22 @@ class _Track:
     last_seen: float
     last_embedded: float
     best: float
+    track_id: int = 0
 
 
 class FaceSampler:
-    def __init__(self, interval_s: float = 0.3, expire_s: float = 1.0, min_iou: float = 0.3, better: float = 1.25):
+    def __init__(self, interval_s: float = 0.3, expire_s: float = 1.0, min_iou: float = 0.3, better: float = 1.25,
+                 split_gap_s: float = 0.4):
         self.interval_s, self.expire_s, self.min_iou, self.better = interval_s, expire_s, min_iou, better
+        self.split_gap_s = split_gap_s
         self.tracks: dict[object, list[_Track]] = {}
         self.new = 0  # faces of the last `select` that started a track (a face not seen in the frames before)
+        self.ids: list[int] = []  # the track id of each face of the last `select`
+        self._next_id = 0
 
     def select(self, key: object, t: float, boxes: list[Box], qualities: list[float]) -> list[bool]:
-        """For the faces of one frame of camera `key` captured at `t` (seconds): embed this face or not."""
-        if self.interval_s <= 0:
-            return [True] * len(boxes)
+        """For the faces of one frame of camera `key` captured at `t` (seconds): embed this face or not (every
+        face when `interval_s` is 0). Their track ids are in `ids` after the call."""
         tracks = [tr for tr in self.tracks.get(key, []) if t - tr.last_seen <= self.expire_s]
         pairs = sorted(((iou(b, tr.box), i, j) for i, b in enumerate(boxes) for j, tr in enumerate(tracks)),
                        reverse=True)
@@ -45,16 +54,23 @@ class FaceSampler:
                 owner[i] = j
                 taken.add(j)
         keep = []
-        self.new = 0
+        self.new, self.ids = 0, []
         for i, (box, q) in enumerate(zip(boxes, qualities, strict=True)):
             j = owner.get(i)
             if j is None:
                 self.new += 1
-                tracks.append(_Track(box, t, t, q))
+                self._next_id += 1
+                tracks.append(_Track(box, t, t, q, self._next_id))
                 keep.append(True)
+                self.ids.append(self._next_id)
                 continue
             tr = tracks[j]
-            embed = t - tr.last_embedded >= self.interval_s - 1e-3 or q > tr.best * self.better
+            if t - tr.last_seen > self.split_gap_s:  # back after a gap: maybe someone else; a new face seen
+                self.new += 1
+                self._next_id += 1
+                tr.track_id, tr.last_embedded, tr.best = self._next_id, t - self.interval_s, q
+            self.ids.append(tr.track_id)
+            embed = self.interval_s <= 0 or t - tr.last_embedded >= self.interval_s - 1e-3 or q > tr.best * self.better
             tr.box, tr.last_seen = box, max(tr.last_seen, t)
             if embed:
                 tr.last_embedded, tr.best = t, max(tr.best, q)

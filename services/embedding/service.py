@@ -87,7 +87,8 @@ class EmbeddingService(Service):
                                      faces_detected=msg.faces_detected, faces_new=msg.faces_new)
             for i, f in enumerate(msg.faces):
                 out.faces.append(pb.FaceEmbedding(face_index=i, box=f.box, quality=f.quality,
-                                                  vectors=[next(it) for _ in f.chips], crop_jpeg=f.crop_jpeg))
+                                                  vectors=[next(it) for _ in f.chips], crop_jpeg=f.crop_jpeg,
+                                                  track_id=f.track_id))
             await self.rt.bus.publish(subjects.embeddings(env.deployment_id, env.camera_id), out)
 
     async def stop_intake(self) -> None:

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from lfr.ingest.core import check_frame
-from lfr.ingest.sources import SourceState, start_thread
+from lfr.ingest.sources import I420, SourceState, start_thread
 from lfr.pb import ingest_pb2 as pb
 from lfr.pb import ingest_pb2_grpc, watchlist_pb2_grpc
 from lfr.runtime import events, metrics, subjects
@@ -84,7 +84,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                           request.realtime)
         self.svc.add_source(src)
         await start_thread(asyncio.get_running_loop(), src, cfg.jpeg_quality, self.svc.emitter(src),
-                           cfg.max_image_pixels)
+                           cfg.max_image_pixels, cfg.frame_encoding, self.svc.raw_limit())
         return source_pb(src)
 
     async def StopSource(self, request, context):
@@ -121,10 +121,18 @@ class IngestService(Service):
         for k in ended[: max(0, len(ended) - FINISHED_SOURCES_KEPT)]:
             del self.sources[k]
 
+    def raw_limit(self) -> int:
+        """The largest frame published as raw planes: what the NATS server takes in one message, less room for
+        the rest of the event."""
+        return max(0, int(getattr(self.rt.bus.nc, "max_payload", 0) or 0) - 16384)
+
     async def publish(self, deployment_id, camera_id, image, w, h, capture_ns, video_time_s, index) -> None:
         env = events.envelope(self.name, deployment_id, camera_id, capture_ns)
-        frame = pb.FrameEvent(envelope=env, image=image, width=w, height=h, frame_index=index,
-                              video_time_s=video_time_s)
+        frame = pb.FrameEvent(envelope=env, width=w, height=h, frame_index=index, video_time_s=video_time_s)
+        if isinstance(image, I420):
+            frame.i420 = image
+        else:
+            frame.image = image
         if await self.rt.bus.publish(subjects.frames(deployment_id, camera_id), frame):
             metrics.PROCESSED.labels(self.name, "frames").inc()
 

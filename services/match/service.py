@@ -15,6 +15,7 @@ import numpy as np
 from lfr.match.alerts import AlertBook
 from lfr.match.core import Counters, check_adjudication, decide_top, engagement_refusal, reference_refusal
 from lfr.match.replicas import Replicas, add_stats, alert_db_name, id_prefix
+from lfr.match.seen import SPLIT_FRACTION, FacesSeen
 from lfr.match.tracker import Action, AlertState, Sighting, Tracker
 from lfr.models import scoring
 from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
@@ -138,12 +139,19 @@ class MatchServicer(match_pb2_grpc.MatchServiceServicer):
         return book.get(request.alert_id, with_images=False)
 
 
-def faces_seen(msg: embedding_pb2.EmbeddingsEvent) -> int:
-    """The faces an event adds to "faces seen": the faces embedded (sampled by detection's face sampler).
-    Detection also sends the faces it detected and the faces its tracker saw first (`faces_detected`,
-    `faces_new`); counting those instead (#14) undercounted people who pass one after another in the same place
-    (6 of 7 in the ground-truth test video), so they are carried but not yet counted."""
-    return len(msg.faces)
+def faces_seen(seen: FacesSeen, msg: embedding_pb2.EmbeddingsEvent, probes: dict[str, np.ndarray] | None = None,
+               recipe: scoring.Recipe | None = None, threshold: float = 0.0) -> int:
+    """The faces an event adds to "faces seen" (#14): once per face followed by detection's tracker, and once more
+    when the face on a track becomes someone else (`lfr.match.seen`; the deployment's model decides, from the
+    vectors `probes` scored by its `recipe`)."""
+    env = msg.envelope
+    same = None
+    if probes is not None and recipe is not None:
+        def same(a, b) -> bool:
+            return float(recipe.score({c: a[c] for c in recipe.components},
+                                      {c: b[c][None] for c in recipe.components})[0]) >= SPLIT_FRACTION * threshold
+    return seen.count(env.deployment_id, env.camera_id, env.capture_time.ToNanoseconds(),
+                      [f.track_id for f in msg.faces], probes, same)
 
 
 def _component(recipe: scoring.Recipe, model_id: str) -> scoring.Component | None:
@@ -161,6 +169,7 @@ class MatchService(Service):
         self.instance_id = events.new_id()
         self.watchlist = watchlist_pb2_grpc.WatchlistServiceStub(channel(cfg.watchlist_target, cfg))
         self.counters: dict[str, Counters] = {}
+        self.seen = FacesSeen()  # faces seen per track (#14)
         self.unrecorded: list[Action] = []  # alerts waiting for the alert book's disk to take writes again
         self.deployments = DeploymentCache(self.watchlist)
         self.watchlists: dict[str, tuple] = {}  # deployment -> (what was loaded, ExactIndex, entry -> subject_ref)
@@ -232,7 +241,7 @@ class MatchService(Service):
     def _dropped(self, msg: embedding_pb2.EmbeddingsEvent, reason: str) -> None:
         """A dropped event's faces are never matched: they are disposed of, and counted as such."""
         c = self._counters(msg.envelope.deployment_id)
-        c.faces_seen += faces_seen(msg)
+        c.faces_seen += faces_seen(self.seen, msg)
         c.stale_dropped += len(msg.faces)
         for _ in msg.faces:
             ms = events.age_ms(msg.envelope)
@@ -248,10 +257,9 @@ class MatchService(Service):
         env.CopyFrom(msg.envelope)  # a copy: a kept sub-message would keep the whole event (every face) alive
         d = await self.deployments.get(env.deployment_id)
         c = self._counters(env.deployment_id)
-        if not msg.faces:  # a frame whose faces were all followed from earlier frames: counted, nothing to match
-            c.faces_seen += faces_seen(msg)
+        if not msg.faces:  # a frame whose faces were all followed from earlier frames: nothing to match
             return
-        decisions = []
+        decisions, probes = [], None
         if not live_refusal(d, env.camera_id) and d.watchlist_size > 0:  # the one rule: ACTIVE, in window, its camera
             index, refs = await self._watchlist(d)  # the live watchlist's vectors, in memory: no call per frame
             probes = {}
@@ -262,7 +270,7 @@ class MatchService(Service):
                 probes[comp] = np.asarray(rows, dtype=np.float32)
             decisions = decide_top(index.search(probes, 1), refs, d.threshold)
         matched = {dec.face_index: dec for dec in decisions if dec.matched}
-        c.faces_seen += faces_seen(msg)
+        c.faces_seen += faces_seen(self.seen, msg, probes, index.recipe if probes else None, d.threshold if d else 0.0)
         sightings = []
         for i, face in enumerate(msg.faces):
             dec = matched.get(i)
@@ -397,6 +405,7 @@ class MatchService(Service):
             await self._drop_watchlists()
             if self.unrecorded and not self.rt.storage.reason:
                 self._retry_unrecorded()
+            self.seen.forget(time.time_ns())  # tracks' vectors held for faces seen: gone within the disposal bound
             for action in self.tracker.tick(time.time_ns()):
                 self._publish_alert(action)
 

@@ -133,9 +133,9 @@ def test_one_alert_per_pass_of_a_watchlisted_person_walking_through(walked, walk
     d, stats, alerts, entry_id = walked
     assert len(alerts) == 2 == stats.alerts, [(a.alert_id, a.revision, a.video_time_s) for a in alerts]
     # the face was matched many times in each pass (detection sends a tracked face on to be embedded every
-    # LFR_LIVE_EMBED_INTERVAL_MS, 0.3 s), and each pass gave one alert (updated, not repeated)
-    in_view_s = (PASS_1[1] - PASS_1[0]) + (PASS_2[1] - PASS_2[0])
-    assert stats.faces_seen >= 0.6 * in_view_s / 0.3
+    # LFR_LIVE_EMBED_INTERVAL_MS, 0.3 s), and each pass gave one alert (updated, not repeated); faces seen
+    # counts the face once per pass (#14 item 5: per detection track, lfr.match.seen), not once per embedding
+    assert 2 <= stats.faces_seen <= 4, stats.faces_seen
     for a, (start, end) in zip(alerts, (PASS_1, PASS_2), strict=True):
         assert start - 0.1 <= a.video_time_s <= end + 0.1, (a.video_time_s, start, end)
         assert a.entry_id == entry_id and a.subject_ref == walk[0] and a.score >= a.threshold

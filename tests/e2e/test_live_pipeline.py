@@ -66,7 +66,9 @@ def test_enrolled_people_alert_and_strangers_do_not(system, clients, ground_trut
     assert all("probe_jpeg" not in json.loads(r.summary_json) for r in recs)
 
     # Strangers and everything else that matched nobody were disposed of within one second of capture.
-    assert stats.faces_seen >= len(alerts) + len(ground_truth.strangers)
+    # Faces seen (#14 item 5): each person's face once, though it is in 15 frames and embedded about 5 times, and
+    # though each takes the place of the one before in the middle of the picture (detection's track continues)
+    assert stats.faces_seen == len(ground_truth.segments), (stats.faces_seen, len(ground_truth.segments))
     assert stats.nonmatches_disposed >= len(ground_truth.strangers) * 5
     assert 0 < stats.disposal_ms_max < 1000, stats
     clients.watchlist.EndDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="op"))

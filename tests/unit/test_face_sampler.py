@@ -34,7 +34,7 @@ def test_cameras_are_separate_tracks_expire_and_interval_zero_embeds_everything(
     assert set(s.tracks) == {"a"}
     every = FaceSampler(interval_s=0.0)
     assert all(every.select("a", i * 0.1, [walk(100)], [30.0])[0] for i in range(5))
-    assert every.tracks == {}
+    assert every.ids == [1] and every.new == 0  # still tracked, for faces seen: one face in five frames
 
 
 def test_a_face_followed_over_many_frames_is_one_face_seen():
@@ -47,3 +47,16 @@ def test_a_face_followed_over_many_frames_is_one_face_seen():
     assert seen[0] == 2 and sum(seen) == 2
     s.select("cam", 4.0, [(10, 10, 60, 60)], [1.0])  # lost for more than expire_s, then seen again: a new pass
     assert s.new == 1
+
+
+def test_track_ids_and_a_face_back_after_a_gap_is_a_new_face():
+    """#14 item 5: each track has an id (match counts faces seen per track); someone stepping into the place of
+    someone who left (a gap longer than split_gap_s, shorter than expire_s) gets a new id, counted and embedded."""
+    s = FaceSampler(interval_s=0.3, expire_s=1.0, split_gap_s=0.4)
+    s.select("cam", 0.0, [walk(100), walk(600)], [30.0, 30.0])
+    assert s.ids == [1, 2] and s.new == 2
+    assert s.select("cam", 0.1, [walk(102), walk(602)], [30.0, 30.0]) == [False, False] and s.ids == [1, 2]
+    assert s.select("cam", 0.4, [walk(104)], [30.0]) == [True] and s.ids == [1] and s.new == 0  # on schedule
+    # the place at 600 was empty for 0.6 s (> split_gap_s): the face there now is a new one, embedded at once
+    assert s.select("cam", 0.7, [walk(106), walk(600)], [30.0, 30.0]) == [True, True]
+    assert s.ids == [1, 3] and s.new == 1

@@ -164,3 +164,39 @@ def decode_image(
     if not arr.flags.writeable:  # np.asarray over a Pillow image is a read-only view
         arr = arr.copy()
     return arr
+
+
+def decode_frame(
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """A camera frame (JPEG or PNG) as :func:`decode_image` gives it, faster: after the same header checks a JPEG
+    is decoded by OpenCV's libjpeg-turbo straight into an array (Pillow's decode and array copy took about 3.5x
+    the CPU for a 1080p frame). Anything OpenCV cannot decode goes to :func:`decode_image`, for its precise refusal."""
+    fmt, w, h = image_header(data, max_bytes, max_pixels, DEFAULT_MIN_SIDE)
+    if fmt == "JPEG":
+        import cv2
+
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is not None and bgr.shape[0] * bgr.shape[1] == w * h:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return decode_image(data, max_bytes, max_pixels)
+
+
+def i420_to_rgb(planes: bytes, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An (H, W, 3) RGB array from a frame's YUV 4:2:0 planes (Y, then U and V at half size: I420, as a video
+    decoder gives them; BT.601 limited range, as the decoder's own RGB conversion). Refused (:class:`ImageError`)
+    unless the dimensions are even, within `max_pixels`, and the bytes are exactly the planes."""
+    if width < DEFAULT_MIN_SIDE or height < DEFAULT_MIN_SIDE or width % 2 or height % 2:
+        raise ImageError("too_small" if min(width, height) < DEFAULT_MIN_SIDE else "truncated",
+                         f"I420 planes of {width}x{height}: both sides must be even and at least {DEFAULT_MIN_SIDE}")
+    if width * height > max_pixels:
+        raise ImageError("too_many_pixels", f"I420 planes of {width}x{height} = {width * height} pixels, over the "
+                         f"limit of {max_pixels}")
+    if len(planes) != width * height * 3 // 2:
+        raise ImageError("truncated", f"I420 planes of {width}x{height} are {width * height * 3 // 2} bytes, "
+                         f"got {len(planes)}")
+    import cv2
+
+    return cv2.cvtColor(np.frombuffer(planes, np.uint8).reshape(height * 3 // 2, width), cv2.COLOR_YUV2RGB_I420)

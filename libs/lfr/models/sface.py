@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .device import resolve_device
+from .device import cpu_optimised, resolve_device
 from .onnx_weights import OnnxGraph, OnnxWeightsError
 from .weights import weight_path
 from .yunet import tune_malloc_for_large_tensors
@@ -251,7 +251,11 @@ class SFace(nn.Module):
         self.path = path
         self.eval()
 
+    compiled = None  # a frozen CPU copy (`lfr.models.device.cpu_optimised`), run in place of the module when set
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled(x)
         x = (x - self.in_mean) * self.in_scale
         x = self.features(x)
         return self.fc(torch.flatten(x, 1))
@@ -264,6 +268,9 @@ def load_sface(device=None) -> SFace:
     if dev.type == "cpu":
         tune_malloc_for_large_tensors()
         model = model.to(memory_format=torch.channels_last)
+        example = torch.full((2, 3, CHIP_SIZE, CHIP_SIZE), 127.0).contiguous(memory_format=torch.channels_last)
+        # kept outside the module's children (not in its state, not moved by .to())
+        object.__setattr__(model, "compiled", cpu_optimised(model, example))
     return model
 
 

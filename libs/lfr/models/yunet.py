@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import resolve_device
+from .device import cpu_optimised, resolve_device
 from .onnx_weights import OnnxGraph, OnnxWeightsError
 from .types import Face
 from .weights import weight_path
@@ -132,7 +132,11 @@ class YuNet(nn.Module):
         self.path = path
         self.eval()
 
+    compiled = None  # a frozen CPU copy (`lfr.models.device.cpu_optimised`), run in place of the module when set
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.compiled is not None:
+            return list(self.compiled(x))
         x = F.relu(self.stem(x), inplace=True)
         x = F.max_pool2d(self.stem_dp(x), 2)
         x = self.stages[0](x)
@@ -203,6 +207,9 @@ class YuNetDetector:
         if self.device.type == "cpu":
             tune_malloc_for_large_tensors()
             self.model = self.model.to(memory_format=torch.channels_last)
+            example = torch.full((1, 3, 384, 640), 127.0).contiguous(memory_format=torch.channels_last)
+            # kept outside the module's children (not in its state, not moved by .to())
+            object.__setattr__(self.model, "compiled", cpu_optimised(self.model, example))
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
         self.max_batch = 16
 
