@@ -10,7 +10,7 @@ WORK=${WALKTHROUGH_DIR:-./state/walkthrough}  # this walkthrough's files: the sy
 rm -rf "$WORK/state" && mkdir -p "$WORK"      # a fresh system each time
 export LFR_STATE_DIR=$WORK/state              # every lfr command below finds the running system through it
 
-# 1. Start the embedded system (nats-server, Qdrant local mode, six services) in the background; it stops when
+# 1. Start the embedded system (nats-server, Qdrant local mode, the services) in the background; it stops when
 #    this script ends. `lfr status --wait` returns once every service is SERVING (about a minute: models load).
 lfr up --state-dir "$LFR_STATE_DIR" > "$WORK/lfr-up.log" 2>&1 &
 UP=$!
