@@ -209,9 +209,6 @@ class Recipe:
         single = all(np.asarray(probe[c]).ndim == 1 for c in self.components)
         return s[0] if single or s.shape[0] == 1 else s
 
-    def is_match(self, score, threshold: float | None = None):
-        return np.asarray(score) >= (self.threshold if threshold is None else threshold)
-
     # the wire form --------------------------------------------------------------------------------
     def describe(self, out) -> Any:
         """Fill a ``lfr.embedding.v1.ModelDescription`` (passed in: this module imports no protobuf)."""
