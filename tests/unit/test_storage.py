@@ -67,3 +67,36 @@ def test_a_real_full_database_is_refused_as_full_and_nothing_is_written(tmp_path
         assert storage_error(exc) == FULL and "no transaction is active" not in str(exc)
     assert len(ob) == 0 and not ob.db.in_transaction
     ob.close()
+
+
+def test_an_io_error_is_a_disks_only_when_a_store_refuses_the_probe(tmp_path, monkeypatch):
+    """SQLite reports a write refused by a file system turned read-only under it as "disk I/O error": the
+    guard then asks its stores' probe, and refuses precisely only when one fails."""
+    from lfr.runtime import storage
+    from lfr.runtime.storage import StorageGuard, io_error
+
+    ioerr = sqlite3.OperationalError("disk I/O error")
+    assert io_error(ioerr) and io_error(OSError(errno.EIO, "Input/output error"))
+    assert not io_error(sqlite3.OperationalError("no such table: x")) and storage_error(ioerr) is None
+    guard = StorageGuard("watchlist", [tmp_path])
+    assert guard.failed(ioerr, "CreateDeployment") is None and not guard.reason  # the disk is fine: not its error
+    monkeypatch.setattr(storage, "probe", lambda d: READ_ONLY)  # the store's folder now refuses writes
+    status, message = guard.failed(ioerr, "CreateDeployment")
+    assert status == "UNAVAILABLE" and f"storage read-only: {tmp_path} (read-only)" in message
+
+
+def test_each_service_guards_the_folders_it_writes_not_the_state_folders_logs():
+    from pathlib import Path
+
+    from lfr.runtime.config import Config
+    from lfr.runtime.service import store_folders
+
+    def folders(service, **kw):
+        return store_folders(Config(service=service, state_dir="/s", **kw))
+
+    assert folders("detection") == [Path("/s/outbox")]  # its outbox only: logs and endpoints.json stop nothing
+    assert folders("watchlist") == [Path("/s/outbox"), Path("/s")]
+    assert folders("watchlist", watchlist_dir="/w") == [Path("/s/outbox"), Path("/w")]
+    assert folders("audit", audit_db="/a/audit.sqlite") == [Path("/s/outbox"), Path("/a")]
+    assert folders("match", alert_db="/m/alerts.sqlite") == [Path("/s/outbox"), Path("/m")]
+    assert store_folders(Config(service="watchlist", watchlist_dir="/w")) == [Path("/w")]

@@ -11,6 +11,12 @@ import sys
 
 import structlog
 
+from lfr.runtime import metrics
+
+LOG_DROPS = metrics.Counter("lfr_log_writes_dropped_total", "log lines (or their flushes) that could not be "
+                            "written to the service's output: its file on a full or read-only disk, a closed pipe",
+                            registry=metrics.REGISTRY)
+
 # Keys whose values are biometric or personal and must never reach a log line.
 _REDACT = {"image", "images", "frame", "chip", "chips", "crop", "crop_jpeg", "probe_jpeg", "vector",
            "vectors", "embedding", "embeddings", "values", "rgb", "name", "names", "token", "password",
@@ -35,8 +41,30 @@ def strip_biometrics(_logger, _method, event_dict: dict) -> dict:
     return event_dict
 
 
+class Unfailing:
+    """An output that never raises: a log line that cannot be written (its file on a full or read-only disk, a
+    closed pipe) is dropped and counted (lfr_log_writes_dropped_total), and the service goes on."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            LOG_DROPS.inc()
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            LOG_DROPS.inc()
+
+
 def setup_logging(service: str, level: str = "info") -> structlog.stdlib.BoundLogger:
-    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level.upper(), force=True)
+    out = sys.stdout if isinstance(sys.stdout, Unfailing) else Unfailing(sys.stdout)
+    logging.basicConfig(format="%(message)s", stream=out, level=level.upper(), force=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -47,7 +75,7 @@ def setup_logging(service: str, level: str = "info") -> structlog.stdlib.BoundLo
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)

@@ -215,7 +215,14 @@ class Outbox:
         while True:
             self._wake.clear()
             js = js_getter()
-            ok = js is not None and await self.send_pending(js)
+            try:
+                ok = js is not None and await self.send_pending(js)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - its file failed (a read-only or full disk): retried, the
+                # facts stay on disk; a row published but not yet deleted is sent again, deduplicated by its id
+                self.log.warning("outbox.store_failed", error=str(exc)[:200])
+                ok = False
             if ok:
                 delay = 0.1
                 with contextlib.suppress(TimeoutError):

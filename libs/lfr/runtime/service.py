@@ -197,10 +197,7 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
     guard = Guard(config)  # fails fast on missing TLS/auth settings, before anything is opened
     metrics_port = metrics.start_metrics_server(config.metrics_port, config.grpc_host)
     health = HealthServicer()
-    # the folders this service writes: a write failing on a full or read-only one is refused precisely
-    own = {"audit": config.audit_db, "match": config.alert_db}.get(config.service, "")
-    stores = [Path(p) for p in (config.state_dir, os.path.dirname(own)) if p]
-    storage = StorageGuard(config.service, stores)
+    storage = StorageGuard(config.service, store_folders(config))
     creds = server_credentials(config)
     address = f"{config.grpc_host}:{config.grpc_port}"
     if storage.failing():  # a store refuses writes already: wait serving NOT_SERVING, not crash in a loop
@@ -271,6 +268,19 @@ async def serve(service_cls: type[Service], config: Config, ready: asyncio.Event
         if probe_server is not None:
             await probe_server.stop(0)
     log.info("service.stopped")
+
+
+def store_folders(config: Config) -> list[Path]:
+    """The folders this service writes, where a write failing on a full or read-only disk is refused precisely
+    and which the start gate probes: its outbox's folder, and its own stores' (each store's setting, else the
+    state folder). Not the state folder's logs and endpoints.json: a read-only log folder stops nothing."""
+    setting = {"audit": os.path.dirname(config.audit_db), "match": os.path.dirname(config.alert_db),
+               "watchlist": config.watchlist_dir, "identification": ""}
+    own = setting.get(config.service, "")
+    if not config.state_dir:
+        return [Path(own)] if own else []
+    own = own or (config.state_dir if config.service in setting else "")
+    return [Path(p) for p in dict.fromkeys((str(config.state_path("outbox")), own)) if p]
 
 
 async def refuse_until_writable(storage: StorageGuard, config: Config, creds, address: str,

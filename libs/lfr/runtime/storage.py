@@ -65,6 +65,20 @@ def _storage_error(exc: BaseException) -> str | None:
     return None
 
 
+def io_error(exc: BaseException | None) -> bool:
+    """`exc` (or one it was raised while handling) is an I/O error without a cause of its own: EIO, or SQLite's
+    SQLITE_IOERR ("disk I/O error")."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno == errno.EIO:
+            return True
+        if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorname", "").startswith("SQLITE_IOERR")
+                                                or "disk i/o error" in str(exc).lower()):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def probe(directory: Path) -> str | None:
     """Write, fsync and delete a small file in `directory`: None when that works, else why not."""
     path = Path(directory) / PROBE_NAME
@@ -116,6 +130,11 @@ class StorageGuard:
 
     def failed(self, exc: BaseException, what: str = "", remote: str = "") -> tuple[str, str] | None:
         kind = storage_error(exc)
+        if kind is None and io_error(exc):
+            # SQLite reports a write refused by a file system turned read-only under it (ext4 after an error,
+            # errors=remount-ro) as a plain "disk I/O error": the stores' probe tells whether a disk is why
+            why = set(self.failing().values())
+            kind = FULL if FULL in why else READ_ONLY if READ_ONLY in why else None
         if kind is None:
             return None
         if remote:
