@@ -109,7 +109,7 @@ def graph():
 def test_the_service_list_comes_from_pyproject():
     services = service_packages()
     assert {"lfr.ingest", "lfr.detection", "lfr.embedding", "lfr.watchlist", "lfr.match", "lfr.audit",
-            "lfr.console"} <= set(services)
+            "lfr.console", "lfr.identification"} <= set(services)
     assert "lfr" not in services
     for d in services.values():
         assert d.is_dir(), d
