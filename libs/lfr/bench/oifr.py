@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -128,13 +127,12 @@ def run(args) -> dict:
             target = system.endpoint("identification")
             access = system.access(user="bench", follow_actor=True, roles=["watchlist_manager", "investigator"])
         else:
-            from lfr.cli.client import cli_access
+            from lfr.cli.client import cli_access, state_dir_of
 
             if args.target:
                 target = args.target
             else:
-                state = args.state_dir or os.environ.get("LFR_STATE_DIR") or str(Path.cwd() / "state")
-                target = json.loads((Path(state) / "endpoints.json").read_text())["identification"]
+                target = json.loads((state_dir_of(args) / "endpoints.json").read_text())["identification"]
             access = cli_access(args)
         with access.channel(target) as ch:
             stub = identification_pb2_grpc.IdentificationServiceStub(ch)
