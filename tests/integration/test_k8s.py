@@ -124,12 +124,17 @@ def test_a_broken_kustomization_fails_to_render(tmp_path):
         dc.render(tree / "overlays" / "dev")
 
 
+def workload(objects: list[dict], name: str) -> dict:
+    """A service's workload: its Deployment, or its StatefulSet (match: partitioned)."""
+    return next(o for o in objects if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == name)
+
+
 def containers(objects: list[dict], name: str) -> list[dict]:
-    return find(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+    return workload(objects, name)["spec"]["template"]["spec"]["containers"]
 
 
 def volume(objects: list[dict], name: str, volume_name: str) -> dict:
-    return next(v for v in find(objects, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
+    return next(v for v in workload(objects, name)["spec"]["template"]["spec"]["volumes"]
                 if v["name"] == volume_name)
 
 
@@ -157,9 +162,9 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
     (lambda o: find(o, "ConfigMap", "lfr-watchlist")["data"].update(LFR_QDRANT_API_KEY_FILE="/etc/key"),
      "is not a file of a mounted Secret"),
     (lambda o: find(o, "ConfigMap", "lfr-embedding")["data"].update(LFR_DEVICE="cpu"), "has a GPU but LFR_DEVICE"),
-    (lambda o: find(o, "Deployment", "match")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    (lambda o: find(o, "Deployment", "audit")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
      .update(readOnlyRootFilesystem=False), "root filesystem must be read-only"),
-    (lambda o: find(o, "Deployment", "match")["metadata"].setdefault("annotations", {}).update(x="lfr.v1.frame.>"),
+    (lambda o: find(o, "Deployment", "audit")["metadata"].setdefault("annotations", {}).update(x="lfr.v1.frame.>"),
      "subject 'lfr.v1.frame' is not in lfr.runtime.subjects"),
     (lambda o: find(o, "ConfigMap", "nats-config")["data"].update({"permissions.conf": find(
         o, "ConfigMap", "nats-config")["data"]["permissions.conf"].replace('"$JS.API.STREAM.PURGE.LFR_EVENTS"', "")}),
@@ -172,27 +177,39 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
      .update(query='sum(lfr_queue_depth{service="detection",stage="embed"})'), "not detection's stage"),
     (lambda o: o.append(copy.deepcopy(find(o, "ScaledObject", "detection")) | {"kind": "HorizontalPodAutoscaler"}),
      "scaled by more than one autoscaler"),
-    # the stateful singletons: watchlist, match, audit
-    (lambda o: find(o, "Deployment", "match")["spec"].update(replicas=2),
-     "Deployment/match: a singleton (per-camera tracking in memory and the alert book in SQLite) needs exactly "
-     "replicas: 1"),
+    # the stateful singletons: watchlist, audit, identification
+    (lambda o: find(o, "Deployment", "audit")["spec"].update(replicas=2),
+     "Deployment/audit: a singleton (the audit index in SQLite) needs exactly replicas: 1"),
     (lambda o: find(o, "Deployment", "audit")["spec"].pop("replicas"), "Deployment/audit: a singleton"),
-    (lambda o: find(o, "Deployment", "match")["spec"].update(strategy={"type": "RollingUpdate"}),
-     "Deployment/match: a singleton (per-camera tracking in memory and the alert book in SQLite) needs strategy "
-     "Recreate"),
-    (lambda o: o.append(scaled_as(find(o, "HorizontalPodAutoscaler", "ingest"), "match")),
-     "Deployment/match: a singleton (per-camera tracking in memory and the alert book in SQLite) must not be "
-     "autoscaled"),
-    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].pop("LFR_STATE_DIR"),
-     "Deployment/match: LFR_STATE_DIR (or LFR_ALERT_DB) must be on a mounted PersistentVolumeClaim"),
-    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_ALERT_DB="/tmp/match-alerts.sqlite"),
-     "Deployment/match: LFR_ALERT_DB must be on a mounted PersistentVolumeClaim"),
-    (lambda o: o.remove(find(o, "PersistentVolumeClaim", "match-state")),
-     "Deployment/match: LFR_STATE_DIR (or LFR_ALERT_DB) must be on a mounted PersistentVolumeClaim"),
+    (lambda o: find(o, "Deployment", "audit")["spec"].update(strategy={"type": "RollingUpdate"}),
+     "Deployment/audit: a singleton (the audit index in SQLite) needs strategy Recreate"),
+    (lambda o: o.append(scaled_as(find(o, "HorizontalPodAutoscaler", "ingest"), "audit")),
+     "Deployment/audit: a singleton (the audit index in SQLite) must not be autoscaled"),
     (lambda o: find(o, "ConfigMap", "lfr-audit")["data"].update(LFR_STATE_DIR="/tmp"),
      "Deployment/audit: LFR_STATE_DIR (or LFR_AUDIT_DB) must be on a mounted PersistentVolumeClaim"),
-    (lambda o: find(o, "PodDisruptionBudget", "match")["spec"].update(maxUnavailable=0),
-     "PodDisruptionBudget/match: a singleton's PDB must allow its one pod to be evicted"),
+    (lambda o: find(o, "PodDisruptionBudget", "audit")["spec"].update(maxUnavailable=0),
+     "PodDisruptionBudget/audit: a singleton's PDB must allow its one pod to be evicted"),
+    # match, scaled out by NATS subject partitioning: a StatefulSet that knows its replicas and peers
+    (lambda o: find(o, "StatefulSet", "match")["spec"].update(replicas=5),
+     "StatefulSet/match: replicas 5 must equal LFR_MATCH_REPLICAS"),
+    (lambda o: o.append(scaled_as(find(o, "HorizontalPodAutoscaler", "ingest"), "match")
+                        | {"spec": {**find(o, "HorizontalPodAutoscaler", "ingest")["spec"],
+                                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                       "name": "match"}}}),
+     "StatefulSet/match: partitioned (per-camera tracking in memory and an alert book in SQLite per replica) must "
+     "not be autoscaled"),
+    (lambda o: containers(o, "match")[0].pop("env"), "StatefulSet/match: LFR_MATCH_REPLICA must come from the pod's"),
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_MATCH_PEERS="match:50055,match:50055"),
+     "StatefulSet/match: LFR_MATCH_PEERS must be match-0.match-headless:50055,match-1.match-headless:50055"),
+    (lambda o: find(o, "Service", "match-headless")["spec"].pop("clusterIP"),
+     "StatefulSet/match: serviceName must be a headless Service"),
+    (lambda o: find(o, "Certificate", "lfr-tls-match")["spec"]["dnsNames"].remove("match-1.match-headless"),
+     "Certificate/lfr-tls-match: dnsNames lack match-1.match-headless"),
+    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_STATE_DIR="/tmp"),
+     "StatefulSet/match: LFR_STATE_DIR must be on a volumeClaimTemplate"),
+    (lambda o: find(o, "StatefulSet", "match").update(kind="Deployment"),
+     "Deployment/match: partitioned (per-camera tracking in memory and an alert book in SQLite per replica): must "
+     "be a StatefulSet"),
     (lambda o: find(o, "ConfigMap", "nats-config")["data"].update({"permissions.conf": find(
         o, "ConfigMap", "nats-config")["data"]["permissions.conf"].replace('"$JS.API.STREAM.MSG.DELETE.LFR_AUDIT"',
                                                                           "")}),
@@ -277,7 +294,7 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
     (lambda o: containers(o, "ingest")[0]["volumeMounts"].remove(mount(o, "ingest", "auth-keys")),
      "Deployment/ingest: LFR_AUTH_KEYS_DIR=/etc/lfr/auth-keys is not the mount path of a ConfigMap or Secret"),
     (lambda o: volume(o, "match", "auth-keys")["configMap"].update(name="other-keys"),
-     "Deployment/match: ConfigMap 'other-keys' is neither rendered nor one of ('lfr-auth-keys',)"),
+     "StatefulSet/match: ConfigMap 'other-keys' is neither rendered nor one of ('lfr-auth-keys',)"),
     (lambda o: find(o, "ConfigMap", "lfr-common")["data"].pop("LFR_AUTH_AUDIENCE"),
      "Deployment/audit: LFR_AUTH_AUDIENCE must be set"),
     (lambda o: find(o, "ConfigMap", "lfr-common")["data"].update(LFR_AUTH_ISSUER="lfr-dev-idp"),
@@ -324,9 +341,9 @@ def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(ren
     services = sorted(p.name for p in (dc.REPO / "services").iterdir() if (p / "__main__.py").is_file()
                       and p.name not in dc.WEB_SERVICES)
     assert services == ["audit", "detection", "embedding", "identification", "ingest", "match", "watchlist"]
-    assert set(dc.SINGLETONS) == {"watchlist", "match", "audit", "identification"}
+    assert set(dc.SINGLETONS) == {"watchlist", "audit", "identification"} and set(dc.PARTITIONED) == {"match"}
     hpas = {o["metadata"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
-    assert hpas == set(services) - set(dc.SINGLETONS) == {"detection", "embedding", "ingest"}
+    assert hpas == set(services) - set(dc.SINGLETONS) - set(dc.PARTITIONED) == {"detection", "embedding", "ingest"}
     scaled = {o["metadata"]["name"] for o in rendered["prod-keda"] if o["kind"] == "ScaledObject"}
     assert scaled == {"detection", "embedding"}
     for overlay in OVERLAYS:
@@ -337,6 +354,15 @@ def test_every_service_has_its_workload_and_the_stateful_ones_are_singletons(ren
                       if "persistentVolumeClaim" in v]
             assert claims == [f"{name}-state"], (overlay, name)
             find(rendered[overlay], "PersistentVolumeClaim", f"{name}-state")
+        # match: a StatefulSet, each replica with its own volume, its index from the pod, its peers by name
+        sts = find(rendered[overlay], "StatefulSet", "match")["spec"]
+        config = find(rendered[overlay], "ConfigMap", "lfr-match")["data"]
+        assert sts["replicas"] == int(config["LFR_MATCH_REPLICAS"]) >= 2, overlay
+        assert config["LFR_MATCH_PEERS"] == ",".join(f"match-{i}.match-headless:50055" for i in range(sts["replicas"]))
+        assert [t["metadata"]["name"] for t in sts["volumeClaimTemplates"]] == ["state"]
+        assert not any("persistentVolumeClaim" in v for v in sts["template"]["spec"]["volumes"])
+        assert ("PersistentVolumeClaim", "match-state") not in {(o["kind"], o["metadata"]["name"])
+                                                               for o in rendered[overlay]}
     for name in dc.MODEL_SERVICES:
         pod = find(objects, "Deployment", name)["spec"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"

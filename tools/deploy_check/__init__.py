@@ -26,10 +26,11 @@ from .dockerfile import dockerfile_errors, parse_dockerfile
 from .objects import base_name, container_env, ingress_peers, ref, selects
 from .render import DOCKERFILE, K8S, REPO, RenderError, overlays, render
 from .schemas import CRD_SCHEMAS, MIN_K8S, latest_k8s, schema_errors
-from .topology import MODEL_SERVICES, SINGLETONS, WEB_SERVICES
+from .topology import MODEL_SERVICES, PARTITIONED, SINGLETONS, WEB_SERVICES
 
 __all__ = [
-    "CRD_SCHEMAS", "DOCKERFILE", "K8S", "MIN_K8S", "MODEL_SERVICES", "REPO", "SINGLETONS", "WEB_SERVICES",
+    "CRD_SCHEMAS", "DOCKERFILE", "K8S", "MIN_K8S", "MODEL_SERVICES", "PARTITIONED", "REPO", "SINGLETONS",
+    "WEB_SERVICES",
     "RenderError", "base_name", "check_overlay", "container_env", "contract_errors", "dockerfile_errors",
     "ingress_peers", "latest_k8s", "main", "overlays", "parse_dockerfile", "ref", "render", "schema_errors",
     "selects",

@@ -37,9 +37,67 @@ from .topology import (
     EXTERNAL_SECRETS,
     GATEWAY_LABEL,
     MODEL_SERVICES,
+    PARTITIONED,
     SINGLETONS,
     WEB_SERVICES,
 )
+
+POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def partition_errors(name: str, sts: dict, index: dict, scaled: set) -> list[str]:
+    """A service scaled out by NATS subject partitioning (match): a StatefulSet whose replicas know their index
+    (the pod-index label), their count and their peers (through its headless Service, names its certificate
+    carries), each with its state on a volume of its own; never autoscaled (the count is in its configuration)."""
+    from lfr.runtime.config import Config, ConfigError, describe
+    from lfr.runtime.subjects import MATCH_PARTITIONS
+
+    why = PARTITIONED[name]
+    where = f"{sts['kind']}/{name}"
+    if sts["kind"] != "StatefulSet":
+        return [f"{where}: partitioned ({why}): must be a StatefulSet (each replica its index and its own volume)"]
+    problems = []
+    spec = sts["spec"]
+    replicas = spec.get("replicas", 1)
+    c = spec["template"]["spec"]["containers"][0]
+    env = container_env(c, index)
+    try:
+        keys = {k for k, _, _ in describe()}
+        cfg = Config.from_env({k: v for k, v in env.items() if k.startswith("LFR_") and not secret_form(k, keys)
+                               and k != "LFR_MATCH_REPLICA"}, service=name)
+    except ConfigError:
+        return problems  # reported by the configuration rule
+    if not 1 <= replicas <= MATCH_PARTITIONS or cfg.match_replicas != replicas:
+        problems.append(f"{where}: replicas {replicas} must equal LFR_MATCH_REPLICAS ({cfg.match_replicas}), at most "
+                        f"{MATCH_PARTITIONS} (the embeddings' partitions)")
+    if ("StatefulSet", name) in scaled:
+        problems.append(f"{where}: partitioned ({why}) must not be autoscaled: its replica count is in "
+                        "LFR_MATCH_REPLICAS and LFR_MATCH_PEERS")
+    item = next((e for e in c.get("env", []) if e.get("name") == "LFR_MATCH_REPLICA"), {})
+    if item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != POD_INDEX:
+        problems.append(f"{where}: LFR_MATCH_REPLICA must come from the pod's {POD_INDEX} (its partitions)")
+    headless = index.get(("Service", spec.get("serviceName", "")))
+    if headless is None or headless["spec"].get("clusterIP") != "None" or not selects(
+            {"matchLabels": headless["spec"].get("selector", {})}, pod_labels(sts)):
+        problems.append(f"{where}: serviceName must be a headless Service selecting its pods (its peers' names)")
+    hosts = [f"{name}-{i}.{spec.get('serviceName')}" for i in range(replicas)]
+    peers = ",".join(f"{h}:{cfg.grpc_port}" for h in hosts)
+    if cfg.match_peers != peers:
+        problems.append(f"{where}: LFR_MATCH_PEERS must be {peers} (every replica through the headless Service, "
+                        f"in order), not {cfg.match_peers!r}")
+    cert = index.get(("Certificate", f"lfr-tls-{name}"))
+    missing = [h for h in hosts if cert is not None and h not in cert["spec"].get("dnsNames", [])]
+    if missing:
+        problems.append(f"Certificate/lfr-tls-{name}: dnsNames lack {', '.join(missing)} (its peers call each "
+                        "replica by that name)")
+    templates = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
+    mounted = {m["name"] for m in c.get("volumeMounts", []) if under(cfg.state_dir, m["mountPath"])}
+    if not cfg.state_dir or not mounted & set(templates):
+        problems.append(f"{where}: LFR_STATE_DIR must be on a volumeClaimTemplate: each replica's state ({why}) "
+                        "outlives its pod, on a volume of its own")
+    elif any("ReadWriteOnce" not in templates[n]["spec"].get("accessModes", []) for n in mounted & set(templates)):
+        problems.append(f"{where}: each replica's state volume needs ReadWriteOnce (one writer)")
+    return problems
 
 
 def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
@@ -54,7 +112,9 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
     keys = {k for k, _, _ in describe()}
     services = sorted(p.name for p in (repo / "services").iterdir() if (p / "__main__.py").is_file()
                       and p.name not in WEB_SERVICES)
-    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    # a service's workload: its Deployment, or the StatefulSet of a service scaled out by partitions
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"
+                   or (o["kind"] == "StatefulSet" and o["metadata"]["name"] in PARTITIONED)}
     services_by_name = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     workloads = workloads_of(objects)
     targets = [(o["spec"]["scaleTargetRef"].get("kind", "Deployment"), o["spec"]["scaleTargetRef"]["name"])
@@ -94,6 +154,8 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
                         "0", "0%"):
                     err(f"{ref(pdb)}: a singleton's PDB must allow its one pod to be evicted (maxUnavailable: 1), "
                         "or no node can be drained")
+        elif name in PARTITIONED:
+            problems.extend(partition_errors(name, dep, index, scaled))
         elif ("Deployment", name) not in scaled:
             err(f"Deployment/{name}: no HorizontalPodAutoscaler or ScaledObject scales it")
         image = pod["containers"][0]["image"].split("@")[0]
@@ -154,7 +216,9 @@ def contract_errors(objects: list[dict], repo: Path = REPO) -> list[str]:
             if key not in keys and not secret_form(key, keys):
                 err(f"{where}: {key} is not a configuration key of lfr.runtime.config (see describe())")
         # LFR_X_FILE is the secret-file form of the key LFR_X; LFR_POLICY_FILE and the like are keys themselves.
-        plain = {k: v for k, v in env.items() if k.startswith("LFR_") and not secret_form(k, keys)}
+        # (a value Kubernetes fills in at run time, from the downward API, is checked by its own rule)
+        downward = {e["name"] for e in c.get("env", []) if "valueFrom" in e}
+        plain = {k: v for k, v in env.items() if k.startswith("LFR_") and not secret_form(k, keys) and k not in downward}
         try:
             cfg = Config.from_env(plain, service=name)
         except ConfigError as exc:

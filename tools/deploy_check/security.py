@@ -114,8 +114,9 @@ def certificate_errors(where, name, cert, items, dep, objects) -> list[str]:
                         f"(is {spec.get('commonName')!r})")
     namespace = dep["metadata"].get("namespace") or cert["metadata"].get("namespace")
     needed = []
-    for svc in (o for o in objects if o["kind"] == "Service"
+    for svc in (o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP") != "None"
                 and selects({"matchLabels": o["spec"].get("selector", {})}, pod_labels(dep))):
+        # (a headless Service names pods, not the service: a partitioned service's pod names are its own rule)
         host = svc["metadata"]["name"]
         needed += [host] + ([f"{host}.{namespace}.svc", f"{host}.{namespace}.svc.cluster.local"] if namespace else [])
     missing = [n for n in needed if n not in spec.get("dnsNames", [])]

@@ -3,12 +3,15 @@ what is external, the labels the policies rely on. The contract rules check the 
 
 from __future__ import annotations
 
-# Stateful services (SQLite on a volume, one writer; match also tracks each camera in memory, so every embedding
-# of a deployment must reach the same pod): exactly one replica, Recreate, their state on a PVC, no autoscaler.
+# Stateful services (SQLite on a volume, one writer): exactly one replica, Recreate, their state on a PVC, no
+# autoscaler.
 SINGLETONS = {"watchlist": "deployment/watchlist metadata in SQLite",
-              "match": "per-camera tracking in memory and the alert book in SQLite",
               "audit": "the audit index in SQLite",
               "identification": "galleries and jobs in SQLite, the galleries' HNSW indexes on its volume"}
+# Services scaled out by NATS subject partitioning (lfr.runtime.subjects.PARTITION_MAPPING): a StatefulSet whose
+# replica i reads the partitions k % replicas == i, each replica's state on its own volume (volumeClaimTemplates),
+# LFR_MATCH_REPLICAS = its replicas, LFR_MATCH_PEERS = its pods through its headless Service; no autoscaler.
+PARTITIONED = {"match": "per-camera tracking in memory and an alert book in SQLite per replica"}
 MODEL_SERVICES = ("detection", "embedding")
 # The bounded-queue stage of each NATS-fed service (lfr_queue_depth{stage=...}); see services/*/service.py.
 STAGE_OF = {"detection": "detect", "embedding": "embed", "match": "match"}
@@ -20,7 +23,7 @@ WEB_SERVICES = {"console": ("ingest", "watchlist", "match", "audit", "identifica
 # Who calls whom over gRPC inside the platform (callee -> callers).
 INTERNAL_CALLERS = {"watchlist": {"ingest", "match", "console", "identification"},
                     "detection": {"watchlist", "identification"}, "embedding": {"watchlist", "identification"},
-                    "ingest": {"console"}, "match": {"console"}, "audit": {"console"}, "identification": {"console"}}
+                    "ingest": {"console"}, "match": {"console", "match"}, "audit": {"console"}, "identification": {"console"}}
 # Secrets the prod overlay expects to exist already (deploy/k8s/README.md says what each holds): lfr-ca is the CA
 # (tls.crt, tls.key) the Issuer lfr-ca signs the services' certificates with, from the force's PKI.
 EXTERNAL_SECRETS = ("qdrant-api-key", "qdrant-read-only-api-key", "nats-users", "lfr-ca")
