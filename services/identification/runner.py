@@ -497,9 +497,12 @@ class Identification:
         probe_pbs = [watchlist_pb2.Probe(vectors=[common_pb2.Vector(model_id=c.model_id, model_version=c.model_version,
                                                          values=probes[c.model_id][i].tolist())
                                        for c in model.components]) for i in range(n)]
-        found = await self._watchlist_call(self.svc.watchlist.Search, watchlist_pb2.SearchRequest(
-            deployment_id=target.id, probes=probe_pbs, k=min(100, k)))
-        lists = found.results
+        lists = []
+        for start in range(0, n, limits.MAX_PROBES_PER_REQUEST):  # a job's batch may hold more faces than one call
+            found = await self._watchlist_call(self.svc.watchlist.Search, watchlist_pb2.SearchRequest(
+                deployment_id=target.id, probes=probe_pbs[start: start + limits.MAX_PROBES_PER_REQUEST],
+                k=min(100, k)))
+            lists.extend(found.results)
         return [[(c.entry_id, c.score, {"entry_id": c.entry_id, "subject_ref": c.subject_ref,
                                         "category": c.category}) for c in cl.candidates] for cl in lists]
 

@@ -28,10 +28,7 @@ from lfr.models.face_choice import Candidate
 from lfr.pb import (
     audit_pb2,
     common_pb2,
-    detection_pb2,
-    detection_pb2_grpc,
     embedding_pb2,
-    embedding_pb2_grpc,
     watchlist_pb2_grpc,
 )
 from lfr.pb import (
@@ -40,8 +37,9 @@ from lfr.pb import (
 from lfr.policy import Policy, PolicyError, parse_policy
 from lfr.runtime import clock, events, limits, subjects
 from lfr.runtime.config import ConfigError
+from lfr.runtime.faces import EmbeddingUnavailable, FaceStages, model_mismatch
 from lfr.runtime.outbox import Outbox
-from lfr.runtime.rpc import abort, channel
+from lfr.runtime.rpc import abort
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
 from lfr.vectorindex import VectorIndex, collection_name
@@ -335,9 +333,7 @@ class WatchlistService(Service):
         self.images = ImageStore(cfg.watchlist_path("watchlist-images"))
         self.index = await rt.run_cpu(lambda: VectorIndex(cfg.watchlist_path("qdrant") if not cfg.qdrant_url else None,
                                                            cfg.qdrant_url, cfg.qdrant_api_key))
-        self.detection = detection_pb2_grpc.DetectionServiceStub(channel(cfg.detection_target, cfg))
-        self.embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel(cfg.embedding_target, cfg))
-        self._model: embedding_pb2.ModelDescription | None = None
+        self.faces = FaceStages(cfg, self.log)  # detection and embedding, over gRPC
         self._recipe: tuple[tuple[str, str], scoring.Recipe] | None = None
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sweeper: asyncio.Task | None = None
@@ -361,25 +357,17 @@ class WatchlistService(Service):
     async def model(self, fresh: bool = False) -> embedding_pb2.ModelDescription:
         """The live model, described by the embedding service (the watchlist needs no torch). `fresh` asks
         again: the embedding service may have been restarted with another model."""
-        if fresh:
-            try:
-                self._model = await self.embedding.GetModel(embedding_pb2.GetModelRequest(), timeout=5)
-            except grpc.aio.AioRpcError as exc:
-                raise Refused("UNAVAILABLE", f"cannot reach the embedding service ({exc.code().name})") from None
-        while self._model is None:
-            try:
-                self._model = await self.embedding.GetModel(embedding_pb2.GetModelRequest(), timeout=5)
-            except grpc.aio.AioRpcError as exc:
-                self.log.warning("watchlist.embedding_unavailable", code=exc.code().name)
-                await asyncio.sleep(0.5)
-        return self._model
+        try:
+            return await self.faces.model(fresh)
+        except EmbeddingUnavailable as exc:
+            raise Refused("UNAVAILABLE", str(exc)) from None
 
     async def _same_model(self, d: DeploymentRecord, what: str) -> embedding_pb2.ModelDescription:
         model = await self.model(fresh=True)
-        if (d.model_id, d.model_version) != (model.model_id, model.model_version):
-            raise Refused("FAILED_PRECONDITION", f"cannot {what}: deployment {d.id}'s watchlist is embedded with "
-                          f"{d.model_id} {d.model_version} but the embedding service runs {model.model_id} "
-                          f"{model.model_version}; re-embed the watchlist (ReembedWatchlist) first")
+        refusal = model_mismatch(model, d.model_id, d.model_version, what, f"deployment {d.id}'s watchlist",
+                                 "re-embed the watchlist (ReembedWatchlist) first")
+        if refusal:
+            raise Refused("FAILED_PRECONDITION", refusal)
         return model
 
     # Records and events ----------------------------------------------------------------------------
@@ -724,8 +712,7 @@ class WatchlistService(Service):
         for i, image in enumerate(images):
             try:
                 limits.check_image(image, self.config)  # size and declared pixels, before detection decodes
-                det = await self.detection.Detect(detection_pb2.DetectRequest(image=image, include_chips=True),
-                                                  timeout=30)
+                det = await self.faces.detect(image, timeout=30)
             except limits.InputError as exc:
                 results.append(pb.ImageResult(index=i, accepted=False, reason=exc.message))
                 continue
@@ -753,12 +740,8 @@ class WatchlistService(Service):
         return results, accepted
 
     async def _embed(self, chips_per_image: list[list], model) -> dict[tuple[str, str], list[list[float]]]:
-        emb = await self.embedding.Embed(embedding_pb2.EmbedRequest(
-            chips=[c for cs in chips_per_image for c in cs]), timeout=60)
-        by_component: dict[tuple[str, str], list[list[float]]] = {}
-        for v in emb.vectors:
-            by_component.setdefault((v.model_id, v.model_version), []).append(list(v.values))
-        return by_component
+        """One vector per accepted image and model component (the face's chips through the embedding service)."""
+        return {key: v.tolist() for key, v in (await self.faces.embed(chips_per_image, timeout=60)).items()}
 
     async def _upsert(self, by_component: dict, model, payload: dict) -> None:
         components = {(c.model_id, c.model_version): c for c in model.components}

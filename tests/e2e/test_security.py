@@ -15,7 +15,15 @@ import jwt
 import pytest
 from google.protobuf import descriptor_pool
 
-from lfr.pb import audit_pb2, detection_pb2, embedding_pb2, ingest_pb2, match_pb2, watchlist_pb2  # noqa: F401  (registers the descriptors)  # noqa: F401
+from lfr.pb import (  # noqa: F401  (registers the descriptors)
+    audit_pb2,
+    detection_pb2,
+    embedding_pb2,
+    identification_pb2,
+    ingest_pb2,
+    match_pb2,
+    watchlist_pb2,
+)
 from lfr.runtime.access import Access
 from lfr.runtime.devidp import find_dev_idp
 from lfr.runtime.pki import create_dev_pki
@@ -23,7 +31,8 @@ from lfr.runtime.security import POLICY, ROLES, tls_files
 
 SERVICE_OF = {"lfr.watchlist.v1.WatchlistService": "watchlist", "lfr.match.v1.MatchService": "match",
               "lfr.audit.v1.AuditService": "audit", "lfr.ingest.v1.IngestService": "ingest",
-              "lfr.detection.v1.DetectionService": "detection", "lfr.embedding.v1.EmbeddingService": "embedding"}
+              "lfr.detection.v1.DetectionService": "detection", "lfr.embedding.v1.EmbeddingService": "embedding",
+              "lfr.identification.v1.IdentificationService": "identification"}
 REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 
 

@@ -231,6 +231,8 @@ async def test_every_service_does_its_job_with_its_own_user(server, creds, strea
     ("watchlist", subjects.audit("dep1"), "only the audit writes the audit chain"),
     ("match", subjects.access("watchlist"), "access events only as itself"),
     ("match", subjects.lifecycle("dep1"), "only the watchlist starts and ends deployments"),
+    ("identification", subjects.lifecycle("dep1"), "identification searches deployments, never changes one"),
+    ("identification", subjects.alerts("dep1", "cam1"), "nor raises an alert"),
     (natsauth.ADMIN, subjects.alerts("dep1", "cam1"), "the admin publishes no fact"),
 ])
 async def test_publishing_outside_the_table_is_refused_by_the_server(server, creds, streams, user, subject, why):
@@ -262,6 +264,7 @@ async def test_publishing_outside_the_table_is_refused_by_the_server(server, cre
     ("ingest", subjects.embeddings(), "ingest cannot read embeddings"),
     ("embedding", subjects.frames(), "embedding sees faces only, not whole frames"),
     ("watchlist", subjects.faces(), "the watchlist is no part of the biometric flow"),
+    ("identification", subjects.embeddings(), "nor is identification: its faces come over gRPC, in memory"),
     ("match", subjects.audit(), "match cannot read the audit chain live"),
     ("detection", "_INBOX_audit.>", "nor another service's replies"),
     ("detection", "_INBOX.>", "nor the default inbox"),
