@@ -199,8 +199,9 @@ def scaled_as(autoscaler: dict, target: str) -> dict:
      "StatefulSet/match: partitioned (per-camera tracking in memory and an alert book in SQLite per replica) must "
      "not be autoscaled"),
     (lambda o: containers(o, "match")[0].pop("env"), "StatefulSet/match: LFR_MATCH_REPLICA must come from the pod's"),
-    (lambda o: find(o, "ConfigMap", "lfr-match")["data"].update(LFR_MATCH_PEERS="match:50055,match:50055"),
-     "StatefulSet/match: LFR_MATCH_PEERS must be match-0.match-headless:50055,match-1.match-headless:50055"),
+    (lambda o: (d := find(o, "ConfigMap", "lfr-match")["data"]).update(  # the peers out of replica order
+        LFR_MATCH_PEERS=",".join(reversed(d["LFR_MATCH_PEERS"].split(",")))),
+     "StatefulSet/match: LFR_MATCH_PEERS must be match-0.match-headless:50055,match-1.match-headless:50055,"),
     (lambda o: find(o, "Service", "match-headless")["spec"].pop("clusterIP"),
      "StatefulSet/match: serviceName must be a headless Service"),
     (lambda o: find(o, "Certificate", "lfr-tls-match")["spec"]["dnsNames"].remove("match-1.match-headless"),
@@ -711,7 +712,7 @@ def capacity_args(*argv: str) -> argparse.Namespace:
 
 def test_capacity_model_arithmetic():
     r = capacity.run(capacity_args("--cameras", "10", "--fps", "5", "--faces-per-frame", "2"))
-    assert r["load"] == {"frames_per_s": 50.0, "faces_per_s": 100.0, "watchlist_searches_per_s": 50.0,
+    assert r["load"] == {"frames_per_s": 50.0, "faces_per_s": 100.0, "frames_with_faces_per_s": 50.0,
                          "alerts_per_s": round(10 * 2 / 3600, 4)}
     assert r["cpu_only"]["detection"] == {"replicas": 4, "cores": 8}  # 50 / (10 x 2 x 0.7) = 3.6
     assert r["cpu_only"]["embedding"] == {"replicas": 3, "cores": 6}  # 100 / (60 x 0.7) = 2.4
@@ -720,13 +721,18 @@ def test_capacity_model_arithmetic():
     gallery = r["qdrant"]["galleries"][0]
     assert gallery["vectors"] == 1_000_000 and gallery["ram_gb_one_copy"] == 0.768  # 1M x 128 x 4 x 1.5
     assert r["jetstream"]["LFR_ALERTS"]["retention_days"] == subjects.ALERTS.max_age_s / 86400
-    # match is one pod: 200 x 0.7 = 140 frames with faces/s planned, below the watchlist's 300 x 0.7 = 210
-    assert (r["match"]["replicas"], r["match"]["planned_searches_per_s"], r["match"]["over_limit"]) == (1, 140.0, False)
-    assert r["match"]["max_cameras"] == 28  # 140 / (5 fps x 1 search per frame)
-    assert r["jetstream"]["LFR_AUDIT"]["records_per_day"] == 43_200 + round(10 * 2 / 3600 * 4 * 86400)
-    busy = capacity.run(capacity_args("--cameras", "15", "--fps", "10"))
-    assert busy["match"]["over_limit"] and busy["match"]["max_cameras"] == 14
-    assert any(w.startswith("match is a single pod") for w in busy["warnings"])
+    # one match replica plans on 300 x 0.7 = 210 frames with faces/s: 50/s needs one
+    assert (r["match"]["replicas"], r["match"]["planned_per_replica"], r["match"]["over_limit"]) == (1, 210.0, False)
+    assert r["match"]["max_cameras"] == 438  # 12 replicas: 210 / (1.15 / 12) / (5 fps x 1 frame with faces)
+    # each match replica sends a deployment's counts every 6 s (LFR_STATS_INTERVAL_S in deploy/k8s)
+    assert r["jetstream"]["LFR_AUDIT"]["records_per_day"] == 14_400 + round(10 * 2 / 3600 * 4 * 86400)
+    busy = capacity.run(capacity_args("--cameras", "100", "--fps", "10"))  # 1000/s: the busiest of R replicas
+    # carries ceil(12 / R) / 12 of it x 1.15: 5 replicas leave 287/s on one (3 partitions), 6 leave 192/s
+    assert (busy["match"]["replicas"], busy["match"]["busiest_replica_per_s"]) == (6, 191.7)
+    assert not busy["match"]["over_limit"] and busy["jetstream"]["LFR_AUDIT"]["records_per_day"] > 6 * 14_400
+    over = capacity.run(capacity_args("--cameras", "300", "--fps", "10"))
+    assert over["match"]["over_limit"] and over["match"]["replicas"] == 12
+    assert any(w.startswith("match would receive 3000 frames with faces/s") for w in over["warnings"])
     more = capacity.run(capacity_args("--cameras", "20", "--fps", "5", "--faces-per-frame", "2"))
     assert more["cpu_only"]["detection"]["replicas"] >= r["cpu_only"]["detection"]["replicas"]
     with pytest.raises(ValueError):
@@ -745,11 +751,9 @@ def test_readme_capacity_example_and_prod_replicas_match_the_model(rendered):
         f"{r['cpu_only']['embedding']['cores']} cores |",
         f"| detection, GPU | {r['gpu']['detection']['gpus']} GPUs |",
         f"| embedding, GPU | {r['gpu']['embedding']['gpus']} GPUs |",
-        f"| match (one pod) | {r['match']['searches_per_s']:.0f} frames with faces/s; "
-        f"{r['match']['planned_searches_per_s']:.0f}/s planned, {r['match']['max_cameras']} cameras at "
-        f"{r['inputs']['fps']:.0f} fps |",
-        f"| watchlist (one pod) | {r['watchlist']['searches_per_s']:.0f} Search RPCs/s; "
-        f"{r['watchlist']['planned_searches_per_s']:.0f}/s planned |",
+        f"| match | {r['match']['replicas']} replicas: {r['match']['frames_with_faces_per_s']:.0f} frames with faces/s,"
+        f" the busiest replica {r['match']['busiest_replica_per_s']:.0f}/s of {r['match']['planned_per_replica']:.0f}/s"
+        f" planned; at most {r['match']['max_cameras']} cameras at {r['inputs']['fps']:.0f} fps (12 replicas) |",
         f"| ingest | {r['ingest']['replicas']} replicas |",
         f"| NATS core traffic in | {r['nats']['core_mb_per_s_in']} MB/s |",
         f"| JetStream, all replicas | {r['jetstream']['gb_total_all_replicas']} GB |",
@@ -757,15 +761,20 @@ def test_readme_capacity_example_and_prod_replicas_match_the_model(rendered):
         " GB |",
         f"| audit chain (`LFR_AUDIT`) | {r['jetstream']['LFR_AUDIT']['records_per_day']:,} records a day, "
         f"{r['jetstream']['LFR_AUDIT']['gb_retained_one_copy']} GB a year (one copy) |",
-        f"| match alert book (PVC) | {r['match']['alert_book_gb']} GB a year |",
+        f"| match alert books (a volume per replica) | {r['match']['alert_book_gb']} GB a year, "
+        f"{r['match']['alert_book_gb_per_replica']} GB on the busiest replica |",
         f"| audit index (PVC) | {r['audit']['index_gb']} GB a year |",
         f"| Qdrant, watchlist of {q['watchlist']['vectors']:,} | {q['watchlist']['ram_gb_per_node']} GB per node |",
     ] + [f"| Qdrant, gallery of {g['vectors']:,} | {g['ram_gb_per_node']} GB per node "
          f"({g['ram_gb_per_node_int8_quantized']} GB int8) |" for g in q["galleries"]]
     for line in expected:
         assert line in readme, line
-    assert r["match"]["replicas"] == r["watchlist"]["replicas"] == r["audit"]["replicas"] == 1
-    assert r["match"]["over_limit"] and any(w.startswith("match is a single pod") for w in r["warnings"])
+    assert r["watchlist"]["replicas"] == r["audit"]["replicas"] == 1 and not r["match"]["over_limit"]
+    # match: the StatefulSet's replicas and their configuration are the model's, and so is the counts' interval
+    match = find(rendered["prod"], "ConfigMap", "lfr-match")["data"]
+    assert find(rendered["prod"], "StatefulSet", "match")["spec"]["replicas"] == r["match"]["replicas"] == int(
+        match["LFR_MATCH_REPLICAS"]) == 3
+    assert float(match["LFR_STATS_INTERVAL_S"]) == capacity.STATS_INTERVAL_S == r["inputs"]["stats_interval_s"]
     prod = rendered["prod"]
     for name, want in (("detection", r["gpu"]["detection"]["replicas"]), ("embedding", r["gpu"]["embedding"]["replicas"]),
                        ("ingest", r["ingest"]["replicas"])):

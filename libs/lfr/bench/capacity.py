@@ -1,16 +1,17 @@
 """``lfr bench capacity``: size a cluster for N cameras (replicas, GPUs, NATS traffic, JetStream and Qdrant).
 
 A calculation, not a measurement: it turns a camera load (cameras x fps x faces per frame) into the number
-of detection and embedding replicas (CPU or GPU), whether the single match pod keeps up, NATS traffic,
+of detection, embedding and match replicas (CPU or GPU), NATS traffic,
 JetStream storage for the durable streams and the audit chain, the state volumes of match and audit, and
 Qdrant memory for a watchlist and for galleries. Every throughput and size it uses is a
 parameter; each default says where it comes from in ``sources`` (measured here, or an assumption to
 replace with your own ``lfr bench speed`` / ``lfr bench pipeline`` figures on your hardware).
 
 Replicas = ceil(load / (per-replica throughput x target utilisation)): the autoscalers aim at 70 % CPU,
-so the same headroom is kept here. match, watchlist and audit are singletons (one pod each, state in SQLite on
-a volume; match also tracks every camera's faces in memory): for them the model gives the load against the
-one pod's planned throughput, the camera count that fits, and a warning beyond it.
+so the same headroom is kept here. match replicas split the cameras by NATS subject partitioning (12
+partitions, replica i reads k % R == i): the busiest replica carries its share of the partitions times the
+hash imbalance of cameras over partitions, and that must fit one replica's planned throughput; at most 12.
+watchlist and audit are singletons (one pod each, state in SQLite on a volume), off the per-frame path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MB = 1e6
 DAY_S = 86400.0
 NATS_NODES = 3  # deploy/k8s: the NATS StatefulSet
 NATS_FILE_STORE_GB = 45  # deploy/k8s/base/nats/nats.conf: jetstream max_file_store (on a 50 Gi volume)
+STATS_INTERVAL_S = 6.0  # deploy/k8s/base/services/match/config.env: LFR_STATS_INTERVAL_S (each replica publishes)
 
 # Where each default comes from (printed with the result, so nobody mistakes an assumption for a measurement).
 SOURCES = {
@@ -37,9 +39,15 @@ SOURCES = {
     "embed_faces_per_s_per_gpu": "ASSUMED per replica: SFace alone measured 12,000 faces/s at batch 256 on an H200 "
                                  "(float32); a replica is bounded by its CPU side (chip messages), not measured end "
                                  "to end on a GPU",
-    "match_events_per_s": "ASSUMED: the one match pod, one watchlist Search RPC per frame with faces, one at a"
-                          " time; measure with lfr bench pipeline",
-    "watchlist_searches_per_s": "ASSUMED: Qdrant k=1 search of a small watchlist through one watchlist pod",
+    "match_events_per_s": "derived from a measurement: one match replica (one event loop, one core) searches the "
+                          "watchlist in memory (lfr.models.scoring.ExactIndex): 2.6 ms CPU for a frame of 4 faces "
+                          "against 10,000 SFace entries on this 2-core machine (~380 frames/s a core; 0.22 ms at "
+                          "1,000); less decoding and tracking: 300 frames with faces/s per replica. Measure with "
+                          "lfr bench match",
+    "match_imbalance": "measured: how many times the mean load the busiest match replica carries, cameras "
+                       "cam-000... of 40 random deployments through the real nats-server mapping: 50 cameras on "
+                       "3 replicas 1.09 (p95 1.14), on 2 or 4 replicas 1.00-1.04, on 6 replicas 1.21 (p95 1.32); "
+                       "10 cameras on 3 replicas 1.2",
     "ingest_fps_per_replica": "ASSUMED: RTSP decode + 1080p JPEG encode on 2 cores (pushed frames cost less)",
     "frame_bytes": "measured: 1080p pedestrian video frame as JPEG quality 90 (LFR_JPEG_QUALITY)",
     "face_bytes": "measured: one DetectedFace (112x112 RGB chip + review crop) from that video",
@@ -75,10 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rate.add_argument("--detect-fps-per-gpu", type=float, default=100.0, help="detection frames/s per GPU replica")
     rate.add_argument("--embed-faces-per-s-per-gpu", type=float, default=1000.0,
                       help="embedding faces/s per GPU replica")
-    rate.add_argument("--match-events-per-s", type=float, default=200.0,
-                      help="frames with faces/s the (single) match pod serves")
-    rate.add_argument("--watchlist-searches-per-s", type=float, default=300.0,
-                      help="watchlist Search RPCs/s the (single) watchlist pod serves")
+    rate.add_argument("--match-events-per-s", type=float, default=300.0,
+                      help="frames with faces/s one match replica serves")
+    rate.add_argument("--match-imbalance", type=float, default=1.15,
+                      help="the busiest match replica's load over the mean (cameras hash unevenly onto partitions)")
     rate.add_argument("--ingest-fps-per-replica", type=float, default=60.0, help="ingest frames/s per replica")
 
     size = parser.add_argument_group("message sizes (bytes)")
@@ -95,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--audit-index-bytes", type=int, default=1_500, help="audit's SQLite index, per record")
     size.add_argument("--nats-file-store-gb", type=float, default=NATS_FILE_STORE_GB,
                       help=f"JetStream max_file_store per NATS node (default {NATS_FILE_STORE_GB}, as deploy/k8s)")
+    size.add_argument("--stats-interval-s", type=float, default=STATS_INTERVAL_S,
+                      help="LFR_STATS_INTERVAL_S of match: each replica publishes a deployment's counts this often "
+                           f"(default {STATS_INTERVAL_S:g}, as deploy/k8s); each is an audit record")
     size.add_argument("--stream-replicas", type=int, default=3, help="JetStream replicas per stream (default 3)")
     size.add_argument("--events-retention-days", type=float, default=365.0,
                       help="LFR_EVENTS and LFR_AUDIT keep everything: storage is shown for this many days"
@@ -108,6 +119,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--qdrant-nodes", type=int, default=3)
     q.add_argument("--qdrant-replication", type=int, default=3, help="replicas of each shard (default 3)")
     q.add_argument("--qdrant-overhead", type=float, default=1.5)
+
+
+def recipe_components(model_id: str) -> tuple[str, ...]:
+    from lfr.models import scoring
+
+    try:
+        return scoring.recipe(model_id).components
+    except (KeyError, ValueError):
+        return (model_id,)
 
 
 def _replicas(load: float, per_replica: float, utilization: float) -> int:
@@ -140,8 +160,8 @@ def capacity(args: argparse.Namespace) -> dict:
         raise ValueError("--target-utilization must be in (0, 1]")
     frames = args.cameras * args.fps
     faces = frames * args.faces_per_frame
-    # match calls watchlist Search once per frame that has faces; with >= 1 face per frame on average,
-    # nearly every frame does (upper bound: all of them).
+    # match decides once per frame that has faces; with >= 1 face per frame on average, nearly every frame does
+    # (upper bound: all of them).
     searches = frames * min(1.0, args.faces_per_frame)
     cpu_det_per_replica = args.detect_fps_per_core * args.detect_cores
     det_cpu = _replicas(frames, cpu_det_per_replica, util)
@@ -149,7 +169,6 @@ def capacity(args: argparse.Namespace) -> dict:
     det_gpu = _replicas(frames, args.detect_fps_per_gpu, util)
     emb_gpu = _replicas(faces, args.embed_faces_per_s_per_gpu, util)
 
-    stats_interval = Config().stats_interval_s
     msg = {
         "frames": (frames, frames * args.frame_bytes),
         "faces": (frames, faces * args.face_bytes),
@@ -159,8 +178,18 @@ def capacity(args: argparse.Namespace) -> dict:
     alerts_per_s = args.cameras * args.alerts_per_camera_hour / 3600
     alerts_age_days = subjects.ALERTS.max_age_s / DAY_S
     alerts_retained = alerts_per_s * DAY_S * alerts_age_days * args.alert_bytes
-    # one match pod: one MatchStats per running deployment every LFR_STATS_INTERVAL_S
-    stats_per_s = args.deployments / stats_interval
+    # match replicas: the busiest carries ceil(P/R) of the P partitions, times the cameras' hash imbalance
+    parts = subjects.MATCH_PARTITIONS
+    match_planned = args.match_events_per_s * util
+
+    def busiest(r: int) -> float:
+        return searches * math.ceil(parts / r) / parts * (args.match_imbalance if r > 1 else 1.0)
+
+    match_replicas = next((r for r in range(1, parts + 1) if busiest(r) <= match_planned), None)
+    match_over = match_replicas is None
+    match_replicas = match_replicas or parts
+    # each match replica: one MatchStats per running deployment every LFR_STATS_INTERVAL_S
+    stats_per_s = args.deployments * match_replicas / args.stats_interval_s
     kept_days = args.events_retention_days
     events_retained = stats_per_s * DAY_S * kept_days * args.matchstats_bytes
     # the audit chain: one record per durable fact (every MatchStats and every alert fact), kept forever
@@ -168,30 +197,23 @@ def capacity(args: argparse.Namespace) -> dict:
     audit_retained = audit_per_s * DAY_S * kept_days * args.audit_record_bytes
     js_total = (alerts_retained + events_retained + audit_retained) * args.stream_replicas
 
-    # the singletons: match (tracking + alert book) and watchlist serve every search of the platform
-    match_planned = args.match_events_per_s * util
-    watchlist_planned = args.watchlist_searches_per_s * util
+    # the most cameras 12 replicas take at this fps (each busiest partition share at most the planned load)
     per_camera = args.fps * min(1.0, args.faces_per_frame)
-    search_limit = min(match_planned, watchlist_planned)
-    max_cameras = math.floor(search_limit / per_camera + 1e-9) if per_camera > 0 else None
+    max_cameras = (math.floor(match_planned / (args.match_imbalance / parts) / per_camera + 1e-9)
+                   if per_camera > 0 else None)
     retention_s = Config().alert_retention_s
     alert_book = (alerts_per_s * min(retention_s, kept_days * DAY_S) * args.alert_bytes
                   + alerts_per_s * DAY_S * kept_days * args.alert_book_row_bytes)
 
     dim = model_info(args.model).dim
     warnings = []
-    if searches > match_planned:
+    if match_over:
         warnings.append(
-            f"match is a single pod (per-camera tracking in memory, the alert book in SQLite) and would receive"
-            f" {searches:.0f} frames with faces/s, above the {match_planned:.0f}/s planned for it: beyond that its"
+            f"match would receive {searches:.0f} frames with faces/s: even {parts} replicas (one per partition of"
+            f" the embeddings) leave the busiest above the {match_planned:.0f}/s planned for one: beyond that its"
             " bounded queue drops the oldest embeddings (lfr_items_dropped_total{service=\"match\"}, counted as"
-            " stale_dropped in MatchStats), and those faces are never matched. Measure it; to scale, partition"
-            " match by deployment (one match, with its own volume, per group of deployments)")
-    if searches > watchlist_planned:
-        warnings.append(
-            f"watchlist is a single pod (SQLite metadata) and would serve {searches:.0f} Search RPCs/s, above"
-            f" {watchlist_planned:.0f}/s planned for one pod: measure it, and batch searches"
-            " or move the watchlist metadata to a shared store before adding cameras")
+            " stale_dropped in MatchStats), and those faces are never matched. Give match faster cores, or split"
+            " the cameras over two platforms")
     js_per_node = js_total / NATS_NODES / GB
     if js_per_node > args.nats_file_store_gb:
         warnings.append(
@@ -211,7 +233,7 @@ def capacity(args: argparse.Namespace) -> dict:
         "benchmark": "capacity",
         "inputs": {k: v for k, v in vars(args).items() if not callable(v) and k not in ("json", "bench", "command")},
         "sources": SOURCES,
-        "load": {"frames_per_s": frames, "faces_per_s": faces, "watchlist_searches_per_s": searches,
+        "load": {"frames_per_s": frames, "faces_per_s": faces, "frames_with_faces_per_s": searches,
                  "alerts_per_s": round(alerts_per_s, 4)},
         "cpu_only": {
             "detection": {"replicas": det_cpu, "cores": det_cpu * args.detect_cores},
@@ -223,18 +245,25 @@ def capacity(args: argparse.Namespace) -> dict:
             "gpus": det_gpu + emb_gpu,
         },
         "match": {
-            "replicas": 1,
-            "searches_per_s": searches,
-            "planned_searches_per_s": round(match_planned, 1),
+            "replicas": match_replicas,
+            "partitions": parts,
+            "frames_with_faces_per_s": searches,
+            "planned_per_replica": round(match_planned, 1),
+            "busiest_replica_per_s": round(busiest(match_replicas), 1),
             "max_cameras": max_cameras,
-            "over_limit": searches > search_limit,
+            "over_limit": match_over,
             "alert_book_gb": round(alert_book / GB, 3),
-            "note": "a singleton: all embeddings of a deployment must reach the one pod that tracks its cameras;"
-                    " max_cameras is at this fps, also bounded by the watchlist pod",
+            "alert_book_gb_per_replica": round(alert_book * math.ceil(parts / match_replicas) / parts
+                                               * (args.match_imbalance if match_replicas > 1 else 1.0) / GB, 3),
+            "watchlist_vectors_mb_per_replica": round(args.watchlist_size * dim * 4 * max(
+                1, len(recipe_components(args.model))) / MB, 1),
+            "note": "replicas split the cameras by NATS subject partitioning (a camera's faces always reach the same"
+                    " replica); each holds every live watchlist's vectors in memory; max_cameras is at this fps"
+                    " with 12 replicas",
         },
         "ingest": {"replicas": _replicas(frames, args.ingest_fps_per_replica, util)},
-        "watchlist": {"replicas": 1, "searches_per_s": searches,
-                      "planned_searches_per_s": round(watchlist_planned, 1)},
+        "watchlist": {"replicas": 1, "note": "off the per-frame path: each match replica loads a live watchlist's"
+                                             " vectors once (GetWatchlistVectors), at its start or the deployment's"},
         "audit": {"replicas": 1, "records_per_day": round(audit_per_s * DAY_S),
                   "index_gb": round(audit_per_s * DAY_S * kept_days * args.audit_index_bytes / GB, 3)},
         "nats": {
