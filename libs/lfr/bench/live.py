@@ -45,6 +45,12 @@ def add_arguments(p) -> None:
                    "LFR_FRESHNESS_MS needs more)")
     p.add_argument("--strong-margin", type=float, default=-1.0, help="LFR_ALERT_STRONG_MARGIN for this run "
                    "(-1 = the default)")
+    p.add_argument("--threshold", type=float, default=0.0, help="the deployment's threshold (0 = the policy's default)")
+    p.add_argument("--suite", default="", help="a walk-by suite folder (`lfr bench walkby --suite DIR`): run and score "
+                   "every video built there (or --only), one JSON with a line per video and the totals")
+    p.add_argument("--only", default="", help="with --suite: these videos only (comma separated names)")
+    p.add_argument("--rules", default="", help="with --suite or --truth: compare pass rules, each MIN_FRAMES[:STRONG_MARGIN] "
+                   "(comma separated, e.g. 1,2,3:0.08), each a whole run; the result per rule")
     p.add_argument("--json", action="store_true", help="one-line JSON")
 
 
@@ -85,7 +91,69 @@ def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 1) if values else 0.0
 
 
+SUMMARY_KEYS = ("frames_in", "frames_dropped", "faces", "alerts", "alert_latency_ms", "nonmatch_disposal_ms", "cpu_s",
+                "threshold")
+
+
+def _summary(out: dict) -> dict:
+    t = out.get("truth") or {}
+    return {k: out[k] for k in SUMMARY_KEYS} | {k: t[k] for k in (
+        "watchlisted_passes", "watchlisted_alerted", "missed", "false_alerts", "false_alerts_per_10k_faces",
+        "duplicate_alerts", "appearance_to_alert_s") if k in t}
+
+
+def _total(lines: dict[str, dict]) -> dict:
+    tot = {k: sum(v.get(k, 0) for v in lines.values()) for k in (
+        "frames_in", "frames_dropped", "faces", "watchlisted_passes", "watchlisted_alerted", "false_alerts")}
+    tot["missed"] = sum(len(v.get("missed", [])) for v in lines.values())
+    tot["false_alerts_per_10k_faces"] = round(1e4 * tot["false_alerts"] / max(1, tot["faces"]), 2)
+    tot["dropped_share"] = round(tot["frames_dropped"] / max(1, tot["frames_in"]), 4)
+    tot["alert_latency_p95_max_ms"] = max((v["alert_latency_ms"]["p95"] for v in lines.values()), default=0.0)
+    tot["disposal_max_ms"] = max((v["nonmatch_disposal_ms"]["max"] for v in lines.values()), default=0.0)
+    return tot
+
+
+def _rules(text: str) -> list[tuple[int, float]]:
+    out = []
+    for item in (x for x in text.split(",") if x.strip()):
+        frames, _, margin = item.partition(":")
+        out.append((int(frames), float(margin) if margin else -1.0))
+    return out
+
+
 def run(args) -> dict:
+    """One run; with --suite every suite video; with --rules every rule (a whole run or suite each)."""
+    rules = _rules(getattr(args, "rules", ""))
+    if rules:
+        per_rule = {}
+        for frames, margin in rules:
+            args.min_frames, args.strong_margin = frames, margin
+            key = f"min_frames={frames}" + (f",strong_margin={margin}" if margin >= 0 else "")
+            r = run_suite(args) if getattr(args, "suite", "") else run_one(args)
+            per_rule[key] = r["total"] if "total" in r else _summary(r)
+        return {"rules": per_rule, "suite": getattr(args, "suite", ""), "truth": getattr(args, "truth", "")}
+    return run_suite(args) if getattr(args, "suite", "") else run_one(args)
+
+
+def run_suite(args) -> dict:
+    from argparse import Namespace
+
+    from lfr.bench.walkby import suite_truths
+
+    truths = suite_truths(Path(args.suite))
+    only = [n for n in getattr(args, "only", "").split(",") if n]
+    truths = {k: v for k, v in truths.items() if not only or k in only}
+    if not truths:
+        raise SystemExit(f"no walk-by suite videos in {args.suite} (build them with lfr bench walkby --suite DIR)")
+    lines = {}
+    for name, truth in truths.items():
+        one = Namespace(**vars(args))
+        one.truth, one.video, one.enroll, one.suite = str(truth), "", "", ""
+        lines[name] = _summary(run_one(one))
+    return {"suite": args.suite, "fps": args.fps, "videos": lines, "total": _total(lines)}
+
+
+def run_one(args) -> dict:
     truth = json.loads(Path(args.truth).read_text()) if args.truth else None
     if truth:
         args.video, args.enroll = args.video or truth["video"], args.enroll or truth["enroll"]
@@ -97,7 +165,7 @@ def run(args) -> dict:
     if truth:
         from lfr.bench.walkby import score_passes
 
-        out["truth"] = score_passes(truth, out["alert_list"], out["faces"])
+        out["truth"] = score_passes(truth, out["alert_list"], out["faces"], until_s=args.seconds)
     return out | {"state_dir": args.state_dir or "(a temporary folder, removed)"}
 
 
@@ -109,7 +177,7 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
         env["LFR_ALERT_STRONG_MARGIN"] = str(args.strong_margin)
     with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent], env=env or None) as system:
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
-        d = create_deployment(c, "bench", [CAMERA])
+        d = create_deployment(c, "bench", [CAMERA], threshold=getattr(args, "threshold", 0.0))
         with closed_on_failure(c, d.id):  # an error or Ctrl-C ends (and purges) the deployment
             enrolled = enroll(c, d.id, subjects)
             c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))
@@ -173,6 +241,10 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
         "frames_processed": int(processed),
         "frames_dropped": int(dropped["detection"]),
         "drops_by_stage": {k: int(v) for k, v in dropped.items()},
+        "drop_reasons": {name: {dict(lab)["reason"]: int(v) for (n, lab), v in m.items()
+                                if n == "lfr_items_dropped_total" and dict(lab).get("stage") == stage and v}
+                         for name, m, stage in (("detection", det, "detect"), ("embedding", emb, "embed"),
+                                                ("match", match, "match"))},
         "stage_batch_ms": {  # mean time of one batch in each stage's worker
             name: round(1000 * metric_sum(m, "lfr_stage_seconds_sum", stage=stage)
                         / max(1.0, metric_sum(m, "lfr_stage_seconds_count", stage=stage)), 1)

@@ -11,6 +11,9 @@ Written to DIR: ``walkby.mp4`` (H.264), ``enroll/<person>/<photo>`` (the watchli
 first and last frame (and time) their face is in view, the frames it is more than half hidden, its size and
 speed. `lfr bench pipeline --truth DIR/truth.json` scores a run per pass (`score_passes`).
 
+``--suite DIR`` builds the fixed suite (`SUITE`) into DIR, and `lfr bench pipeline --suite DIR` runs and scores all of it
+in one JSON.
+
 ``--clear-margin M`` keeps only people the library itself decides clearly (every shown photo of a watchlisted
 person scores above the model's threshold + M against their enrollment photo, every stranger below threshold - M
 against every enrollment photo): for tests, where the expected outcome must not depend on borderline faces.
@@ -54,8 +57,32 @@ class Pass:
     _sprites: list = field(default_factory=list, repr=False)
 
 
+# The walk-by suite (`lfr bench walkby --suite DIR`, scored by `lfr bench pipeline --suite DIR`): fixed parameters and
+# seeds, so the same videos are built again from the same development images (the videos are not kept in the
+# repository). 720p and 1080p, crowds of 10 to 40, one with more than 30 people in view at once. Add entries to grow
+# it; change none (numbers measured on it would no longer compare).
+SUITE = {
+    "quiet-1080p": dict(resolution="1080p", seconds=30.0, watchlisted=8, strangers=8, seed=1),
+    "blur-720p": dict(resolution="720p", seconds=30.0, watchlisted=8, strangers=8, blur=0.5, occluded=0.3, seed=2),
+    "crowd10-1080p": dict(resolution="1080p", seconds=30.0, watchlisted=6, strangers=14, crowd=10, seed=21),
+    "crowd20-720p": dict(resolution="720p", seconds=40.0, watchlisted=10, strangers=20, crowd=20, occluded=0.3,
+                         seed=22),
+    "crowd32-1080p": dict(resolution="1080p", seconds=40.0, watchlisted=12, strangers=24, crowd=32, seed=3),
+    "crowd40-720p": dict(resolution="720p", seconds=40.0, watchlisted=12, strangers=32, crowd=40, blur=0.7, seed=24),
+}
+
+
+def suite_truths(folder: Path) -> dict[str, Path]:
+    """The suite's truth files under `folder` (one sub-folder per video), those already built."""
+    return {name: folder / name / "truth.json" for name in SUITE if (folder / name / "truth.json").is_file()}
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--out", required=True, help="folder to write the video, the watchlist and truth.json into")
+    p.add_argument("--out", default="", help="folder to write the video, the watchlist and truth.json into")
+    p.add_argument("--suite", default="", help="build the whole walk-by suite (SUITE: fixed parameters and seeds) into "
+                   "this folder, one sub-folder per video; videos already there are kept (--rebuild to build again)")
+    p.add_argument("--only", default="", help="with --suite: these videos only (comma separated names)")
+    p.add_argument("--rebuild", action="store_true", help="with --suite: build videos already there again")
     p.add_argument("--data", default="", help="shared data folder (default: ../shared/data)")
     p.add_argument("--resolution", choices=sorted(SIZES), default="720p")
     p.add_argument("--fps", type=int, default=25)
@@ -247,12 +274,18 @@ def generate(out: Path, data: Path, resolution: str = "720p", fps: int = 25, sec
             "faces_in_view": faces_in_view}
 
 
-def score_passes(truth: dict, alerts: list[dict], faces: int = 0, slack_s: float = 1.6) -> dict:
+def score_passes(truth: dict, alerts: list[dict], faces: int = 0, slack_s: float = 1.6, until_s: float = 0.0) -> dict:
     """Per pass: a watchlisted pass is alerted when an alert for that person falls inside it (first frame to
     last + `slack_s`, the time a pass can take to end in the pipeline); any other alert is false. `alerts`:
     dicts with subject and video_time_s (of the alert's first probe). `faces`: faces seen, for the rate per
-    10,000 faces (the truth's faces in view when 0)."""
+    10,000 faces (the truth's faces in view when 0). `until_s`: only this much of the video was played; passes
+    that began less than a second before its end (or after) are not scored (an alert for one is not false)."""
     passes = truth["passes"]
+    if until_s:
+        late = [p for p in passes if p["first_s"] + 1.0 > until_s]
+        alerts = [a for a in alerts if not any(p["person"] == a["subject"] and a["video_time_s"] >= p["first_s"] - 0.2
+                                               for p in late)]
+        passes = [p for p in passes if p["first_s"] + 1.0 <= until_s]
     alerted: dict[int, list[dict]] = {}
     false = []
     for a in alerts:
@@ -278,8 +311,25 @@ def score_passes(truth: dict, alerts: list[dict], faces: int = 0, slack_s: float
     }
 
 
+def build_suite(folder: Path, data: Path, only: list[str] | None = None, rebuild: bool = False) -> dict:
+    out = {}
+    for name, params in SUITE.items():
+        if only and name not in only:
+            continue
+        if rebuild or not (folder / name / "truth.json").is_file():
+            out[name] = generate(folder / name, data, **params)
+        else:
+            truth = json.loads((folder / name / "truth.json").read_text())
+            out[name] = {"truth": str(folder / name / "truth.json"), "kept": True, "passes": len(truth["passes"])}
+    return {"suite": str(folder), "videos": out}
+
+
 def run(args) -> dict:
     data = Path(args.data) if args.data else data_dir()
+    if args.suite:
+        return build_suite(Path(args.suite), data, [n for n in args.only.split(",") if n], args.rebuild)
+    if not args.out:
+        raise SystemExit("--out DIR (one video) or --suite DIR (the walk-by suite) is required")
     return generate(Path(args.out), data, args.resolution, args.fps, args.seconds, args.watchlisted, args.strangers,
                     args.crowd, _pair(args.eye_px), _pair(args.speed), args.occluded, args.blur, args.clear_margin,
                     args.seed)
