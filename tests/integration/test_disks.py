@@ -10,8 +10,9 @@ CI container does).
 Read-only: a remount read-only is refused (EBUSY) while a process holds a file there open for writing, so the
 second test stops the one process that writes the store, remounts it read-only, and starts it again under the
 supervisor, as a disk that turned read-only would be met at a restart: the audit index, match's alert book (its
-own database, LFR_ALERT_DB) and NATS's JetStream store, each on a tmpfs of its own. The watchlist's databases
-cannot move off the state folder (see docs/operations.md), which every process holds open."""
+own database, LFR_ALERT_DB) and NATS's JetStream store, each on a tmpfs of its own. A disk turning read-only
+under running processes (the kernel's ext4 error path) is `test_read_only_live.py`: the watchlist's own stores
+(LFR_WATCHLIST_DIR) and the state folder's logs."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -66,6 +67,13 @@ def repair(path: Path, image: Path) -> None:
     fsck = subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True)
     assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr  # 1: errors corrected
     subprocess.run([*MOUNT, str(image), str(path)], check=True)
+
+
+def log_writes_dropped(system: EmbeddedSystem, service: str) -> float:
+    url = f"http://{system.host}:{system.metrics_ports[service]}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("lfr_log_writes_dropped_total"))
 
 
 def test_watchlist_stores_turned_read_only_under_the_running_watchlist(tmp_path):
@@ -156,12 +164,15 @@ def test_state_folder_turned_read_only_under_every_service_and_the_supervisor(tm
             wait_for(lambda: all("deployment.created" in records_of(auditor, x) for x in acknowledged), 60,
                      "the deployments recorded")
             assert {s: health(system, s) for s in SERVICES} == {s: "SERVING" for s in SERVICES}
+            assert log_writes_dropped(system, "watchlist") > 0  # its lines about the deployment: dropped, counted
 
             # the supervisor restarts a killed service although it cannot open the service's log there
             old = system.pids()["match"]
+            t0 = time.monotonic()
             os.kill(old, signal.SIGKILL)
             wait_for(lambda: system.pids().get("match", old) != old, 30, "match restarted")
             wait_for(lambda: health(system, "match") == "SERVING", 60, "match SERVING again")
+            print(f"read-only state folder: match SERVING {time.monotonic() - t0:.1f} s after its SIGKILL")
             assert system.status()["processes"]["match"]["restarts"] == 1
             assert any(e["event"] == "process.log_unwritable" and e["process"] == "match" for e in events), events
             assert (state / "endpoints.json").read_text() == endpoints_before  # not rewritten, and no crash

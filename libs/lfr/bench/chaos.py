@@ -7,7 +7,12 @@ process is SIGKILLed at a moment chosen to hurt, while a camera streams the vide
 - ingest, detection, embedding, watchlist, nats-server: as frames flow, before the round's first alert;
 - match: as its first alert arrives, with an officer's adjudication of it in flight;
 - audit: as its first alert arrives (the audit is recording it);
-- watchlist again ("watchlist-purge"): while it ends and purges the round's deployment.
+- watchlist again ("watchlist-purge"): while it ends and purges the round's deployment;
+- the watchlist's Qdrant server ("qdrant", only when LFR_QDRANT_URL is set; in local mode the store is a folder
+  inside the watchlist process and dies with it): while the watchlist purges the round's deployment from it. The
+  benchmark is given the server's PID (`--qdrant-pid`: whatever runs it, systemd or Kubernetes, starts it again)
+  and/or the command that starts it (`--qdrant-command`: the benchmark starts it again itself, and first too
+  when no PID is given). The round also counts the deployment's vectors left in Qdrant after its purge.
 
 The supervisor brings the process back. Each round reports the time until the killed process is SERVING,
 until faces are matched again, until the first alert; the alerts expected, raised, lost and duplicated;
@@ -23,9 +28,11 @@ chain verifies against the stream, and every acknowledged fact is there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import sqlite3
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +56,7 @@ from lfr.runtime.paths import data_dir
 
 CAMERA = "chaos-camera"
 VICTIMS = ("ingest", "detection", "embedding", "watchlist", "match", "audit", NATS, "watchlist-purge")
+QDRANT = "qdrant"  # the watchlist's Qdrant server, a victim only when LFR_QDRANT_URL is set
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
          grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 ONCE = ("created", "started", "ended", "purged")  # lifecycle facts a deployment has exactly once
@@ -59,7 +68,13 @@ def add_arguments(p) -> None:
                    "from the shared data)")
     p.add_argument("--fps", type=float, default=5.0, help="sampling rate (default 5)")
     p.add_argument("--round-s", type=float, default=30.0, help="seconds of video streamed per round (default 30)")
-    p.add_argument("--victims", default=",".join(VICTIMS), help=f"comma-separated, in order (default: {','.join(VICTIMS)})")
+    p.add_argument("--victims", default="", help=f"comma-separated, in order (default: {','.join(VICTIMS)}, and "
+                   f"{QDRANT} when LFR_QDRANT_URL is set)")
+    p.add_argument("--qdrant-pid", type=int, default=0, help="victim qdrant: the PID of the Qdrant server at "
+                   "LFR_QDRANT_URL (something else starts it again after the kill, unless --qdrant-command)")
+    p.add_argument("--qdrant-command", default="", help="victim qdrant: the command that starts the Qdrant server "
+                   "at LFR_QDRANT_URL; the benchmark starts it again with it after the kill (and first, without "
+                   "--qdrant-pid)")
     p.add_argument("--power-loss", type=int, default=0, metavar="N",
                    help="run N whole-system SIGKILL rounds instead (restart on the same state folder each time)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the power-loss moments")
@@ -302,10 +317,84 @@ def failures(row: dict) -> list[str]:
     out = [f"{k} {row[k]}" for k in keys if row.get(k)]
     out += [f"lifecycle missing {row['lifecycle_missing']}"] if row.get("lifecycle_missing") else []
     out += [f"lifecycle doubled {row['lifecycle_doubled']}"] if row.get("lifecycle_doubled") else []
+    out += [f"vectors left after purge {row['vectors_left_after_purge']}"] if row.get("vectors_left_after_purge") else []
     return out
 
 
+class QdrantServer:
+    """The watchlist's Qdrant server (LFR_QDRANT_URL) as a victim: killed by its PID; started again by the
+    benchmark when it has the command that starts it, else by whatever runs it (systemd, Kubernetes)."""
+
+    def __init__(self, url: str, api_key: str = "", pid: int = 0, command: str = "", log: Path | None = None):
+        self.url, self.api_key, self.pid, self.command, self.log = url.rstrip("/"), api_key, pid, command, log
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def ready(self) -> bool:
+        headers = {"api-key": self.api_key} if self.api_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + "/readyz", headers=headers), timeout=1) as r:
+                return r.status == 200
+        except (OSError, ValueError):
+            return False
+
+    def start(self, wait_s: float = 0.0) -> None:
+        """Start the server with its command, in a session of its own; wait up to `wait_s` until it is ready."""
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(shlex.split(self.command), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + wait_s
+        while wait_s and not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Qdrant server ({self.command}) is not ready at {self.url}")
+            time.sleep(0.2)
+
+    def kill(self) -> tuple[int, float]:
+        if not self.pid:
+            raise RuntimeError("victim qdrant: the server's PID is not known (give --qdrant-pid or --qdrant-command)")
+        pid, t = self.pid, time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        if self.proc is not None and self.proc.pid == pid:
+            self.proc.wait()
+        else:
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < t + 10:
+                time.sleep(0.02)
+        self.pid = 0
+        if self.command:  # as a supervisor would: at once, on the same storage
+            self.start()
+            self.restarts += 1
+        return pid, t
+
+    def stop(self) -> None:
+        """Stop the server the benchmark started (not one it was given by PID)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def vectors_left(url: str, api_key: str, deployment_id: str) -> int:
+    from lfr.vectorindex import VectorIndex
+
+    index = VectorIndex(url=url, api_key=api_key)
+    try:
+        return index.count_deployment(deployment_id)
+    finally:
+        index.close()
+
+
 # One round --------------------------------------------------------------------------------------------
+PURGE_ROUNDS = ("watchlist-purge", QDRANT)  # killed while the watchlist ends and purges the round's deployment
+
+
 @dataclass
 class Round:
     system: EmbeddedSystem
@@ -317,6 +406,7 @@ class Round:
     round_s: float
     kill_at_s: float = 1.0  # seconds after the camera starts, for the victims killed before the first alert
     notes: list = field(default_factory=list)
+    qdrant: QdrantServer | None = None  # the watchlist's Qdrant server, when LFR_QDRANT_URL is set
 
     def deployment(self, name: str) -> watchlist_pb2.Deployment:
         d = call(lambda r, timeout: create_deployment(self.c, name, [CAMERA]), None)
@@ -330,6 +420,8 @@ class Round:
             done_codes=(grpc.StatusCode.FAILED_PRECONDITION,))
 
     def kill(self, victim: str) -> tuple[int, float]:
+        if victim == QDRANT:
+            return self.qdrant.kill()
         pids = self.system.pids()
         pid = pids[victim]
         t = time.monotonic()
@@ -341,6 +433,9 @@ class Round:
         while time.monotonic() < deadline:
             if victim == NATS:
                 if self.system.pids().get(NATS) and _nats_answers(self.system):
+                    return time.monotonic() - since
+            elif victim == QDRANT:
+                if self.qdrant.ready():
                     return time.monotonic() - since
             elif self.system.pids().get(victim) and \
                     check_health(self.system.endpoint(victim), access=self.system.access()) == "SERVING":
@@ -372,7 +467,7 @@ class Round:
             elif target in (NATS, "ingest", "detection", "embedding") or victim == "watchlist":
                 row["moment"] = f"{self.kill_at_s:g} s into the stream, before the first alert, frames flowing"
                 time.sleep(max(0.0, camera.first_start + self.kill_at_s - time.monotonic()))
-            if target and victim != "watchlist-purge":
+            if target and victim not in PURGE_ROUNDS:
                 row["killed_pid"], t_kill = self.kill(target)
                 row["alerts_before_kill"] = len(officer.alerts)
                 row["serving_s"] = _round(self.wait_serving(target, t_kill))
@@ -382,8 +477,9 @@ class Round:
             camera.stop()
         time.sleep(2.0)  # the last frames through the pipeline
         officer.wait_adjudications()
-        if victim == "watchlist-purge":
-            row["moment"] = "while it ends and purges the deployment"
+        if victim in PURGE_ROUNDS:
+            row["moment"] = "while " + ("it ends and purges" if target == "watchlist" else "the watchlist ends and "
+                                         "purges") + " the deployment"
             def end_it() -> None:
                 got = self.end(d)
                 row["end_result"] = (got.code().name if isinstance(got, grpc.RpcError) else
@@ -392,17 +488,24 @@ class Round:
             ender = threading.Thread(target=end_it, daemon=True)
             ender.start()
             time.sleep(0.05)
-            row["killed_pid"], t_kill = self.kill("watchlist")
-            row["serving_s"] = _round(self.wait_serving("watchlist", t_kill))
+            row["killed_pid"], t_kill = self.kill(target)
+            row["serving_s"] = _round(self.wait_serving(target, t_kill))
             ender.join(180)
         settle(self.c, self.auditor, d.id)
-        if victim != "watchlist-purge":
+        if victim not in PURGE_ROUNDS:
             self.end(d)
         final = call(self.c.watchlist.GetDeployment, watchlist_pb2.GetDeploymentRequest(deployment_id=d.id))
         officer.stop()
         stats.stop()
         settle(self.c, self.auditor, d.id)
-        if t_kill is not None and victim != "watchlist-purge":
+        if victim == QDRANT:  # the purge retried after the server came back: nothing of the deployment left in it
+            deadline = time.monotonic() + 60
+            while not final.purged_at.seconds and time.monotonic() < deadline:
+                time.sleep(0.5)
+                final = call(self.c.watchlist.GetDeployment, watchlist_pb2.GetDeploymentRequest(deployment_id=d.id))
+            row["vectors_left_after_purge"] = vectors_left(self.qdrant.url, self.qdrant.api_key, d.id)
+            row["restarted_by"] = "the benchmark" if self.qdrant.command else "its own supervisor"
+        if t_kill is not None and victim not in PURGE_ROUNDS:
             matched = stats.matched_after(t_kill + (row.get("serving_s") or 0.0))
             row["matching_again_s"] = _round(matched - t_kill if matched else None)
             after = [t for a, t in officer.alerts.values() if t > t_kill]
@@ -410,7 +513,7 @@ class Round:
         else:
             row["first_alert_s"] = _round(min((t for _, t in officer.alerts.values()), default=0.0) - camera.first_start
                                           if officer.alerts else None)
-        row["restarts"] = (self.system.restarts.get(target, 0) - restarts0) if target else 0
+        row["restarts"] = (self.system.restarts.get(target, 0) - restarts0) if target and target != QDRANT else 0
         row["deployment_status"] = watchlist_pb2.DeploymentStatus.Name(final.status).removeprefix("DEPLOYMENT_STATUS_")
         row["camera_starts"] = camera.started
         transitions = ["created", "started", "ended"] + (["purged"] if final.purged_at.seconds else [])
@@ -456,23 +559,45 @@ def verify(auditor: Clients, settle_s: float = 30.0) -> dict:
             "reason": v.reason}
 
 
+def choose_victims(args, env=None) -> tuple[list[str], QdrantServer | None]:
+    """The rounds to run, in order, and the Qdrant server when it is one of them (LFR_QDRANT_URL set)."""
+    from lfr.runtime.config import Config
+
+    cfg = Config.from_env(env)
+    victims = [v.strip() for v in args.victims.split(",") if v.strip()] or [*VICTIMS, *([QDRANT] if cfg.qdrant_url
+                                                                                        else [])]
+    unknown = [v for v in victims if v not in (*VICTIMS, QDRANT)]
+    if unknown:
+        raise SystemExit(f"unknown victims {unknown}; choose from {', '.join((*VICTIMS, QDRANT))}")
+    if QDRANT not in victims:
+        return victims, None
+    if not cfg.qdrant_url:
+        raise SystemExit("victim qdrant: needs LFR_QDRANT_URL (a Qdrant server); in local mode the watchlist's store "
+                         "is a folder inside the watchlist process and dies with it (victim watchlist)")
+    if not (args.qdrant_pid or args.qdrant_command):
+        raise SystemExit("victim qdrant: give the server's --qdrant-pid PID and/or the --qdrant-command that starts it")
+    return victims, QdrantServer(cfg.qdrant_url, cfg.qdrant_api_key, args.qdrant_pid, args.qdrant_command)
+
+
 def run(args) -> dict:
     video, subjects = default_inputs(args)
     if args.power_loss:
         return run_power_loss(args, video, subjects)
-    victims = [v.strip() for v in args.victims.split(",") if v.strip()]
-    unknown = [v for v in victims if v not in VICTIMS]
-    if unknown:
-        raise SystemExit(f"unknown victims {unknown}; choose from {', '.join(VICTIMS)}")
+    victims, qdrant = choose_victims(args)
     from lfr.cli.demo import temporary_state
 
     t0 = time.monotonic()
-    with temporary_state("lfr-chaos-", keep=args.state_dir) as state:
+    with temporary_state("lfr-chaos-", keep=args.state_dir) as state, contextlib.ExitStack() as stack:
+        if qdrant is not None:
+            qdrant.log = Path(state) / "qdrant-server.log"
+            stack.callback(qdrant.stop)
+            if not qdrant.pid:
+                qdrant.start(wait_s=60)
         system = EmbeddedSystem(state, media_roots=[Path(video).resolve().parent], supervise=True)
         with system:
             c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
             auditor = Clients.connect(system.endpoints(), access=system.access(user="auditor"))
-            r = Round(system, c, auditor, str(Path(video).resolve()), subjects, args.fps, args.round_s)
+            r = Round(system, c, auditor, str(Path(video).resolve()), subjects, args.fps, args.round_s, qdrant=qdrant)
             baseline = r.run(None, None)
             expected = Counter(baseline["expected_per_entry"])
             first = baseline.get("first_alert_s") or 2.0
