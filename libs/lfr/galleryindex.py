@@ -40,7 +40,10 @@ class IndexParams:
     connectivity: int = 48
     expansion_add: int = 128
     expansion_search: int = 1536
-    threads: int = 2  # threads used while adding a batch
+    threads: int = 0  # threads adding a batch to the graph (0 = one per core)
+
+    def add_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
 
 
 class VectorIndex(Protocol):
@@ -104,7 +107,7 @@ class EmbeddedIndex:
         self._index.expansion_search = params.expansion_search
         for start in range(indexed, self.rows, 50_000):  # catch up what was added after the last save
             ids = np.arange(start, min(self.rows, start + 50_000), dtype=np.int64)
-            self._index.add(ids, self._read(ids), threads=params.threads)
+            self._index.add(ids, self._read(ids), threads=params.add_threads())
         self.removed: set[int] = set()
         if self._removed_path.is_file():
             self.removed = set(np.fromfile(self._removed_path, dtype=np.int64).tolist())
@@ -139,7 +142,7 @@ class EmbeddedIndex:
                 f.flush()
                 os.fsync(f.fileno())
             self.rows += len(ids)
-            self._index.add(ids, vectors, threads=self.params.threads)
+            self._index.add(ids, vectors, threads=self.params.add_threads())
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)

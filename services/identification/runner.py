@@ -470,7 +470,7 @@ class Identification:
             return g, g.default_threshold, images, g.model_id, g.model_version
         d = await self._watchlist_call(self.svc.watchlist.GetDeployment,
                                        watchlist_pb2.GetDeploymentRequest(deployment_id=deployment_id))
-        if d.HasField("purged_at"):
+        if d.purged_at.seconds or d.purged_at.nanos:  # (the field is always present: zero when not purged)
             raise Refused("FAILED_PRECONDITION", f"the watchlist of deployment {d.id} has been purged")
         refusal = model_mismatch(await self.model(fresh=True), d.model_id, d.model_version, "search its watchlist",
                                  f"deployment {d.id}'s watchlist", "re-embed the watchlist (ReembedWatchlist) first")

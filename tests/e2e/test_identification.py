@@ -78,6 +78,8 @@ def identify(clients, image: bytes, **kw) -> pb.IdentifyResponse:
     req = dict(gallery=GALLERY, case_reference="CASE-42", justification="unconscious person, no identification",
                actor="PC 17 Jones")
     req.update(kw)
+    if kw.get("deployment_id"):  # the other target of the oneof
+        req.pop("gallery")
     return clients.identification.Identify(pb.IdentifyRequest(image=image, **req), timeout=120)
 
 
@@ -107,6 +109,8 @@ def submit(clients, media: list[Path], **kw) -> pb.Job:
     req = dict(gallery=GALLERY, case_reference="OP-ARCADE", justification="disorder on 12 May: identify suspects",
                actor="DC 9 Price")
     req.update(kw)
+    if kw.get("deployment_id"):
+        req.pop("gallery")
     return clients.identification.SubmitJob(pb.SubmitJobRequest(
         media=[pb.MediaSource(path=str(m)) for m in media], **req), timeout=60)
 
@@ -238,6 +242,33 @@ def test_job_over_real_videos_a_known_video_and_an_image_folder(system, clients,
     records = wait_for(lambda: audit(clients, "watchlist.identification_job_finished"))
     assert records and records[-1]["job_id"] == final.job_id and records[-1]["case_reference"] == "OP-ARCADE"
     assert records[-1]["results"] == len(out)
+
+
+def test_identify_and_a_job_against_a_deployments_watchlist_go_through_the_watchlist_service(clients, lfw,
+                                                                                              data):
+    """A deployment's watchlist as the target: identification asks the watchlist service (GetDeployment, then
+    Search) over gRPC; the candidate is the entry, the threshold the deployment's, the search audited under the
+    deployment; an unknown deployment is the watchlist's NOT_FOUND."""
+    from lfr.cli.live import create_deployment, enroll
+
+    person = people_with(lfw, 3, 40)[30]
+    photos = list_identities(lfw)[person]
+    d = create_deployment(clients, "identify-target", ["c1"])
+    entry = enroll(clients, d.id, {person: [lfw / photos[0]]}, authorise_as="")[person]
+    assert entry.entry_id, entry
+    r = identify(clients, (lfw / photos[1]).read_bytes(), deployment_id=d.id, k=3, investigation=True)
+    assert r.outcome == pb.IDENTIFY_OUTCOME_SEARCHED and r.gallery_size == 1 and r.threshold == d.threshold, r
+    assert r.candidates[0].entry_id == entry.entry_id and r.candidates[0].subject_ref == person
+    records = wait_for(lambda: [x for x in audit(clients, "watchlist.identification_search")
+                                if x.get("search_id") == r.search_id])
+    assert records[0]["envelope"]["deployment_id"] == d.id
+    job = submit(clients, [lfw / photos[2]], deployment_id=d.id, investigation=True)
+    final = wait_job(clients, job.job_id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert [c.entry_id for c in results(clients, job.job_id)[0].candidates][:1] == [entry.entry_id]
+    with pytest.raises(grpc.RpcError) as info:
+        identify(clients, (lfw / photos[1]).read_bytes(), deployment_id="no-such-deployment")
+    assert info.value.code() == C.NOT_FOUND and "no-such-deployment" in info.value.details()
 
 
 def test_cancel_a_job_deletes_its_temporary_data(system, clients, data, gallery):

@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ef-sweep", default="", help="also measure these search efs on the same index, e.g. "
                         "512,1024,2048 (recall and latency of the real queries for each)")
     parser.add_argument("--batch", type=int, default=10_000, help="vectors per insert call (default 10000)")
-    parser.add_argument("--threads", type=int, default=2, help="threads while inserting (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="threads adding each batch to the graph (default 0: "
+                        "one per core, as the identification service does)")
     parser.add_argument("--dir", type=Path, default=None, help="index folder (default: a temporary one, removed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -84,7 +85,7 @@ def real_vectors(args) -> tuple[np.ndarray, np.ndarray, str, int]:
     if args.real_vectors and args.real_vectors.is_file():
         z = np.load(args.real_vectors)
         return z["gallery"], z["probes"], info.metric, info.dim
-    set_threads(args.threads)
+    set_threads(args.threads or os.cpu_count() or 1)
     root = data_dir(argparse.Namespace(data=args.data))
     split = metrics.open_set_split(list_identities(root))
     pipe = OursPipeline(mid, quiet=args.quiet)
@@ -182,7 +183,7 @@ def run(args) -> dict:
                       "connectivity": args.connectivity, "expansion_add": args.expansion_add, "ef": args.ef},
             "insert_per_s": round(args.size / insert_s, 1), "insert_s": round(insert_s, 1),
             "insert_cpu_s": round(insert_cpu_s, 1), "insert_per_cpu_s": round(args.size / insert_cpu_s, 1),
-            "threads": args.threads,
+            "threads": params.add_threads(),
             "save_s": round(save_s, 2),
         }
         kinds = {}
