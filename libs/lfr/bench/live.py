@@ -177,7 +177,9 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
         env["LFR_ALERT_STRONG_MARGIN"] = str(args.strong_margin)
     with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent], env=env or None) as system:
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
-        d = create_deployment(c, "bench", [CAMERA], threshold=getattr(args, "threshold", 0.0))
+        d = create_deployment(c, "bench", [CAMERA], threshold=getattr(args, "threshold", 0.0),
+                              threshold_reason="benchmark: pass rules compared at a lower threshold"
+                              if getattr(args, "threshold", 0.0) else "")
         with closed_on_failure(c, d.id):  # an error or Ctrl-C ends (and purges) the deployment
             enrolled = enroll(c, d.id, subjects)
             c.watchlist.StartDeployment(watchlist_pb2.TransitionRequest(deployment_id=d.id, actor="operator"))

@@ -19,13 +19,13 @@ DEMO_SITE = "demo site"
 
 
 def create_deployment(c: Clients, name: str, cameras: list[str], threshold: float = 0.0,
-                      actor: str = "builder", hours: float = 4.0) -> watchlist_pb2.Deployment:
+                      actor: str = "builder", hours: float = 4.0, threshold_reason: str = "") -> watchlist_pb2.Deployment:
     """A deployment whose window opens now and lasts `hours`."""
     now = time.time_ns()
     return c.watchlist.CreateDeployment(watchlist_pb2.CreateDeploymentRequest(
         name=name, purpose="demonstration", legal_basis="demonstration on public test data", site=DEMO_SITE,
         planned_start=events.ts_from_ns(now - 60 * 10**9), planned_end=events.ts_from_ns(now + int(hours * 3600e9)),
-        cameras=cameras, threshold=threshold, actor=actor), timeout=30)
+        cameras=cameras, threshold=threshold, actor=actor, threshold_reason=threshold_reason), timeout=30)
 
 
 def capture_date(path: Path) -> tuple[int, str]:

@@ -211,6 +211,7 @@ class YuNetDetector:
             # kept outside the module's children (not in its state, not moved by .to())
             object.__setattr__(self.model, "compiled", cpu_optimised(self.model, example))
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
+        from torchvision.ops import nms  # noqa: F401 - imported now (seconds), not at the first frame with 2 faces
         self.max_batch = 16
 
     # --- helpers ---------------------------------------------------------------------------------
