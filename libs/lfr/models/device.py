@@ -43,7 +43,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def cpu_optimised(model: torch.nn.Module, example: torch.Tensor):
     """A frozen TorchScript copy of ``model`` for CPU inference, with oneDNN convolutions
     (``torch.jit.optimize_for_inference``): the same outputs (within 1e-5 on SFace and YuNet) for less CPU per
-    image (docs/live-path.md). Traced from ``example``; batch size and image size may differ later. ``None`` where it cannot be
+    image (docs/benchmarks.md). Traced from ``example``; batch size and image size may differ later. ``None`` where it cannot be
     built or ``LFR_TORCH_JIT=0``: the caller then runs the module itself."""
     import os
     import warnings

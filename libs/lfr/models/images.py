@@ -173,7 +173,7 @@ def decode_frame(
 ) -> np.ndarray:
     """A camera frame (JPEG or PNG) as :func:`decode_image` gives it, faster: after the same header checks a JPEG
     is decoded by OpenCV's libjpeg-turbo straight into an array (less CPU than Pillow's decode and array copy;
-    measured in docs/live-path.md). Anything OpenCV cannot decode goes to :func:`decode_image`, for its precise refusal."""
+    measured in docs/benchmarks.md). Anything OpenCV cannot decode goes to :func:`decode_image`, for its precise refusal."""
     fmt, w, h = image_header(data, max_bytes, max_pixels, DEFAULT_MIN_SIDE)
     if fmt == "JPEG":
         import cv2
