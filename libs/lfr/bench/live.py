@@ -211,7 +211,12 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
                 det = scrape(system.endpoints()["metrics"]["detection"])
                 if metric_sum(det, "lfr_items_processed_total", stage="detect") + \
                         metric_sum(det, "lfr_items_dropped_total", stage="detect") >= frames_in:
-                    time.sleep(1.5)  # and through embedding and match
+                    time.sleep(1.5)  # and through embedding and match (their queues empty, when frames are kept long)
+                    while time.monotonic() < drain_until and any(
+                            metric_sum(scrape(system.endpoints()["metrics"][name]), "lfr_queue_depth", stage=stage)
+                            for name, stage in (("embedding", "embed"), ("match", "match"))):
+                        time.sleep(0.5)
+                    time.sleep(1.0)  # the batch in progress
                     break
             stats = c.match.GetStats(match_pb2.GetStatsRequest(deployment_id=d.id))
             deadline = time.monotonic() + 10
