@@ -47,7 +47,7 @@ class Config:
                                  "at LFR_DETECT_MAX_SIDE")
     detect_full_every: int = _opt(5, "live: one frame in this many per camera is detected at LFR_DETECT_MAX_SIDE")
     detection_batch: int = _opt(1, "frames per detector batch (more helps on a GPU; on a CPU it only adds latency)")
-    embedding_batch: int = _opt(8, "faces per embedder batch (frames are batched until their faces reach this)")
+    embedding_batch: int = _opt(4, "faces per embedder batch (frames are batched until their faces reach this)")
     flip: str = _opt("off", "test-time flip averaging in the embedding service: on, off, or model (the model's "
                      "default); on doubles the embedding cost")
     queue_size: int = _opt(8, "bounded queue per stage; the oldest item is dropped (and counted) when full")
