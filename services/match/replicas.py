@@ -142,9 +142,13 @@ class Replicas:
             seen: set[tuple[str, int]] = set()
             req = pb.StreamAlertsRequest()
             req.CopyFrom(request)
+            lost = False
             while True:
                 try:
                     async for a in stub.StreamAlerts(req, metadata=self.metadata(context)):
+                        if lost:
+                            lost = False
+                            self.log.info("match.replica_stream_back", replica=i)
                         key = (a.alert_id, a.revision)
                         if key in seen or (not request.from_start and a.updated_at.ToNanoseconds() < since):
                             continue
@@ -154,7 +158,9 @@ class Replicas:
                     if exc.code() not in _GONE and exc.code() != grpc.StatusCode.CANCELLED:
                         await queue.put(exc)
                         return
-                    self.log.warning("match.replica_stream_lost", replica=i, code=exc.code().name)
+                    if not lost:  # once per outage, not once per retry
+                        lost = True
+                        self.log.warning("match.replica_stream_lost", replica=i, code=exc.code().name)
                 await asyncio.sleep(1.0)
                 req.from_start = True  # what it raised while away (its outbox publishes after a restart)
 
