@@ -33,6 +33,9 @@ LOCAL = "lfr-replica-local"
 UNAVAILABLE_TRAILER = "lfr-unavailable-replicas"
 _OWNER = re.compile(r"^m(\d+)-")
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A peer that comes back is reached again within 2 s (gRPC's default reconnect backoff grows to 120 s)
+PEER_CHANNEL = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 def id_prefix(replica: int, replicas: int) -> str:
@@ -67,7 +70,7 @@ class Replicas:
         self.log = log
         targets = [t.strip() for t in config.match_peers.split(",") if t.strip()] if self.count > 1 else []
         self.targets = targets
-        self.peers = {i: match_pb2_grpc.MatchServiceStub(channel(t, config))
+        self.peers = {i: match_pb2_grpc.MatchServiceStub(channel(t, config, PEER_CHANNEL))
                       for i, t in enumerate(targets) if i != self.index}
 
     def owns(self, alert_id: str) -> bool:

@@ -4,8 +4,9 @@ subject partitioning puts on different replicas, a real video of enrolled people
 One alert per pass per person on each camera, alert ids that name their replica and never repeat, every alert in
 the audit; any replica answers for all alerts (lists, reviews, adjudication, the stream); the watchlist's vectors
 are in each replica's memory from the deployment's start to its end; a replica killed mid-stream stops only its
-own camera's alerts, and when it is back its camera alerts again and no alert it raised is missing from the
-durable stream or the audit; the supervisor restarts one replica alone."""
+own camera's alerts (its alerts wait for it: UNAVAILABLE), and when it is back its camera alerts again, its
+adjudication is still there, and no alert it raised is missing from the durable stream or the audit; the
+supervisor restarts one replica alone."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import signal
 import threading
 import time
 
+import grpc
 import pytest
 
 from lfr.cli.client import Clients
@@ -180,6 +182,10 @@ def test_a_lost_replica_stops_only_its_cameras_and_loses_no_alert(system, client
     threads = [stream(clients, d, cam, ground_truth, out) for cam in (cam0, cam1)]
     # replica 1 dies (SIGKILL) once it has raised an alert for its camera: whatever it wrote is in its book
     assert wait_for(lambda: any(alert_owner(a.alert_id) == 1 for a, _ in collector.alerts), timeout_s=30)
+    first = next(a for a, _ in collector.alerts if alert_owner(a.alert_id) == 1)
+    clients.match.Adjudicate(match_pb2.AdjudicateRequest(  # through replica 0, kept in replica 1's book
+        alert_id=first.alert_id, actor="pc-2", outcome=match_pb2.OUTCOME_FALSE_ALERT,
+        engagement=match_pb2.ENGAGEMENT_NO_ACTION, note="not the subject"))
     os.kill(system.pids()["match-1"], signal.SIGKILL)
     killed_ns = time.time_ns()
     for t in threads:
@@ -192,8 +198,23 @@ def test_a_lost_replica_stops_only_its_cameras_and_loses_no_alert(system, client
                if a.envelope.camera_id == cam0)
     assert not collector.error  # the stream went on without the lost replica
 
+    with pytest.raises(grpc.RpcError) as info:  # its alerts wait for it, and the refusal says why
+        clients.match.GetAlert(match_pb2.GetAlertRequest(alert_id=first.alert_id, actor="pc-2"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "match replica 1" in info.value.details()
     system.start_service("match-1")  # back (as the supervisor or Kubernetes would)
     system.wait_healthy(["match-1"], 120)
+    back = time.monotonic()
+
+    def review():
+        try:
+            return clients.match.GetAlert(match_pb2.GetAlertRequest(alert_id=first.alert_id, actor="pc-2"))
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return None
+
+    r = wait_for(review, timeout_s=10)  # replica 0 reaches it again (reconnect backoff at most 2 s)
+    assert r is not None and time.monotonic() - back < 5
+    assert r.adjudicated and r.adjudication.outcome == match_pb2.OUTCOME_FALSE_ALERT  # the adjudication survived
     # its camera alerts again, and the same stream (opened before the loss) carries those alerts
     before = set(latest(collector))
     stream_video(clients, d.id, cam1, str(ground_truth.video), fps=10, realtime=True)

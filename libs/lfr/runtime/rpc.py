@@ -7,10 +7,11 @@ import grpc
 from lfr.runtime.config import Config
 
 
-def channel(target: str, config: Config | None = None) -> grpc.aio.Channel:
-    """A service's channel to another service: mutual TLS with its own certificate (it calls as `service`)."""
+def channel(target: str, config: Config | None = None, options: tuple = ()) -> grpc.aio.Channel:
+    """A service's channel to another service: mutual TLS with its own certificate (it calls as `service`).
+    `options`: more gRPC channel arguments."""
     limit = config.max_message_bytes if config else 8 * 1024 * 1024
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), *options]
     if config is not None and config.tls_dir:
         from lfr.runtime.security import channel_credentials
 
