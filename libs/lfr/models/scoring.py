@@ -292,7 +292,8 @@ class ExactIndex:
             best[c] = sims if starts is None else np.maximum.reduceat(sims, starts, axis=1)
         scores = self.recipe.combine(best)
         k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # k = 1 (the live decision): an argmax costs far less than a partition over every entry
+        top = scores.argmax(1)[:, None] if k == 1 else np.argpartition(-scores, k - 1, axis=1)[:, :k]
         out = []
         for i in range(scores.shape[0]):
             order = top[i][np.argsort(-scores[i, top[i]], kind="stable")]
