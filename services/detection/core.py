@@ -94,7 +94,7 @@ def detect_images(engine, images: list[np.ndarray], max_side: int | Sequence[int
     for k, (image, (_, factor), faces) in enumerate(zip(images, small, found, strict=True)):
         faces = [f for f in (rescale_face(f, factor) for f in faces) if inter_eye_px(f) >= min_face_px]
         tracks = [0] * len(faces)
-        if select is not None and faces:
+        if select is not None:  # also for a frame without faces: the tracker counts the frames a face is missing
             chosen = [(f, t) for f, t in zip(faces, select(k, faces), strict=True) if t is not None]
             faces, tracks = [f for f, _ in chosen], [t for _, t in chosen]
         if factor != 1.0:

@@ -9,8 +9,10 @@ embedded so far on its track. The others are skipped and counted. Pure: no I/O; 
 
 Every track has an id, unique per camera while the process runs, sent with each face embedded from it: match
 counts faces seen per track (and splits a track whose embedded faces are of different people). A face that takes up
-a track not seen for more than `split_gap_s` (someone stepping into the place of someone who left) gets a new id:
-it is counted as a new face, and embedded at once.
+a track its face was missing from for more than `split_gap_s` and at least two processed frames (someone stepping
+into the place of someone who left; a stall of the frames themselves is no gap) gets a new id: it is counted as a new
+face, and embedded at once. A track's box is carried forward by its face's speed before it is compared (a face
+crossing the picture at 10 fps moves most of its width between frames).
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ class _Track:
     last_embedded: float
     best: float
     track_id: int = 0
+    vx: float = 0.0  # speed of the box's centre, px/s
+    vy: float = 0.0
+    missed: int = 0  # processed frames of its camera since its face was last in one
+
+    def at(self, t: float) -> Box:
+        """Where its box would be at `t`, at its last speed (for at most a second)."""
+        dt = min(max(0.0, t - self.last_seen), 1.0)
+        x1, y1, x2, y2 = self.box
+        return (x1 + self.vx * dt, y1 + self.vy * dt, x2 + self.vx * dt, y2 + self.vy * dt)
+
+    def moved(self, box: Box, t: float) -> None:
+        dt = t - self.last_seen
+        if dt > 0:
+            vx = ((box[0] + box[2]) - (self.box[0] + self.box[2])) / 2 / dt
+            vy = ((box[1] + box[3]) - (self.box[1] + self.box[3])) / 2 / dt
+            self.vx, self.vy = (vx, vy) if self.vx == self.vy == 0.0 else ((self.vx + vx) / 2, (self.vy + vy) / 2)
+        self.box, self.last_seen, self.missed = box, max(self.last_seen, t), 0
 
 
 class FaceSampler:
@@ -43,7 +62,7 @@ class FaceSampler:
         """For the faces of one frame of camera `key` captured at `t` (seconds): embed this face or not (every
         face when `interval_s` is 0). Their track ids are in `ids` after the call."""
         tracks = [tr for tr in self.tracks.get(key, []) if t - tr.last_seen <= self.expire_s]
-        pairs = sorted(((iou(b, tr.box), i, j) for i, b in enumerate(boxes) for j, tr in enumerate(tracks)),
+        pairs = sorted(((self._overlap(b, tr, t), i, j) for i, b in enumerate(boxes) for j, tr in enumerate(tracks)),
                        reverse=True)
         owner: dict[int, int] = {}
         taken: set[int] = set()
@@ -65,21 +84,39 @@ class FaceSampler:
                 self.ids.append(self._next_id)
                 continue
             tr = tracks[j]
-            if t - tr.last_seen > self.split_gap_s:  # back after a gap: maybe someone else; a new face seen
+            if t - tr.last_seen > self.split_gap_s and tr.missed >= 2:  # back after a gap: maybe someone else
                 self.new += 1
                 self._next_id += 1
                 tr.track_id, tr.last_embedded, tr.best = self._next_id, t - self.interval_s, q
             self.ids.append(tr.track_id)
             embed = self.interval_s <= 0 or t - tr.last_embedded >= self.interval_s - 1e-3 or q > tr.best * self.better
-            tr.box, tr.last_seen = box, max(tr.last_seen, t)
+            tr.moved(box, t)
             if embed:
                 tr.last_embedded, tr.best = t, max(tr.best, q)
             keep.append(embed)
+        for j, tr in enumerate(tracks):
+            if j not in taken and tr.last_seen < t:
+                tr.missed += 1
         if tracks:
             self.tracks[key] = tracks
         else:
             self.tracks.pop(key, None)
         return keep
+
+    def _overlap(self, box: Box, tr: _Track, t: float) -> float:
+        """Box overlap with the track where it was, or where its speed would have taken it. Failing that, a face of
+        the track's size whose centre is within one face width of where the track's speed puts it (a face seen once
+        has no speed yet; one coming out from behind something was tracked with a shrinking box) is taken too,
+        scored at `min_iou`, after every real overlap."""
+        ahead = tr.at(t)
+        o = max(iou(box, tr.box), iou(box, ahead))
+        if o < self.min_iou:
+            w, w2 = ahead[2] - ahead[0], box[2] - box[0]
+            dx = (box[0] + box[2] - ahead[0] - ahead[2]) / 2
+            dy = (box[1] + box[3] - ahead[1] - ahead[3]) / 2
+            if w > 0 and 2 / 3 <= w2 / w <= 1.5 and dx * dx + dy * dy <= w * w:
+                return self.min_iou
+        return o
 
     def forget(self, older_than: float) -> None:
         """Drop every track last seen before `older_than` (a camera that went quiet leaves nothing behind)."""

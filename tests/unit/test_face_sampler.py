@@ -57,6 +57,29 @@ def test_track_ids_and_a_face_back_after_a_gap_is_a_new_face():
     assert s.ids == [1, 2] and s.new == 2
     assert s.select("cam", 0.1, [walk(102), walk(602)], [30.0, 30.0]) == [False, False] and s.ids == [1, 2]
     assert s.select("cam", 0.4, [walk(104)], [30.0]) == [True] and s.ids == [1] and s.new == 0  # on schedule
-    # the place at 600 was empty for 0.6 s (> split_gap_s): the face there now is a new one, embedded at once
-    assert s.select("cam", 0.7, [walk(106), walk(600)], [30.0, 30.0]) == [True, True]
+    s.select("cam", 0.55, [walk(106)], [30.0])
+    # the place at 600 was empty for 0.6 s (> split_gap_s) in two frames: the face there now is a new one, embedded
+    assert s.select("cam", 0.7, [walk(108), walk(600)], [30.0, 30.0]) == [True, True]
     assert s.ids == [1, 3] and s.new == 1
+    # no frames at all for 0.6 s (a stall of the camera or of the pipeline) is no gap: the same faces, not new ones
+    s.select("cam", 1.3, [walk(110), walk(600)], [30.0, 30.0])
+    assert s.ids == [1, 3] and s.new == 0
+
+
+def test_a_fast_face_stays_one_track():
+    """At 10 fps a face crossing quickly moves most of its width between frames (box overlap under min_iou): its box
+    is carried forward by its speed, so it stays one track (one face seen, embedded at the interval)."""
+    s = FaceSampler(interval_s=0.3, expire_s=1.0)
+    for k in range(20):
+        s.select("cam", k / 10, [walk(40 * k)], [30.0])  # 40 px a frame, a 60 px box: overlap 0.2 frame to frame
+        assert s.ids == [1], k
+
+
+def test_frames_without_faces_count_as_a_gap():
+    """The ground-truth video's case: one face, 0.5 s of empty frames, another face in the same place: a new face."""
+    s = FaceSampler(interval_s=0.3, expire_s=1.0, split_gap_s=0.4)
+    s.select("cam", 0.0, [walk(100)], [30.0])
+    for k in range(1, 6):
+        assert s.select("cam", k / 10, [], []) == [] and s.ids == []
+    s.select("cam", 0.6, [walk(100)], [30.0])
+    assert s.ids == [2] and s.new == 1
