@@ -183,7 +183,8 @@ class IdentificationService(Service):
         if moved:
             self.log.info("identification.migrated", moved=moved, to=str(folder))
         folder.mkdir(parents=True, exist_ok=True)
-        params = IndexParams(connectivity=cfg.gallery_connectivity, expansion_search=cfg.gallery_ef)
+        params = IndexParams(connectivity=cfg.gallery_connectivity, expansion_add=cfg.gallery_expansion_add,
+                             expansion_search=cfg.gallery_ef)
         qdrant = None
         if cfg.qdrant_url:  # a Qdrant server: one collection per gallery and component (lfr.galleryindex)
             from qdrant_client import QdrantClient

@@ -103,6 +103,8 @@ class Config:
     gallery_connectivity: int = _opt(48, "gallery index (embedded HNSW): graph degree, fixed when a gallery's index "
                                      "is first built; more = better recall, slower inserts")
     gallery_ef: int = _opt(1536, "gallery index: candidates examined per search; more = better recall, slower")
+    gallery_expansion_add: int = _opt(128, "gallery index: candidates examined while adding a vector to the graph; "
+                                      "fewer = a faster build, a slightly worse graph (lfr bench gallery)")
     job_fps: float = _opt(2.0, "retrospective jobs: default video sampling rate (frames per second examined)")
     job_batch: int = _opt(8, "retrospective jobs: frames per batch sent through detection and embedding")
     grace_s: float = _opt(5.0, "graceful shutdown: seconds for in-flight RPCs")
@@ -209,7 +211,7 @@ class Config:
             raise ConfigError("LFR_FRAME_ENCODING: must be raw or jpeg")
         if self.flip not in ("on", "off", "model"):
             raise ConfigError("LFR_FLIP: must be on, off or model")
-        for name in ("gallery_connectivity", "gallery_ef", "job_batch"):
+        for name in ("gallery_connectivity", "gallery_ef", "gallery_expansion_add", "job_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if not 0 < self.job_fps <= 30:
