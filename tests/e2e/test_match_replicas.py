@@ -201,9 +201,13 @@ def test_a_lost_replica_stops_only_its_cameras_and_loses_no_alert(system, client
     with pytest.raises(grpc.RpcError) as info:  # its alerts wait for it, and the refusal says why
         clients.match.GetAlert(match_pb2.GetAlertRequest(alert_id=first.alert_id, actor="pc-2"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "match replica 1" in info.value.details()
+    loaded = len(log_events(system, "match-1", "match.watchlist_loaded", d.id))
     system.start_service("match-1")  # back (as the supervisor or Kubernetes would)
     system.wait_healthy(["match-1"], 120)
     back = time.monotonic()
+    # the restarted replica loaded the live watchlist at its start, before its camera's next frame
+    assert wait_for(lambda: len(log_events(system, "match-1", "match.watchlist_loaded", d.id)) == loaded + 1,
+                    timeout_s=15)
 
     def review():
         try:
