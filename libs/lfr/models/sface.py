@@ -156,8 +156,20 @@ def warp_affine_bilinear(image: np.ndarray, m: np.ndarray, size: tuple[int, int]
 
 
 def sface_chip(image: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
-    """The 112×112 RGB uint8 chip ``cv2.FaceRecognizerSF.alignCrop`` cuts for these YuNet landmarks."""
-    return warp_affine_bilinear(image, sface_transform(landmarks5), (CHIP_SIZE, CHIP_SIZE))
+    """The 112×112 RGB uint8 chip ``cv2.FaceRecognizerSF.alignCrop`` cuts for these YuNet landmarks: the warp by
+    OpenCV's own ``warpAffine`` where it is installed (what :func:`warp_affine_bilinear` reproduces, pixel for pixel,
+    in a fraction of the time: it is on the live path for every face embedded), else the numpy one."""
+    m = sface_transform(landmarks5)
+    img = np.asarray(image)
+    if img.dtype == np.uint8 and img.ndim == 3:
+        try:
+            import cv2
+        except ImportError:
+            cv2 = None
+        if cv2 is not None:
+            return cv2.warpAffine(np.ascontiguousarray(img), m, (CHIP_SIZE, CHIP_SIZE), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return warp_affine_bilinear(img, m, (CHIP_SIZE, CHIP_SIZE))
 
 
 # ------------------------------------------------------------------------------------------------
