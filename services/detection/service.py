@@ -49,7 +49,7 @@ class DetectionService(Service):
         self.log.info("models.built", **self.engine.built())
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
-        self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000)
+        self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000, max_per_s=cfg.live_embed_max_per_s)
         self.frame_counts: dict[tuple[str, str], int] = {}  # per camera: frames since its last full-scale look
         self.skipped = metrics.SKIPPED.labels(self.name, "tracked")
         rt.add_servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(self),

@@ -50,9 +50,10 @@ class _Track:
 
 class FaceSampler:
     def __init__(self, interval_s: float = 0.3, expire_s: float = 1.0, min_iou: float = 0.3, better: float = 1.25,
-                 split_gap_s: float = 0.4):
+                 split_gap_s: float = 0.4, max_per_s: float = 0.0):
         self.interval_s, self.expire_s, self.min_iou, self.better = interval_s, expire_s, min_iou, better
         self.split_gap_s = split_gap_s
+        self.max_per_s = max_per_s  # a crowd: tracked faces re-embedded at most this often a second per camera
         self.tracks: dict[object, list[_Track]] = {}
         self.new = 0  # faces of the last `select` that started a track (a face not seen in the frames before)
         self.ids: list[int] = []  # the track id of each face of the last `select`
@@ -72,6 +73,9 @@ class FaceSampler:
             if i not in owner and j not in taken:
                 owner[i] = j
                 taken.add(j)
+        # In a crowd the interval grows so the camera's tracked faces are re-embedded at most `max_per_s` times a
+        # second together (a face new to the camera is always embedded at once)
+        interval = max(self.interval_s, len(tracks) / self.max_per_s) if self.max_per_s > 0 else self.interval_s
         keep = []
         self.new, self.ids = 0, []
         for i, (box, q) in enumerate(zip(boxes, qualities, strict=True)):
@@ -89,7 +93,7 @@ class FaceSampler:
                 self._next_id += 1
                 tr.track_id, tr.last_embedded, tr.best = self._next_id, t - self.interval_s, q
             self.ids.append(tr.track_id)
-            embed = self.interval_s <= 0 or t - tr.last_embedded >= self.interval_s - 1e-3 or q > tr.best * self.better
+            embed = self.interval_s <= 0 or t - tr.last_embedded >= interval - 1e-3 or q > tr.best * self.better
             tr.moved(box, t)
             if embed:
                 tr.last_embedded, tr.best = t, max(tr.best, q)

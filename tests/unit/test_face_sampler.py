@@ -83,3 +83,15 @@ def test_frames_without_faces_count_as_a_gap():
         assert s.select("cam", k / 10, [], []) == [] and s.ids == []
     s.select("cam", 0.6, [walk(100)], [30.0])
     assert s.ids == [2] and s.new == 1
+
+
+def test_in_a_crowd_tracked_faces_are_re_embedded_less_often_new_faces_at_once():
+    """#14 item 4: 20 faces in view with max_per_s 20: each re-embedded about once a second (not every 0.3 s), so
+    the camera's re-embeddings stay near 20 a second; a face new to the camera is embedded at once."""
+    s = FaceSampler(interval_s=0.3, max_per_s=20.0)
+    crowd = [(100.0 * k, 100.0, 100.0 * k + 60, 170.0) for k in range(20)]
+    embedded = sum(sum(s.select("cam", i / 25, crowd, [30.0] * 20)) for i in range(50))  # 2 s at 25 fps
+    assert 20 + 20 <= embedded <= 20 + 2 * 20 + 2, embedded  # first sight + about one a second each
+    assert s.select("cam", 2.0, crowd + [(100.0, 600.0, 160.0, 670.0)], [30.0] * 21)[-1] is True
+    few = FaceSampler(interval_s=0.3, max_per_s=20.0)  # two faces: the interval stays 0.3 s
+    assert sum(sum(few.select("cam", i / 25, crowd[:2], [30.0] * 2)) for i in range(50)) >= 2 * 6

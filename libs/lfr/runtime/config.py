@@ -59,6 +59,9 @@ class Config:
     live_embed_interval_ms: float = _opt(300.0, "live: a face tracked from frame to frame (by box overlap, per "
                                          "camera) is embedded at most this often, or sooner when clearly better; "
                                          "0 = embed every face of every frame")
+    live_embed_max_per_s: float = _opt(20.0, "live: in a crowd, a camera's tracked faces are re-embedded at most "
+                                       "this often a second together (LFR_LIVE_EMBED_INTERVAL_MS grows with the "
+                                       "faces in view; a new face is always embedded at once); 0 = no limit")
     min_face_px: float = _opt(16.0, "faces with a smaller inter-eye distance (px) are not embedded or matched live")
     detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
     embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
@@ -190,6 +193,8 @@ class Config:
                      "alert_sweep_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
+        if self.live_embed_max_per_s < 0:
+            raise ConfigError("LFR_LIVE_EMBED_MAX_PER_S: must be 0 or more")
         if self.live_embed_interval_ms < 0:
             raise ConfigError("LFR_LIVE_EMBED_INTERVAL_MS: must be 0 or more")
         if self.alert_min_frames < 1:
