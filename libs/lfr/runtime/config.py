@@ -76,10 +76,10 @@ class Config:
     stream_replicas: int = _opt(1, "JetStream replicas of the platform's durable streams (3 on a 3-node cluster)")
     stats_interval_s: float = _opt(2.0, "how often match publishes its counters")
     track_gap_s: float = _opt(1.5, "a pass ends when its tracked face has not been matched for this long")
-    alert_min_frames: int = _opt(1, "a pass raises its alert once this many of its frames match the same entry "
-                                 "(1 = the first matching frame raises: the per-frame rule, which did better on "
-                                 "the generated walk-by suite, see issue 14)")
-    alert_strong_margin: float = _opt(0.1, "... or at once when one frame scores this far above the threshold "
+    alert_min_frames: int = _opt(2, "a pass raises its alert once this many of its frames match the same entry "
+                                 "(1 = the first matching frame raises: the per-frame rule; the rules are "
+                                 "compared on the walk-by suite in docs/benchmarks.md)")
+    alert_strong_margin: float = _opt(0.08, "... or at once when one frame scores this far above the threshold "
                                       "(0 = never)")
     realert_window_s: float = _opt(120.0, "a watchlist entry raises no new alert in a deployment until it has gone "
                                    "unseen this long; sightings within the window update its open alert")
