@@ -54,31 +54,6 @@ def migrate_from_watchlist(state_dir: Path, folder: Path) -> list[str]:
     return moved
 
 
-def _ns(ts, field: str = "captured_at") -> int:
-    """A request's timestamp in ns (0 when unset); one outside years 1-9999 is refused, never an internal error."""
-    try:
-        return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
-    except ValueError:
-        raise Refused("INVALID_ARGUMENT", f"{field}: not a valid time (years 0001 to 9999 UTC)") from None
-
-
-def _images_captured(request) -> list[int]:
-    """Checks a request's ``images`` (at least one, at most the per-request limit) and returns their capture
-    dates from ``captured_at``: none, one for all, or one per image."""
-    n = len(request.images)
-    if not n:
-        raise Refused("INVALID_ARGUMENT", "at least one image is required")
-    limits.check_count(n, limits.MAX_IMAGES_PER_REQUEST, "images")
-    stamps = request.captured_at
-    if not stamps:
-        return [0] * n
-    if len(stamps) == 1:
-        return [_ns(stamps[0])] * n
-    if len(stamps) == n:
-        return [_ns(t) for t in stamps]
-    raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
-
-
 def _provenance(request) -> None:
     """Images held outside a deployment must say whose, from where and on what basis."""
     if not _SUBJECT_REF.match(request.subject_ref or ""):
@@ -109,7 +84,7 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
     @refusals
     async def AddGalleryImages(self, request, context):
         _provenance(request)
-        captured = _images_captured(request)
+        captured = limits.images_captured(request)
         return await self.work.add_gallery_images(request, captured)
 
     @refusals

@@ -83,31 +83,6 @@ def _ts(ns: int) -> Timestamp:
     return events.ts_from_ns(ns) if ns else Timestamp()
 
 
-def _ns(ts: Timestamp, field: str = "captured_at") -> int:
-    """A request's timestamp in ns (0 when unset); one outside years 1-9999 is refused, never an internal error."""
-    try:
-        return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
-    except ValueError:
-        raise Refused("INVALID_ARGUMENT", f"{field}: not a valid time (years 0001 to 9999 UTC)") from None
-
-
-def _images_captured(request) -> list[int]:
-    """Checks a request's ``images`` (at least one, at most the per-request limit) and returns their capture
-    dates from ``captured_at``: none, one for all, or one per image."""
-    n = len(request.images)
-    if not n:
-        raise Refused("INVALID_ARGUMENT", "at least one image is required")
-    limits.check_count(n, limits.MAX_IMAGES_PER_REQUEST, "images")
-    stamps = request.captured_at
-    if not stamps:
-        return [0] * n
-    if len(stamps) == 1:
-        return [_ns(stamps[0])] * n
-    if len(stamps) == n:
-        return [_ns(t) for t in stamps]
-    raise Refused("INVALID_ARGUMENT", "captured_at: give none, one for all images, or one per image")
-
-
 def _images_faces(request) -> list[int]:
     """The face to enroll in each image (``face``: none, one for all, or one per image; 1-based, 0 = the
     policy decides)."""
@@ -233,7 +208,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     async def EnrollEntry(self, request, context):
         d = await self.svc.current(request.deployment_id)
         self._entry_fields(request.subject_ref, request.category)
-        captured = _images_captured(request)
+        captured = limits.images_captured(request)
         return await self.svc.enroll(
             d.id, subject_ref=request.subject_ref, category=request.category, source_system=request.source_system,
             legal_basis=request.legal_basis, images=list(request.images), captured=captured,
@@ -273,7 +248,7 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     @refusals
     async def AddReference(self, request, context):
         self._provenance(request)
-        captured = _images_captured(request)
+        captured = limits.images_captured(request)
         return await self.svc.add_reference(request, captured)
 
     async def ListReferences(self, request, context):
@@ -454,7 +429,7 @@ class WatchlistService(Service):
             else ((site.latitude, site.longitude) if site else (0.0, 0.0))
         d = DeploymentRecord(
             id=events.new_id()[:16], name=req.name, purpose=req.purpose, site=site.name if site else req.site.strip(),
-            planned_start_ns=_ns(req.planned_start, "planned_start"), planned_end_ns=_ns(req.planned_end, "planned_end"),
+            planned_start_ns=limits.timestamp_ns(req.planned_start, "planned_start"), planned_end_ns=limits.timestamp_ns(req.planned_end, "planned_end"),
             cameras=tuple(req.cameras), threshold=threshold, model_id=model.model_id,
             model_version=model.model_version, created_by=req.actor, created_at_ns=self.now_ns(),
             legal_basis=req.legal_basis, site_lat=lat, site_lon=lon, site_approved=site is not None,

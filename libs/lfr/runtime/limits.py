@@ -80,6 +80,31 @@ def check_count(n: int, limit: int, what: str) -> None:
         raise InputTooLarge(f"{n} {what} in one request; at most {limit} are accepted")
 
 
+def timestamp_ns(ts, field: str = "captured_at") -> int:
+    """A request's timestamp in ns (0 when unset); one outside years 1-9999 is refused, never an internal error."""
+    try:
+        return ts.ToNanoseconds() if ts.seconds or ts.nanos else 0
+    except ValueError:
+        raise Invalid(f"{field}: not a valid time (years 0001 to 9999 UTC)") from None
+
+
+def images_captured(request) -> list[int]:
+    """Checks a request's ``images`` (at least one, at most the per-request limit) and returns their capture
+    dates from ``captured_at``: none, one for all, or one per image."""
+    n = len(request.images)
+    if not n:
+        raise Invalid("at least one image is required")
+    check_count(n, MAX_IMAGES_PER_REQUEST, "images")
+    stamps = request.captured_at
+    if not stamps:
+        return [0] * n
+    if len(stamps) == 1:
+        return [timestamp_ns(stamps[0])] * n
+    if len(stamps) == n:
+        return [timestamp_ns(t) for t in stamps]
+    raise Invalid("captured_at: give none, one for all images, or one per image")
+
+
 def check_image_bytes(data: bytes, config: Config, what: str = "image") -> None:
     """The encoded size, before anything is parsed (LFR_MAX_IMAGE_BYTES)."""
     if not data:
