@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from lfr.runtime.paths import data_dir
+
+# Tests stop the processes they start with Ctrl-C (SIGINT) as a person at a terminal would. A shell starts a
+# background job (`pytest ... &`, nohup) with SIGINT ignored, and every child inherits that, so such a run saw
+# `lfr alerts watch` and a demo's cleanup ignore the signal: the suite's own process takes Ctrl-C as usual.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 
