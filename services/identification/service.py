@@ -5,7 +5,8 @@ resumed after a restart), against a gallery or a deployment's watchlist.
 It owns its stores under `<state>/identification/` (gallery metadata and images, the gallery indexes, the jobs'
 records and results) and asks the other services for the rest over gRPC: detection and embedding for faces and
 vectors, the watchlist service for a deployment (GetDeployment, Search). The gRPC servicer only checks request
-fields and maps refusals to statuses; the work is in `runner.py` over the pure cores (`identify.py`, `jobs.py`).
+fields (a refusal becomes its status in the shared ErrorInterceptor); the work is in `runner.py` over the pure
+cores (`identify.py`, `jobs.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import re
 import shutil
 import time
-from functools import wraps
 from pathlib import Path
 
 from lfr.errors import Refused
@@ -64,37 +64,21 @@ def _provenance(request) -> None:
             raise Refused("INVALID_ARGUMENT", f"{name} is required")
 
 
-def refusals(method):
-    """gRPC adapter: a Refused, or refused input (`lfr.runtime.limits`), becomes its status and message."""
-
-    @wraps(method)
-    async def inner(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (Refused, limits.InputError) as exc:
-            await abort(context, exc.code, exc.message)
-
-    return inner
-
-
 class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServicer):
     def __init__(self, work: Identification):
         self.work = work
 
-    @refusals
     async def AddGalleryImages(self, request, context):
         _provenance(request)
         captured = limits.images_captured(request)
         return await self.work.add_gallery_images(request, captured)
 
-    @refusals
     async def FindGalleryImages(self, request, context):
         limits.check_count(len(request.sha256), limits.MAX_DIGESTS_PER_REQUEST, "digests")
         g = self.work.gallery(request.gallery)
         present = self.work.store.known_sha256(g.name, list(request.sha256))
         return pb.FindGalleryImagesResponse(present=[x for x in request.sha256 if x in present])
 
-    @refusals
     async def GetGallery(self, request, context):
         return self.work.gallery_pb(self.work.gallery(request.gallery))
 
@@ -102,22 +86,18 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
         w = self.work
         return pb.ListGalleriesResponse(galleries=[w.gallery_pb(w.store.get(n)) for n in w.store.names()])
 
-    @refusals
     async def Identify(self, request, context):
         error = validate_identify(request)
         if error:
             raise Refused("INVALID_ARGUMENT", error)
         return await self.work.identify(request)
 
-    @refusals
     async def ReembedGallery(self, request, context):
         return await self.work.reembed_gallery(request)
 
-    @refusals
     async def SubmitJob(self, request, context):
         return await self.work.submit(request)
 
-    @refusals
     async def GetJob(self, request, context):
         return self.work.job_pb(self.work.get_job(request.job_id))
 
@@ -140,7 +120,6 @@ class IdentificationServicer(identification_pb2_grpc.IdentificationServiceServic
                 return
             await asyncio.sleep(0.25)
 
-    @refusals
     async def CancelJob(self, request, context):
         return await self.work.cancel(request.job_id, request.actor, request.reason)
 

@@ -2,7 +2,7 @@
 policy and quality gate, authorisation, the sweeper (automatic end, purge), and search. (Galleries,
 operator-initiated identification and retrospective jobs are the identification service's.)
 
-The gRPC servicer only checks request fields and maps refusals to statuses; the decisions are in the pure
+The gRPC servicer only checks request fields (a refusal becomes its status in the shared ErrorInterceptor); the decisions are in the pure
 core (`core.py`, `policy.py`). Every decision is published as a durable event (lifecycle or watchlist).
 """
 
@@ -15,7 +15,6 @@ import re
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
-from functools import wraps
 from pathlib import Path
 
 import grpc
@@ -39,7 +38,6 @@ from lfr.runtime import clock, events, limits, subjects
 from lfr.runtime.config import ConfigError
 from lfr.runtime.faces import EmbeddingUnavailable, FaceStages, model_mismatch
 from lfr.runtime.outbox import Outbox
-from lfr.runtime.rpc import abort
 from lfr.runtime.security import caller_name
 from lfr.runtime.service import Runtime, Service
 from lfr.vectorindex import VectorIndex, collection_name
@@ -123,26 +121,11 @@ def entry_pb(e: EntryRecord) -> pb.Entry:
                               face=i.face, face_choice=i.face_choice) for i in e.images])
 
 
-def refusals(method):
-    """gRPC adapter: a Refused from the core, or refused input (`lfr.runtime.limits`), becomes its status and
-    message."""
-
-    @wraps(method)
-    async def inner(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (Refused, limits.InputError) as exc:
-            await abort(context, exc.code, exc.message)
-
-    return inner
-
-
 class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
     def __init__(self, svc: WatchlistService):
         self.svc = svc
 
     # Deployments -----------------------------------------------------------------------------------
-    @refusals
     async def CreateDeployment(self, request, context):
         model = await self.svc.model()
         error, threshold = validate_new_deployment(request, self.svc.recipe(model))
@@ -151,7 +134,6 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
             raise Refused("INVALID_ARGUMENT", error)
         return await self.svc.create(request, threshold, model)
 
-    @refusals
     async def GetDeployment(self, request, context):
         return self.svc.deployment_pb(await self.svc.current(request.deployment_id))
 
@@ -161,25 +143,20 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
             out.append(self.svc.deployment_pb(await self.svc.current(d.id)))
         return pb.ListDeploymentsResponse(deployments=out)
 
-    @refusals
     async def AuthoriseDeployment(self, request, context):
         return await self.svc.authorise(request.deployment_id, request.actor, request.watchlist_digest)
 
-    @refusals
     async def StartDeployment(self, request, context):
         if request.urgent:
             return await self.svc.start_urgent(request.deployment_id, request.actor, request.rank, request.reason)
         return await self.svc.start_deployment(request.deployment_id, request.actor)
 
-    @refusals
     async def EndDeployment(self, request, context):
         return await self.svc.end(request.deployment_id, request.actor, request.reason or "ended by an officer")
 
-    @refusals
     async def CancelDeployment(self, request, context):
         return await self.svc.cancel(request.deployment_id, request.actor, request.reason or "cancelled")
 
-    @refusals
     async def ReembedWatchlist(self, request, context):
         return await self.svc.reembed(request.deployment_id, request.actor)
 
@@ -204,7 +181,6 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         if category not in pb.Category.values():
             raise Refused("INVALID_ARGUMENT", f"unknown category {category}")
 
-    @refusals
     async def EnrollEntry(self, request, context):
         d = await self.svc.current(request.deployment_id)
         self._entry_fields(request.subject_ref, request.category)
@@ -214,7 +190,6 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
             legal_basis=request.legal_basis, images=list(request.images), captured=captured,
             under_18=request.under_18, actor=request.actor, faces=_images_faces(request))
 
-    @refusals
     async def AddFromReference(self, request, context):
         d = await self.svc.current(request.deployment_id)
         if not request.subject_refs:
@@ -227,11 +202,9 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
                                                          request.actor))
         return pb.AddFromReferenceResponse(entries=out)
 
-    @refusals
     async def RemoveEntry(self, request, context):
         return await self.svc.remove_entry(request.deployment_id, request.entry_id, request.actor, request.reason)
 
-    @refusals
     async def ListEntries(self, request, context):
         d = await self.svc.current(request.deployment_id)
         entries = self.svc.meta.entries(d.id)
@@ -239,13 +212,11 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
                                       purged_at=_ts(d.purged_at_ns),
                                       watchlist_digest=composition_digest(d, entries))
 
-    @refusals
     async def GetEntryImages(self, request, context):
         return await self.svc.entry_images(request.deployment_id, request.entry_id,
                                            request.actor.strip() or caller_name(), context.peer() or "")
 
     # Reference collection --------------------------------------------------------------------------
-    @refusals
     async def AddReference(self, request, context):
         self._provenance(request)
         captured = limits.images_captured(request)
@@ -267,7 +238,6 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         return pb.Policy(version=p.version, digest=p.digest, json=p.canonical_json)
 
     # Search ----------------------------------------------------------------------------------------
-    @refusals
     async def Search(self, request, context):
         d = await self.svc.current(request.deployment_id)
         if not request.probes:
@@ -279,7 +249,6 @@ class WatchlistServicer(watchlist_pb2_grpc.WatchlistServiceServicer):
         results = await self.svc.search(d, list(request.probes), k)
         return pb.SearchResponse(results=results, model_id=d.model_id, model_version=d.model_version)
 
-    @refusals
     async def GetWatchlistVectors(self, request, context):
         d = await self.svc.current(request.deployment_id)
         if d.status != ACTIVE:
