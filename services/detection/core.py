@@ -10,10 +10,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from lfr.models.images import decode_frame, i420_to_rgb
+from lfr.models.images import ImageError, decode_frame, i420_to_rgb
 from lfr.models.quality import face_quality
 from lfr.models.types import Face
 from lfr.pb import common_pb2, detection_pb2, ingest_pb2
+from lfr.runtime import framering
 
 
 def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -27,9 +28,25 @@ def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     return small, w / small.shape[1]
 
 
-def frame_image(frame: ingest_pb2.FrameEvent, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """A frame event's pixels (RGB): its I420 planes as ingest decoded them, else its JPEG or PNG. Raises
-    `lfr.models.images.ImageError`."""
+def frame_image(frame: ingest_pb2.FrameEvent, max_bytes: int, max_pixels: int,
+                rings: framering.RingReader | None = None) -> np.ndarray:
+    """A frame event's pixels (RGB): its I420 planes as ingest decoded them (in a shared-memory ring, read with
+    `rings`, or in the event), else its JPEG or PNG. Raises `lfr.models.images.ImageError` (reason "gone": the
+    ring's slot was overwritten or released before it was read)."""
+    if frame.HasField("shared"):
+        ref = frame.shared
+        if rings is None:
+            raise ImageError("unreachable", "a shared-memory frame, and this process reads no frame rings")
+        try:
+            rgb = rings.read(framering.FrameRef(ref.ring, ref.slot, ref.seq, ref.size),
+                             lambda planes: i420_to_rgb(planes, frame.width, frame.height, max_pixels))
+        except (ValueError, OSError) as exc:  # ImageError is a ValueError: a bad reference or bad planes
+            if isinstance(exc, ImageError):
+                raise
+            raise ImageError("unreachable", f"frame ring {ref.ring[:40]!r}: {type(exc).__name__}") from None
+        if rgb is None:
+            raise ImageError("gone", "the frame's slot was overwritten or its ring closed before it was read")
+        return rgb
     if frame.i420:
         return i420_to_rgb(frame.i420, frame.width, frame.height, max_pixels)
     return decode_frame(frame.image, max_bytes, max_pixels)

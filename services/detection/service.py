@@ -11,7 +11,7 @@ from lfr.detection.tracks import FaceSampler
 from lfr.models.images import ImageError
 from lfr.pb import detection_pb2 as pb
 from lfr.pb import detection_pb2_grpc, ingest_pb2
-from lfr.runtime import events, limits, metrics, subjects
+from lfr.runtime import events, framering, limits, metrics, subjects
 from lfr.runtime.rpc import abort
 from lfr.runtime.service import Runtime, Service
 from lfr.runtime.stage import BUDGET_SHARE, Stage
@@ -49,7 +49,9 @@ class DetectionService(Service):
         self.log.info("models.built", **self.engine.built())
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
-        self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000, max_per_s=cfg.live_embed_max_per_s)
+        self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000, max_per_s=cfg.live_embed_max_per_s,
+                                   follow=cfg.alert_min_frames - 1, follow_s=cfg.live_embed_follow_ms / 1000)
+        self.rings = framering.RingReader()  # frames ingest put in shared memory (LFR_FRAME_ENCODING=shm)
         self.frame_counts: dict[tuple[str, str], int] = {}  # per camera: frames since its last full-scale look
         self.skipped = metrics.SKIPPED.labels(self.name, "tracked")
         rt.add_servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(self),
@@ -90,10 +92,10 @@ class DetectionService(Service):
         images, kept = [], []
         for f in frames:
             try:
-                images.append(frame_image(f, cfg.max_image_bytes, cfg.max_image_pixels))
+                images.append(frame_image(f, cfg.max_image_bytes, cfg.max_image_pixels, self.rings))
                 kept.append(f)
-            except ImageError:
-                self.stage._drop(f, "bad_image")
+            except ImageError as exc:
+                self.stage._drop(f, exc.reason if exc.reason in ("gone", "unreachable") else "bad_image")
         if not images:
             return kept, [], []
         counts = [(0, 0)] * len(images)  # per frame: faces detected, faces new (faces seen)
@@ -128,3 +130,5 @@ class DetectionService(Service):
             await self.sub.unsubscribe()
             await self.stage.drain(self.config.grace_s)
             self.worker.cancel()
+        if hasattr(self, "rings"):
+            self.rings.close()

@@ -13,6 +13,11 @@ a track its face was missing from for more than `split_gap_s` and at least two p
 into the place of someone who left; a stall of the frames themselves is no gap) gets a new id: it is counted as a new
 face, and embedded at once. A track's box is carried forward by its face's speed before it is compared (a face
 crossing the picture at 10 fps moves most of its width between frames).
+
+Evidence comes quickly (#14): match raises a pass's alert once `LFR_ALERT_MIN_FRAMES` of its frames match, so a new
+track's first `follow` embeddings after the first are due `follow_s` apart (the next frame but one at 25 fps, the
+next at 10 fps), not at the interval, which a crowd stretches to seconds. Without it a person matched in their first
+frame waited for the interval before the second frame could confirm the alert.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class _Track:
     vx: float = 0.0  # speed of the box's centre, px/s
     vy: float = 0.0
     missed: int = 0  # processed frames of its camera since its face was last in one
+    follow: int = 0  # embeddings still due `follow_s` apart (a new track's first frames of evidence)
 
     def at(self, t: float) -> Box:
         """Where its box would be at `t`, at its last speed (for at most a second)."""
@@ -50,8 +56,9 @@ class _Track:
 
 class FaceSampler:
     def __init__(self, interval_s: float = 0.3, expire_s: float = 1.0, min_iou: float = 0.3, better: float = 1.25,
-                 split_gap_s: float = 0.4, max_per_s: float = 0.0):
+                 split_gap_s: float = 0.4, max_per_s: float = 0.0, follow: int = 0, follow_s: float = 0.1):
         self.interval_s, self.expire_s, self.min_iou, self.better = interval_s, expire_s, min_iou, better
+        self.follow, self.follow_s = follow, follow_s
         self.split_gap_s = split_gap_s
         self.max_per_s = max_per_s  # a crowd: tracked faces re-embedded at most this often a second per camera
         self.tracks: dict[object, list[_Track]] = {}
@@ -83,7 +90,7 @@ class FaceSampler:
             if j is None:
                 self.new += 1
                 self._next_id += 1
-                tracks.append(_Track(box, t, t, q, self._next_id))
+                tracks.append(_Track(box, t, t, q, self._next_id, follow=self.follow))
                 keep.append(True)
                 self.ids.append(self._next_id)
                 continue
@@ -92,11 +99,13 @@ class FaceSampler:
                 self.new += 1
                 self._next_id += 1
                 tr.track_id, tr.last_embedded, tr.best = self._next_id, t - self.interval_s, q
+                tr.follow = self.follow
             self.ids.append(tr.track_id)
-            embed = self.interval_s <= 0 or t - tr.last_embedded >= interval - 1e-3 or q > tr.best * self.better
+            due = min(interval, self.follow_s) if tr.follow > 0 else interval
+            embed = self.interval_s <= 0 or t - tr.last_embedded >= due - 1e-3 or q > tr.best * self.better
             tr.moved(box, t)
             if embed:
-                tr.last_embedded, tr.best = t, max(tr.best, q)
+                tr.last_embedded, tr.best, tr.follow = t, max(tr.best, q), max(0, tr.follow - 1)
             keep.append(embed)
         for j, tr in enumerate(tracks):
             if j not in taken and tr.last_seen < t:

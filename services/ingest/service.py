@@ -12,7 +12,7 @@ from lfr.ingest.core import check_frame
 from lfr.ingest.sources import I420, SourceState, start_thread
 from lfr.pb import ingest_pb2 as pb
 from lfr.pb import ingest_pb2_grpc, watchlist_pb2_grpc
-from lfr.runtime import events, metrics, subjects
+from lfr.runtime import events, framering, metrics, subjects
 from lfr.runtime.deployments import DeploymentCache, live_refusal
 from lfr.runtime.limits import MAX_SOURCES, InputError, InputInvalid, InputTooLarge, check_source_url
 from lfr.runtime.rpc import abort, channel
@@ -84,7 +84,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                           request.realtime)
         self.svc.add_source(src)
         await start_thread(asyncio.get_running_loop(), src, cfg.jpeg_quality, self.svc.emitter(src),
-                           cfg.max_image_pixels, cfg.frame_encoding, self.svc.raw_limit())
+                           cfg.max_image_pixels, cfg.frame_encoding, self.svc.raw_limit(),
+                           linger_s=cfg.freshness_ms / 1000 + 0.5)
         return source_pb(src)
 
     async def StopSource(self, request, context):
@@ -112,6 +113,10 @@ class IngestService(Service):
                         pb.DESCRIPTOR.services_by_name["IngestService"])
 
     async def warmup(self) -> None:
+        if self.config.frame_encoding == "shm":
+            orphans = framering.remove_orphans()  # frame rings left by an ingest that died
+            if orphans:
+                self.log.warning("frames.orphan_rings_removed", rings=len(orphans))
         await self.deployments.follow(self.rt.bus)
 
     def add_source(self, src: SourceState) -> None:
@@ -129,7 +134,9 @@ class IngestService(Service):
     async def publish(self, deployment_id, camera_id, image, w, h, capture_ns, video_time_s, index) -> None:
         env = events.envelope(self.name, deployment_id, camera_id, capture_ns)
         frame = pb.FrameEvent(envelope=env, width=w, height=h, frame_index=index, video_time_s=video_time_s)
-        if isinstance(image, I420):
+        if isinstance(image, framering.FrameRef):
+            frame.shared.CopyFrom(pb.SharedFrame(ring=image.ring, slot=image.slot, seq=image.seq, size=image.size))
+        elif isinstance(image, I420):
             frame.i420 = image
         else:
             frame.image = image

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from lfr.media import Sampler, open_container
 from lfr.models.images import DEFAULT_MAX_PIXELS
+from lfr.runtime import framering
 from lfr.runtime.limits import check_pixels
 
 
@@ -63,15 +64,40 @@ class I420(bytes):
     are (FrameEvent.i420): no JPEG encode here, no decode there (#14)."""
 
 
-def frame_payload(frame, encoding: str, jpeg_quality: int, raw_limit: int) -> bytes:
-    """What ingest publishes of a decoded frame: its I420 planes (`encoding` "raw", even dimensions, at most
-    `raw_limit` bytes), else a JPEG. H.264 decodes to yuv420p already, so the planes are one copy; other pixel
-    formats are converted by the decoder's own scaler (no RGB step)."""
+class Rings:
+    """A source's shared-memory frame ring (LFR_FRAME_ENCODING=shm, lfr.runtime.framering), made for its frame
+    size: a new one when the size changes; each is closed `linger_s` after its last frame (frames still in flight
+    are stale by then)."""
+
+    def __init__(self, slots: int, linger_s: float):
+        self.slots, self.linger_s = slots, linger_s
+        self.ring: framering.FrameRing | None = None
+
+    def put(self, planes) -> framering.FrameRef:
+        if self.ring is None or self.ring.frame_bytes != planes.size:
+            self.close()
+            self.ring = framering.FrameRing(self.slots, planes.size)
+        return self.ring.put(planes)
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close_later(self.linger_s)
+            self.ring = None
+
+
+def frame_payload(frame, encoding: str, jpeg_quality: int, raw_limit: int,
+                  rings: Rings | None = None) -> bytes | framering.FrameRef:
+    """What ingest publishes of a decoded frame: where its I420 planes are in shared memory (`encoding` "shm",
+    even dimensions), or the planes themselves ("raw", at most `raw_limit` bytes), else a JPEG. H.264 decodes to
+    yuv420p already, so the planes are one copy; other pixel formats are converted by the decoder's own scaler (no
+    RGB step)."""
     w, h = frame.width, frame.height
-    if encoding == "raw" and w % 2 == 0 and h % 2 == 0 and w * h * 3 // 2 <= raw_limit:
+    shm = encoding == "shm" and rings is not None
+    if (shm or encoding == "raw") and w % 2 == 0 and h % 2 == 0 and (shm or w * h * 3 // 2 <= raw_limit):
         if frame.format.name not in ("yuv420p", "yuvj420p"):
             frame = frame.reformat(format="yuv420p")
-        return I420(frame.to_ndarray().tobytes())
+        planes = frame.to_ndarray()
+        return rings.put(planes) if shm else I420(planes.tobytes())
     buf = io.BytesIO()
     frame.to_image().save(buf, format="JPEG", quality=jpeg_quality)
     return buf.getvalue()
@@ -79,10 +105,13 @@ def frame_payload(frame, encoding: str, jpeg_quality: int, raw_limit: int) -> by
 
 def run_source(src: SourceState, jpeg_quality: int,
                emit: Callable[[bytes, int, int, int, float, int], None], max_pixels: int = DEFAULT_MAX_PIXELS,
-               encoding: str = "jpeg", raw_limit: int = 0) -> None:
+               encoding: str = "jpeg", raw_limit: int = 0, linger_s: float = 1.0) -> None:
     """Decode, sample and hand frames to `emit(image, w, h, capture_ns, video_time_s, index)` until the end
-    of the source or `src.stop`; `image` is a JPEG, or the frame's `I420` planes (`frame_payload`). Files are paced
-    at their own frame rate when `realtime` is set."""
+    of the source or `src.stop`; `image` is a JPEG, the frame's `I420` planes, or a `FrameRef` (`frame_payload`).
+    Files are paced at their own frame rate when `realtime` is set. Frame rings live `linger_s` after the source."""
+    # a ring holds a frame for about `linger_s` (the freshness limit) of the source's frames, and a few more
+    rings = Rings(min(framering.MAX_SLOTS, int(src.target_fps * linger_s) + 4), linger_s) \
+        if encoding == "shm" else None
     try:
         with open_container(src.url, max_pixels) as container:
             stream = container.streams.video[0]
@@ -106,19 +135,23 @@ def run_source(src: SourceState, jpeg_quality: int,
                         src.stop.wait(delay)
                 check_pixels(frame.width, frame.height, max_pixels)  # a stream may change size midway
                 capture_ns = time.time_ns()
-                emit(frame_payload(frame, encoding, jpeg_quality, raw_limit), frame.width, frame.height, capture_ns, t,
-                     index - 1)
+                emit(frame_payload(frame, encoding, jpeg_quality, raw_limit, rings), frame.width, frame.height,
+                     capture_ns, t, index - 1)
                 src.frames_published += 1
         src.state = "FINISHED"
     except Exception as exc:  # a source failure is reported on the source, never crashes the service
         src.state = "FAILED"
         src.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        if rings is not None:
+            rings.close()
 
 
 async def start_thread(loop: asyncio.AbstractEventLoop, src: SourceState, jpeg_quality: int, emit,
                        max_pixels: int = DEFAULT_MAX_PIXELS, encoding: str = "jpeg",
-                       raw_limit: int = 0) -> threading.Thread:
-    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit, max_pixels, encoding, raw_limit),
+                       raw_limit: int = 0, linger_s: float = 1.0) -> threading.Thread:
+    thread = threading.Thread(target=run_source, args=(src, jpeg_quality, emit, max_pixels, encoding, raw_limit,
+                                                       linger_s),
                               name=f"source-{src.source_id}", daemon=True)
     thread.start()
     return thread

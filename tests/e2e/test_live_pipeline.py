@@ -83,6 +83,22 @@ def test_no_biometric_of_a_nonmatch_on_disk(system):
         assert b"\xff\xd8\xff" not in path.read_bytes(), f"JPEG data found in {path}"
 
 
+def test_frames_went_through_shared_memory_and_no_ring_is_left(system):
+    """#14 item 4: `lfr up` hands frames from ingest to detection in a shared-memory ring (lfr.runtime.framering),
+    only their place on NATS; detection read every one it processed from there, and once the source had ended its
+    ring was zeroed and removed: no frame is left in memory (or in /dev/shm) after the stream."""
+    from lfr.bench.live import metric_sum, scrape
+    from lfr.runtime import framering
+
+    assert system.service_env("ingest")["LFR_FRAME_ENCODING"] == "shm"
+    det = scrape(system.endpoints()["metrics"]["detection"])
+    assert metric_sum(det, "lfr_items_processed_total", stage="detect") > 0
+    assert metric_sum(det, "lfr_items_dropped_total", stage="detect", reason="unreachable") == 0
+    assert metric_sum(det, "lfr_items_dropped_total", stage="detect", reason="bad_image") == 0
+    ingest_pid = system.procs["ingest"].pid
+    assert wait_for(lambda: not list(framering.SHM_DIR.glob(f"{framering.PREFIX}{ingest_pid}-*")), timeout_s=5)
+
+
 def test_nats_restart_mid_stream_loses_no_durable_alert(system, clients, ground_truth):
     d = start_deployment(clients, ground_truth)
     collector = AlertCollector(clients, d.id)

@@ -5,6 +5,8 @@ JPEG frame is decoded by OpenCV's libjpeg-turbo into the pixels Pillow gives."""
 from __future__ import annotations
 
 import io
+import os
+import time
 
 import av
 import numpy as np
@@ -61,3 +63,91 @@ def test_jpeg_frames_decode_as_pillow_does(data):
     assert ours.shape == ref.shape and np.abs(ours.astype(int) - ref).max() <= 3
     with pytest.raises(ImageError):
         frame_image(ingest_pb2.FrameEvent(image=buf.getvalue()[:200]), 20_000_000, 40_000_000)
+
+
+def shared_event(ref, w=1920, h=1080):
+    return ingest_pb2.FrameEvent(width=w, height=h, shared=ingest_pb2.SharedFrame(
+        ring=ref.ring, slot=ref.slot, seq=ref.seq, size=ref.size))
+
+
+def test_shared_memory_frames_give_the_raw_pixels_and_are_gone_once_overwritten_or_closed(data):
+    """LFR_FRAME_ENCODING=shm: the planes go into a ring in /dev/shm (mode 0600), only their place on NATS; a frame
+    overwritten or a ring closed is refused as gone, never read torn; closing zeroes and removes the ring."""
+    from lfr.ingest.sources import Rings
+    from lfr.runtime import framering
+
+    frame = first_frame(data / "video/pedestrians-1080p25.mp4")
+    rings, reader = Rings(slots=3, linger_s=0.0), framering.RingReader()
+    ref = frame_payload(frame, "shm", 90, 0, rings)
+    assert isinstance(ref, framering.FrameRef) and ref.size == 1920 * 1080 * 3 // 2
+    path = framering.SHM_DIR / ref.ring
+    assert path.stat().st_mode & 0o777 == 0o600
+    raw = frame_image(ingest_pb2.FrameEvent(i420=frame_payload(frame, "raw", 90, 8 << 20), width=1920, height=1080),
+                      20_000_000, 40_000_000)
+    shared = frame_image(shared_event(ref), 20_000_000, 40_000_000, reader)
+    assert np.array_equal(shared, raw)
+    with pytest.raises(ImageError, match="unreachable"):  # a process without a reader
+        frame_image(shared_event(ref), 20_000_000, 40_000_000)
+    later = [frame_payload(frame, "shm", 90, 0, rings) for _ in range(3)]  # 3 slots: the first is overwritten
+    with pytest.raises(ImageError, match="gone"):
+        frame_image(shared_event(ref), 20_000_000, 40_000_000, reader)
+    assert frame_image(shared_event(later[-1]), 20_000_000, 40_000_000, reader).shape == (1080, 1920, 3)
+    ring = rings.ring
+    rings.close()  # the source ended: closed after linger_s (0 here)
+    ring_closed = time.monotonic() + 5
+    while path.exists() and time.monotonic() < ring_closed:
+        time.sleep(0.01)
+    assert not path.exists() and ring.closed
+    with pytest.raises(ImageError, match="gone"):  # the reader's old mapping now holds zeros
+        frame_image(shared_event(later[-1]), 20_000_000, 40_000_000, reader)
+    reader.close()
+
+
+@pytest.mark.parametrize("ring, slot, size", [("../../etc/passwd", 0, 10), ("lfr-frames-1-zz", 0, 10),
+                                              (None, 99, 10), (None, 0, 10**9)])
+def test_a_bad_frame_reference_is_refused_not_followed(ring, slot, size):
+    from lfr.runtime import framering
+
+    r = framering.FrameRing(2, 64 * 64 * 3 // 2)
+    try:
+        good = r.put(np.zeros(64 * 64 * 3 // 2, np.uint8))
+        ref = framering.FrameRef(ring or good.ring, slot, good.seq, size)
+        with pytest.raises(ImageError, match="unreachable"):
+            frame_image(shared_event(ref, 64, 64), 20_000_000, 40_000_000, framering.RingReader())
+    finally:
+        r.close()
+
+
+def test_rings_of_a_dead_ingest_are_zeroed_and_removed():
+    import subprocess
+    import sys
+
+    from lfr.runtime import framering
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = framering.SHM_DIR / f"{framering.PREFIX}{int(dead.stdout)}-{'ab' * 8}"
+    orphan.write_bytes(b"\x07" * 8192)
+    mine = framering.FrameRing(2, 4096)  # this process runs: its ring stays
+    try:
+        assert orphan.name in framering.remove_orphans()
+        assert not orphan.exists() and mine.path.exists()
+    finally:
+        mine.close()
+        orphan.unlink(missing_ok=True)
+
+
+def test_a_pulled_source_hands_frames_through_its_ring_and_removes_it_after(data):
+    from lfr.runtime import framering
+
+    reader, got = framering.RingReader(), []
+    src = SourceState("s", "d", "c", str(data / "video/pedestrians-1080p25.mp4"), 5.0, realtime=False)
+
+    def emit(ref, w, h, capture_ns, t, index):  # detection reads each frame as it is published
+        got.append(frame_image(shared_event(ref, w, h), 20_000_000, 40_000_000, reader).shape)
+
+    run_source(src, 90, emit, encoding="shm", linger_s=0.2)
+    assert src.state == "FINISHED", src.error
+    assert got and all(g == (1080, 1920, 3) for g in got)
+    time.sleep(0.6)
+    assert not [p for p in framering.SHM_DIR.glob(f"{framering.PREFIX}{os.getpid()}-*")]
+    reader.close()

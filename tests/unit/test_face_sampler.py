@@ -95,3 +95,17 @@ def test_in_a_crowd_tracked_faces_are_re_embedded_less_often_new_faces_at_once()
     assert s.select("cam", 2.0, crowd + [(100.0, 600.0, 160.0, 670.0)], [30.0] * 21)[-1] is True
     few = FaceSampler(interval_s=0.3, max_per_s=20.0)  # two faces: the interval stays 0.3 s
     assert sum(sum(few.select("cam", i / 25, crowd[:2], [30.0] * 2)) for i in range(50)) >= 2 * 6
+
+
+def test_a_new_face_gets_its_frames_of_evidence_soon_even_in_a_crowd():
+    """#14 item 4: match needs two matching frames of a pass (LFR_ALERT_MIN_FRAMES=2); a new face's second
+    embedding is due `follow_s` after its first, not at the crowd-stretched interval, and only once."""
+    crowd = [(100.0 * k, 100.0, 100.0 * k + 60, 170.0) for k in range(20)]
+    times = [i / 25 for i in range(25)]  # 1 s at 25 fps
+    for follow, expect in ((1, [0.0, 0.12]), (0, [0.0])):
+        s = FaceSampler(interval_s=0.3, max_per_s=20.0, follow=follow, follow_s=0.1)
+        s.select("cam", 0.0, crowd[1:], [30.0] * 19)
+        embedded = [t for t in times if s.select("cam", t, crowd, [30.0] * 20)[0]]
+        assert [round(t, 2) for t in embedded] == expect, (follow, embedded)  # the crowd's interval is 1 s
+    s = FaceSampler(interval_s=0.3, follow=1, follow_s=0.1)  # at 10 fps: the very next frame
+    assert [s.select("cam", i / 10, crowd[:1], [30.0])[0] for i in range(5)] == [True, True, False, False, True]

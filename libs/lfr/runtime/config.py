@@ -53,15 +53,19 @@ class Config:
     queue_size: int = _opt(8, "bounded queue per stage; the oldest item is dropped (and counted) when full")
     ingest_fps: float = _opt(10.0, "default sampling rate of pulled sources")
     jpeg_quality: int = _opt(90, "JPEG quality of frames published by ingest")
-    frame_encoding: str = _opt("raw", "how ingest hands a pulled source's frames to detection: raw (the decoded "
-                               "YUV 4:2:0 planes, no JPEG encode or decode: least CPU, 3 MB a 1080p frame on NATS) "
-                               "or jpeg (about 10x less traffic, for ingest and detection on different machines)")
+    frame_encoding: str = _opt("raw", "how ingest hands a pulled source's frames to detection: shm (the decoded "
+                               "YUV 4:2:0 planes in a shared-memory ring, only their place on NATS: least CPU, for "
+                               "ingest and detection on one machine; `lfr up` sets it), raw (the planes on NATS, "
+                               "3 MB a 1080p frame) or jpeg (about 10x less traffic than raw)")
     live_embed_interval_ms: float = _opt(300.0, "live: a face tracked from frame to frame (by box overlap, per "
                                          "camera) is embedded at most this often, or sooner when clearly better; "
                                          "0 = embed every face of every frame")
     live_embed_max_per_s: float = _opt(20.0, "live: in a crowd, a camera's tracked faces are re-embedded at most "
                                        "this often a second together (LFR_LIVE_EMBED_INTERVAL_MS grows with the "
                                        "faces in view; a new face is always embedded at once); 0 = no limit")
+    live_embed_follow_ms: float = _opt(100.0, "live: a new face's next LFR_ALERT_MIN_FRAMES - 1 embeddings are due "
+                                       "this soon after its first (evidence for the pass rule without waiting for "
+                                       "the interval)")
     min_face_px: float = _opt(16.0, "faces with a smaller inter-eye distance (px) are not embedded or matched live")
     detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
     embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
@@ -195,6 +199,8 @@ class Config:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if self.live_embed_max_per_s < 0:
             raise ConfigError("LFR_LIVE_EMBED_MAX_PER_S: must be 0 or more")
+        if self.live_embed_follow_ms < 0:
+            raise ConfigError("LFR_LIVE_EMBED_FOLLOW_MS: must be 0 or more")
         if self.live_embed_interval_ms < 0:
             raise ConfigError("LFR_LIVE_EMBED_INTERVAL_MS: must be 0 or more")
         if self.alert_min_frames < 1:
@@ -212,8 +218,8 @@ class Config:
             raise ConfigError("LFR_REALERT_WINDOW_S: must be 0 or more")
         if self.detect_fast_side < 0 or self.detect_full_every < 1:
             raise ConfigError("LFR_DETECT_FAST_SIDE must be 0 or more and LFR_DETECT_FULL_EVERY 1 or more")
-        if self.frame_encoding not in ("raw", "jpeg"):
-            raise ConfigError("LFR_FRAME_ENCODING: must be raw or jpeg")
+        if self.frame_encoding not in ("shm", "raw", "jpeg"):
+            raise ConfigError("LFR_FRAME_ENCODING: must be shm, raw or jpeg")
         if self.flip not in ("on", "off", "model"):
             raise ConfigError("LFR_FLIP: must be on, off or model")
         for name in ("gallery_connectivity", "gallery_ef", "gallery_expansion_add", "job_batch"):

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lfr.runtime import natsauth
+from lfr.runtime import framering, natsauth
 from lfr.runtime.bus import Bus
 from lfr.runtime.natsserver import NatsServer, free_ports
 
@@ -162,6 +162,8 @@ class EmbeddedSystem:
             env.update({"LFR_TLS_DIR": self.security["tls_dir"], "LFR_AUTH_KEYS_DIR": self.security["auth_keys_dir"],
                         "LFR_AUTH_ISSUER": "lfr-dev-idp", "LFR_AUTH_AUDIENCE": "lfr"})
         env.setdefault("LFR_THREADS", "1" if (os.cpu_count() or 1) <= 2 else "")
+        if framering.available():  # every service on this machine: frames go from ingest to detection in memory
+            env.setdefault("LFR_FRAME_ENCODING", "shm")
         # torch threads spin between layers by default; several model processes on few cores then stall.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from lfr.runtime.paths import data_dir  # file inputs must lie in LFR_MEDIA_ROOTS; unless set: these
