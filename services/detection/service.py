@@ -50,7 +50,8 @@ class DetectionService(Service):
         self.stage = Stage(self.name, "detect", cfg.queue_size, cfg.detection_batch, self._process,
                            lambda f: events.age_ms(f.envelope), cfg.freshness_ms * BUDGET_SHARE["detect"])
         self.sampler = FaceSampler(interval_s=cfg.live_embed_interval_ms / 1000, max_per_s=cfg.live_embed_max_per_s,
-                                   follow=cfg.alert_min_frames - 1, follow_s=cfg.live_embed_follow_ms / 1000)
+                                   follow=cfg.alert_min_frames - 1 if cfg.live_embed_follow_ms > 0 else 0,
+                                   follow_s=cfg.live_embed_follow_ms / 1000)
         self.rings = framering.RingReader()  # frames ingest put in shared memory (LFR_FRAME_ENCODING=shm)
         self.frame_counts: dict[tuple[str, str], int] = {}  # per camera: frames since its last full-scale look
         self.skipped = metrics.SKIPPED.labels(self.name, "tracked")

@@ -65,7 +65,7 @@ class Config:
                                        "faces in view; a new face is always embedded at once); 0 = no limit")
     live_embed_follow_ms: float = _opt(100.0, "live: a new face's next LFR_ALERT_MIN_FRAMES - 1 embeddings are due "
                                        "this soon after its first (evidence for the pass rule without waiting for "
-                                       "the interval)")
+                                       "the interval); 0 = they wait for the interval")
     min_face_px: float = _opt(16.0, "faces with a smaller inter-eye distance (px) are not embedded or matched live")
     detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
     embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
