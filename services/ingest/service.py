@@ -164,3 +164,4 @@ class IngestService(Service):
     async def stop_intake(self) -> None:
         for src in self.sources.values():
             src.stop.set()
+        framering.close_all()  # frames still in a ring are gone with the service

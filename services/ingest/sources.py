@@ -73,10 +73,15 @@ class Rings:
         self.slots, self.linger_s = slots, linger_s
         self.ring: framering.FrameRing | None = None
 
-    def put(self, planes) -> framering.FrameRef:
+    def put(self, planes) -> framering.FrameRef | None:
+        """The frame's place in the ring; None when no ring can be made (a full /dev/shm: the caller sends the
+        planes themselves)."""
         if self.ring is None or self.ring.frame_bytes != planes.size:
             self.close()
-            self.ring = framering.FrameRing(self.slots, planes.size)
+            try:
+                self.ring = framering.FrameRing(self.slots, planes.size)
+            except OSError:
+                return None
         return self.ring.put(planes)
 
     def close(self) -> None:
@@ -97,7 +102,8 @@ def frame_payload(frame, encoding: str, jpeg_quality: int, raw_limit: int,
         if frame.format.name not in ("yuv420p", "yuvj420p"):
             frame = frame.reformat(format="yuv420p")
         planes = frame.to_ndarray()
-        return rings.put(planes) if shm else I420(planes.tobytes())
+        ref = rings.put(planes) if shm else None
+        return ref if ref is not None else I420(planes.tobytes())
     buf = io.BytesIO()
     frame.to_image().save(buf, format="JPEG", quality=jpeg_quality)
     return buf.getvalue()
@@ -109,9 +115,8 @@ def run_source(src: SourceState, jpeg_quality: int,
     """Decode, sample and hand frames to `emit(image, w, h, capture_ns, video_time_s, index)` until the end
     of the source or `src.stop`; `image` is a JPEG, the frame's `I420` planes, or a `FrameRef` (`frame_payload`).
     Files are paced at their own frame rate when `realtime` is set. Frame rings live `linger_s` after the source."""
-    # a ring holds a frame for about `linger_s` (the freshness limit) of the source's frames, and a few more
-    rings = Rings(min(framering.MAX_SLOTS, int(src.target_fps * linger_s) + 4), linger_s) \
-        if encoding == "shm" else None
+    # a ring holds about a second of the source's frames, and a few more (frames older are stale at detection)
+    rings = Rings(min(framering.MAX_SLOTS, int(src.target_fps) + 4), linger_s) if encoding == "shm" else None
     try:
         with open_container(src.url, max_pixels) as container:
             stream = container.streams.video[0]

@@ -151,3 +151,23 @@ def test_a_pulled_source_hands_frames_through_its_ring_and_removes_it_after(data
     time.sleep(0.6)
     assert not [p for p in framering.SHM_DIR.glob(f"{framering.PREFIX}{os.getpid()}-*")]
     reader.close()
+
+
+def test_close_all_leaves_no_ring_and_a_full_shm_falls_back_to_raw_planes(data, monkeypatch):
+    """Ingest's stop (and the process's exit) closes every ring at once; a ring that cannot be made (a full
+    /dev/shm: its memory is reserved up front, never a SIGBUS later) sends the planes on NATS instead."""
+    from lfr.ingest.sources import Rings
+    from lfr.runtime import framering
+
+    rings = [framering.FrameRing(2, 4096) for _ in range(3)]
+    framering.close_all()
+    assert all(r.closed and not r.path.exists() for r in rings)
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    frame = first_frame(data / "video/pedestrians-1080p25.mp4")
+    payload = frame_payload(frame, "shm", 90, 0, Rings(4, 0.0))
+    assert isinstance(payload, I420) and len(payload) == 1920 * 1080 * 3 // 2
+    assert not list(framering.SHM_DIR.glob(f"{framering.PREFIX}{os.getpid()}-*"))

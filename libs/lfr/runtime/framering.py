@@ -7,9 +7,11 @@ showed that hand-off as the largest cost of ingest and a large one of detection 
 ring of slots in a shared-memory file (``/dev/shm``, RAM, mode 0600) and the NATS event carries only where they
 are (``FrameEvent.shared``); the event still travels, is authorised and is dropped like any other.
 
-Privacy: a slot is overwritten `slots` frames later (about ``LFR_FRESHNESS_MS`` of video: a frame is gone from the
-ring as soon as detection could no longer use it), and a ring is zeroed and removed when its source ends. Rings
-of a process that died are removed by the next ingest to start (their names carry the owner's pid).
+Privacy: a slot is overwritten `slots` frames later (ingest makes rings of about a second of frames, the default
+``LFR_FRESHNESS_MS``: a frame is gone from the ring about when detection could no longer use it), and a ring is
+zeroed and removed when its source ends, when ingest stops, and at the process's exit. Rings of a process that
+died are removed by the next ingest to start (their names carry the owner's pid). The ring's memory is reserved
+when it is made (a full ``/dev/shm`` then means frames go on NATS as raw planes instead).
 
 Each slot has a sequence number: the writer clears it, copies the planes, then sets it; the reader checks it
 before and after using the pixels, so a frame overwritten meanwhile is refused, never read torn.
@@ -17,6 +19,7 @@ before and after using the pixels, so a frame overwritten meanwhile is refused, 
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import re
@@ -66,8 +69,12 @@ class FrameRing:
         size = HEADER_BYTES + slots * self.slot_bytes
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # reserve the memory now: a full /dev/shm is an OSError here, not a SIGBUS at the first write
+            os.posix_fallocate(fd, 0, size)
             self._mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(self.path)
+            raise
         finally:
             os.close(fd)
         head = np.frombuffer(self._mm, np.uint64, count=4)
@@ -77,6 +84,7 @@ class FrameRing:
         self._seq = 0
         self._lock = threading.Lock()
         self.closed = False
+        _OPEN.add(self)
 
     def put(self, planes: np.ndarray) -> FrameRef:
         """Copy a frame's planes (uint8, `frame_bytes` of them) into the next slot."""
@@ -105,12 +113,23 @@ class FrameRing:
             del self._seqs
             self._mm.close()
             self.path.unlink(missing_ok=True)
+            _OPEN.discard(self)
 
     def close_later(self, delay_s: float) -> None:
         """Close once the frames still in flight are stale anyway (the source ended; detection may be behind)."""
         timer = threading.Timer(delay_s, self.close)
         timer.daemon = True
         timer.start()
+
+
+_OPEN: set[FrameRing] = set()  # this process's rings not closed yet
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every ring of this process now (service stop, and at exit: no frame outlives its process)."""
+    for ring in list(_OPEN):
+        ring.close()
 
 
 def remove_orphans() -> list[str]:
