@@ -273,7 +273,8 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
         "cpu_s": cpu,  # CPU seconds each process used while the video streamed (2 cores = 2 s per second)
         "alert_updates": len(collector.alerts) - len(raised),
         "alert_list": [{"subject": a.subject_ref, "video_time_s": round(a.video_time_s, 2),
-                        "score": round(a.score, 4)} for a, _ in raised],
+                        "score": round(a.score, 4), "latency_ms": round(lat, 1), "decision_ms": round(dec, 1)}
+                       for (a, _), lat, dec in zip(raised, latencies, decisions, strict=True)],
         "deployment": {"id": d.id, "status": watchlist_pb2.DeploymentStatus.Name(ended.status).removeprefix(
             "DEPLOYMENT_STATUS_"), "purged": bool(ended.purged_at.seconds)},
         "loops": loops,
