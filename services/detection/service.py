@@ -64,6 +64,12 @@ class DetectionService(Service):
         self.worker = asyncio.create_task(self.stage.run(), name="detect-stage")
         self.sub = await self.rt.bus.subscribe(subjects.frames(), ingest_pb2.FrameEvent, self._on_frame,
                                                queue=subjects.QUEUE["detection"], stage="detect")
+        # every replica hears match ask for more frames of a pass (the replica that tracks the face acts on it)
+        self.evidence_sub = await self.rt.bus.subscribe(subjects.evidence(), pb.EvidenceWanted, self._on_evidence,
+                                                        stage="evidence")
+
+    def _on_evidence(self, msg: pb.EvidenceWanted, _subject: str) -> None:
+        self.sampler.want((msg.envelope.deployment_id, msg.envelope.camera_id), msg.track_ids)
 
     def _on_frame(self, frame: ingest_pb2.FrameEvent, _subject: str) -> None:
         self.stage.offer(frame)
@@ -127,6 +133,8 @@ class DetectionService(Service):
             await self.rt.bus.publish(subjects.faces(env.deployment_id, env.camera_id), out)
 
     async def stop_intake(self) -> None:
+        if hasattr(self, "evidence_sub"):
+            await self.evidence_sub.unsubscribe()
         if hasattr(self, "sub"):
             await self.sub.unsubscribe()
             await self.stage.drain(self.config.grace_s)

@@ -16,8 +16,9 @@ crossing the picture at 10 fps moves most of its width between frames).
 
 Evidence comes quickly (#14): match raises a pass's alert once `LFR_ALERT_MIN_FRAMES` of its frames match, so a new
 track's first `follow` embeddings after the first are due `follow_s` apart (the next frame but one at 25 fps, the
-next at 10 fps), not at the interval, which a crowd stretches to seconds. Without it a person matched in their first
-frame waited for the interval before the second frame could confirm the alert.
+next at 10 fps), not at the interval, which a crowd stretches to seconds; and when match says a pass waits for
+evidence (`want`: a face that matched weakly later in its track), that track's next face is due `follow_s` after
+its last too. Without it a matched person waited for the interval before a second frame could confirm the alert.
 """
 
 from __future__ import annotations
@@ -115,6 +116,16 @@ class FaceSampler:
         else:
             self.tracks.pop(key, None)
         return keep
+
+    def want(self, key: object, track_ids) -> None:
+        """match waits for more evidence of these tracks' passes: their next face is due `follow_s` after the last
+        one embedded (when `follow` is on)."""
+        if self.follow <= 0:
+            return
+        ids = set(track_ids)
+        for tr in self.tracks.get(key, []):
+            if tr.track_id in ids:
+                tr.follow = max(tr.follow, 1)
 
     def _overlap(self, box: Box, tr: _Track, t: float) -> float:
         """Box overlap with the track where it was, or where its speed would have taken it. Failing that, a face of

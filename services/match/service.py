@@ -18,7 +18,15 @@ from lfr.match.replicas import Replicas, add_stats, alert_db_name, id_prefix
 from lfr.match.seen import SPLIT_FRACTION, FacesSeen
 from lfr.match.tracker import Action, AlertState, Sighting, Tracker
 from lfr.models import scoring
-from lfr.pb import audit_pb2, common_pb2, embedding_pb2, match_pb2_grpc, watchlist_pb2, watchlist_pb2_grpc
+from lfr.pb import (
+    audit_pb2,
+    common_pb2,
+    detection_pb2,
+    embedding_pb2,
+    match_pb2_grpc,
+    watchlist_pb2,
+    watchlist_pb2_grpc,
+)
 from lfr.pb import match_pb2 as pb
 from lfr.runtime import clock, events, metrics, subjects
 from lfr.runtime.config import ConfigError
@@ -271,11 +279,12 @@ class MatchService(Service):
             decisions = decide_top(index.search(probes, 1), refs, d.threshold)
         matched = {dec.face_index: dec for dec in decisions if dec.matched}
         c.faces_seen += faces_seen(self.seen, msg, probes, index.recipe if probes else None, d.threshold if d else 0.0)
-        sightings = []
+        sightings, track_ids = [], []
         for i, face in enumerate(msg.faces):
             dec = matched.get(i)
             if dec is None:
                 continue
+            track_ids.append(face.track_id)
             b = common_pb2.Box()
             b.CopyFrom(face.box)
             probe = Probe(env, b, face.crop_jpeg, msg.frame_index, msg.video_time_s, d.threshold)
@@ -293,6 +302,11 @@ class MatchService(Service):
         if sightings:
             for action in self.tracker.observe(d.id, env.camera_id, env.capture_time.ToNanoseconds(), sightings):
                 self._publish_alert(action)
+            wanted = [track_ids[i] for i in self.tracker.waiting if track_ids[i]]
+            if wanted:  # a pass waits for evidence: detection embeds those faces' next frames soon
+                await self.rt.bus.publish(subjects.evidence(env.deployment_id, env.camera_id),
+                                          detection_pb2.EvidenceWanted(envelope=events.derive(env, self.name),
+                                                                       track_ids=wanted))
 
     def _publish_alert(self, action: Action) -> None:
         """Raise or update an alert; while the alert book's disk refuses writes, the alert waits (in order) and

@@ -13,6 +13,8 @@ of its entry (consistent frames of one person), or at once when one sighting sco
 deployment threshold. A stranger who matches in one blurred frame makes a track that ends unconfirmed and
 raises nothing (its probe is dropped with it, and counted in `unconfirmed`); a person on the list, seen in
 several frames, is alerted at the frame that completes the evidence. ``min_frames=1`` is the per-frame rule.
+After each frame `waiting` lists the sightings whose pass waits for more evidence (the service asks detection to
+embed those faces' next frames soon).
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Tracker:
     min_frames: int = 1  # matching sightings a pass needs before it raises (1 = the first frame raises)
     strong_margin: float = 0.0  # ... unless one scores this far above the threshold (0 = no shortcut)
     unconfirmed: int = 0  # passes that ended without enough evidence: nothing was raised
+    waiting: list[int] = field(default_factory=list)  # of the last `observe`: sightings in a pass still unconfirmed
     new_id: Callable[[], str] = field(default=lambda: uuid.uuid4().hex)
     tracks: dict[tuple[str, str], list[Track]] = field(default_factory=dict)  # (deployment, camera) -> tracks
     open_alerts: dict[tuple[str, str], AlertState] = field(default_factory=dict)  # (deployment, entry) -> alert
@@ -120,6 +123,7 @@ class Tracker:
                 sightings: Sequence[Sighting]) -> list[Action]:
         """The matching faces of one frame; returns the alerts to raise and to update, in that order."""
         actions = self._end_tracks(capture_ns, (deployment_id, camera_id))
+        self.waiting = []
         tracks = self.tracks.setdefault((deployment_id, camera_id), [])
         vectors = [link_vector(s) for s in sightings]
         # Greedy association, best pair first: same entry, and overlapping boxes or alike vectors.
@@ -149,6 +153,7 @@ class Tracker:
                 if track.pending is None or s.score > track.pending.score:
                     track.pending = s
                 if not self._convincing(track.frames, s):
+                    self.waiting.append(i)
                     continue
                 tracks.remove(track)  # confirmed: it becomes an alerting track below, from its best sighting
                 s, track, confirmed = track.pending, None, True
@@ -156,6 +161,7 @@ class Tracker:
                     self._open_alert(deployment_id, s.entry_id, capture_ns) is None:
                 tracks.append(Track(self.new_id(), camera_id, s.entry_id, s.box, vectors[i], capture_ns, None,
                                     pending=s))
+                self.waiting.append(i)
                 continue
             if track is None:
                 alert = self._open_alert(deployment_id, s.entry_id, capture_ns)

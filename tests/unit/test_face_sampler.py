@@ -109,3 +109,22 @@ def test_a_new_face_gets_its_frames_of_evidence_soon_even_in_a_crowd():
         assert [round(t, 2) for t in embedded] == expect, (follow, embedded)  # the crowd's interval is 1 s
     s = FaceSampler(interval_s=0.3, follow=1, follow_s=0.1)  # at 10 fps: the very next frame
     assert [s.select("cam", i / 10, crowd[:1], [30.0])[0] for i in range(5)] == [True, True, False, False, True]
+
+
+def test_match_asking_for_evidence_makes_a_tracks_next_face_due_soon():
+    """#14 item 4: a face that matched weakly mid-track (its pass waits for a second frame): match names its track
+    (lfr.v1.evidence) and its next face is embedded `follow_s` after the last, not at the crowd's interval."""
+    crowd = [(100.0 * k, 100.0, 100.0 * k + 60, 170.0) for k in range(20)]
+    for asked, expect in ((True, True), (False, False)):
+        s = FaceSampler(interval_s=0.3, max_per_s=20.0, follow=1, follow_s=0.1)
+        for i in range(13):  # half a second: every face past its first two embeddings
+            s.select("cam", i / 25, crowd, [30.0] * 20)
+        tid = s.ids[0]
+        if asked:
+            s.want("cam", [tid, 999])
+            s.want("other-cam", [tid])  # another camera's track of the same id: nothing
+        assert s.select("cam", 17 / 25, crowd, [30.0] * 20)[0] is expect  # 0.2 s later, interval about 1 s
+    off = FaceSampler(interval_s=0.3, max_per_s=20.0, follow=0)  # LFR_LIVE_EMBED_FOLLOW_MS=0: asking does nothing
+    off.select("cam", 0.0, crowd, [30.0] * 20)
+    off.want("cam", off.ids)
+    assert not any(off.select("cam", 0.2, crowd, [30.0] * 20))

@@ -170,6 +170,19 @@ def test_a_pass_raises_once_at_the_frame_that_completes_the_evidence_with_its_be
     assert all(a.kind == "update" for a in more)  # the same pass: no second alert
 
 
+def test_waiting_names_the_sightings_whose_pass_needs_more_evidence():
+    """After each frame `waiting` lists the sightings in a pass not yet convincing (match asks detection for more
+    frames of those faces); a confirmed pass, a strong frame and an open alert's sighting are not waiting."""
+    t = tracker(min_frames=2, strong_margin=0.2)
+    _one(t, "e1", 0.0, 0, 0.55)
+    assert t.waiting == [0]
+    assert [a.kind for a in _one(t, "e1", 0.1, 6, 0.55)] == ["raise"] and t.waiting == []
+    _one(t, "e1", 0.2, 12, 0.55)
+    assert t.waiting == []  # its alert is open: more frames only update it
+    _one(t, "e2", 0.3, 400, 0.75)
+    assert t.waiting == []  # one strong frame raised at once
+
+
 def test_one_strong_frame_raises_at_once():
     t = tracker(min_frames=3, strong_margin=0.2)
     assert [a.kind for a in _one(t, "e1", 0.0, 0, 0.75)] == ["raise"]

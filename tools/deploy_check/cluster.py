@@ -106,7 +106,8 @@ def names_errors(objects, config_keys, stream_names) -> list[str]:
     """Subjects and stream names anywhere in the manifests must be the code's (lfr.runtime.subjects)."""
     from lfr.runtime import subjects
 
-    domains = {s.split(".")[2] for s in (subjects.frames(), subjects.faces(), subjects.embeddings())}
+    domains = {s.split(".")[2] for s in (subjects.frames(), subjects.faces(), subjects.embeddings(),
+                                         subjects.evidence())}
     domains |= {s.split(".")[2] for stream in streams() for s in stream.subjects}
     problems = set()
     for obj in objects:

@@ -77,7 +77,7 @@ _FACTS = (subjects.ALERTS, subjects.EVENTS, subjects.AUDIT)
 
 PERMISSIONS: dict[str, Permissions] = {
     "ingest": _service("ingest", [subjects.frames()], [subjects.lifecycle()]),
-    "detection": _service("detection", [subjects.faces()], [subjects.frames()]),
+    "detection": _service("detection", [subjects.faces()], [subjects.frames(), subjects.evidence()]),
     # the server checks a publish after its subject mapping: embedding's vectors arrive partitioned
     "embedding": _service("embedding", [subjects.embeddings(), subjects.embeddings_partition()], [subjects.faces()]),
     # durable facts need only their subject: JetStream's ack comes back on the inbox
@@ -87,7 +87,7 @@ PERMISSIONS: dict[str, Permissions] = {
     "identification": _service("identification", [subjects.watchlist()]),
     "match": _service("match", [
         subjects.alerts(), subjects.matchstats(), subjects.adjudications(), subjects.alertflags(),
-        subjects.retention(),
+        subjects.retention(), subjects.evidence(),
         *_reads(subjects.ALERTS, durable=False),  # ReplayAlerts: ephemeral consumers
     ], [subjects.embeddings_partition(), subjects.lifecycle()]),  # its partitions of the embeddings
     "audit": _service("audit", [

@@ -37,6 +37,11 @@ def faces(deployment: str = "*", camera: str = "*") -> str:
     return _subject("faces", deployment, camera)
 
 
+def evidence(deployment: str = "*", camera: str = "*") -> str:
+    """match asks detection for more frames of face tracks its pass rule waits on (track ids only)."""
+    return _subject("evidence", deployment, camera)
+
+
 def embeddings(deployment: str = "*", camera: str = "*") -> str:
     """Where embedding publishes a frame's vectors. The nats-server maps it (PARTITION_MAPPING) to
     `embeddings_partition`: subscribers read the partitioned subject, never this one."""
