@@ -85,3 +85,40 @@ async def test_connect_gives_up_with_a_clear_error(tmp_path):
     bus = Bus("nats://127.0.0.1:1", "t4")
     with pytest.raises(ConnectionError, match="cannot connect to NATS"):
         await bus.connect(timeout_s=1.0)
+
+
+async def test_facts_in_quick_succession_reach_a_stream_follower_at_once(nats):
+    """#14 item 4 (where an alert waited): nats-py's fetch(batch) that got its first message from a waiting pull
+    request could keep it until the batch filled or the request expired (a second): now and then the second of two
+    alerts raised 0.1 s apart reached StreamAlerts half a second late. Followers (StreamAlerts' replay, the audit's
+    durable consumers) now hand each fact over as soon as it arrives."""
+    bus = Bus(nats.url, "t5")
+    await bus.connect()
+    await bus.ensure_streams()
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue = asyncio.Queue()
+    consumed: asyncio.Queue = asyncio.Queue()
+
+    async def follow() -> None:
+        async for _seq, _data in bus.replay(subjects.ALERTS.name, subjects.alerts("d7", "*"), from_start=True):
+            got.put_nowait(loop.time())
+
+    async def handle(_data, _subject, _seq) -> None:
+        consumed.put_nowait(loop.time())
+
+    follower = asyncio.create_task(follow())
+    await bus.consume_durable(subjects.ALERTS.name, subjects.alerts("d7", "*"), "t5-durable", handle)
+    await asyncio.sleep(1.2)
+    delays = []
+    for i, gap in enumerate([0.12, 0.05, 0.2, 0.1, 0.15, 0.08, 0.12, 0.25, 0.1, 0.12, 0.05, 0.18]):
+        for k in range(2):
+            sent = loop.time()
+            a = match_pb2.Alert(envelope=events.envelope("t", "d7", "c"), alert_id=f"a{i}-{k}")
+            await bus.js.publish(subjects.alerts("d7", "c"), a.SerializeToString())
+            delays.append(await asyncio.wait_for(got.get(), 3) - sent)
+            delays.append(await asyncio.wait_for(consumed.get(), 3) - sent)
+            await asyncio.sleep(gap)
+        await asyncio.sleep(0.3)
+    assert max(delays) < 0.25, [round(d, 3) for d in delays]
+    follower.cancel()
+    await bus.drain()

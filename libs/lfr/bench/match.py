@@ -4,7 +4,8 @@ same run and on the same vectors:
 - ``grpc_search``: what match does today for every frame with faces: the watchlist service's gRPC ``Search``
   (one face, k = 1) on a running embedded system, called as the match service (its certificate);
 - ``in_memory``: :class:`lfr.models.scoring.ExactIndex` holding the deployment's vectors in the calling
-  process (exact search by the same recipe): what a match replica would do with the vectors in memory.
+  process (exact search by the same recipe): what a match replica does with the vectors in memory, with its BLAS on
+  one thread as in the match service (``OPENBLAS_NUM_THREADS=1``, see services/match/__main__.py).
 
 The watchlist is filled with synthetic unit vectors of the live model's components (one per entry, written
 into the watchlist service's Qdrant while it is stopped: enrolling 10,000 people through detection is not
@@ -23,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,9 +115,10 @@ def run(args) -> dict:
                     resp = search(req, timeout=10)
                     grpc_ms.append((time.perf_counter() - t0) * 1000)
                     one = {c: probes[c][i].astype(np.float32) for c in probes}
-                    t0 = time.perf_counter()
-                    top = index.search(one, 1)[0]
-                    mem_ms.append((time.perf_counter() - t0) * 1000)
+                    with threadpool_limits(limits=1, user_api="blas"):  # as the match service runs it
+                        t0 = time.perf_counter()
+                        top = index.search(one, 1)[0]
+                        mem_ms.append((time.perf_counter() - t0) * 1000)
                     g = resp.results[0].candidates[0] if resp.results[0].candidates else None
                     agree += bool(g and top and g.entry_id == top[0][0] and abs(g.score - top[0][1]) < 1e-4)
                 out["sizes"][str(size)] = {
