@@ -186,7 +186,8 @@ class MatchService(Service):
         prefix = id_prefix(cfg.match_replica, cfg.match_replicas)
         self.tracker = Tracker(track_gap_s=cfg.track_gap_s, realert_window_s=cfg.realert_window_s,
                                update_interval_s=cfg.alert_update_interval_s, min_frames=cfg.alert_min_frames,
-                               strong_margin=cfg.alert_strong_margin, new_id=lambda: prefix + uuid.uuid4().hex)
+                               strong_margin=cfg.alert_strong_margin, evidence_gap_s=cfg.alert_evidence_gap_ms / 1000,
+                               new_id=lambda: prefix + uuid.uuid4().hex)
         if not cfg.alert_db and not cfg.state_dir:
             raise ConfigError("LFR_ALERT_DB (or LFR_STATE_DIR): match keeps its alert book (alerts, their crops while "
                               "retained, adjudications) in a file; name one on a persistent volume")

@@ -9,8 +9,9 @@ track starts one; it raises a new alert unless the same entry was seen in the de
 alert (same id, revision + 1), at most every `update_interval_s`; the best probe is always published in the end.
 
 The decision is per pass (#14): a new track raises its alert only once it holds `min_frames` matching sightings
-of its entry (consistent frames of one person), or at once when one sighting scores `strong_margin` above the
-deployment threshold. A stranger who matches in one blurred frame makes a track that ends unconfirmed and
+of its entry (consistent frames of one person) at least `evidence_gap_s` apart (neighbouring frames of a face are
+nearly the same picture: a stranger who matches in one matches in the next), or at once when one sighting scores
+`strong_margin` above the deployment threshold. A stranger who matches in one blurred frame makes a track that ends unconfirmed and
 raises nothing (its probe is dropped with it, and counted in `unconfirmed`); a person on the list, seen in
 several frames, is alerted at the frame that completes the evidence. ``min_frames=1`` is the per-frame rule.
 After each frame `waiting` lists the sightings whose pass waits for more evidence (the service asks detection to
@@ -71,8 +72,9 @@ class Track:
     vector: tuple[str, tuple[float, ...]] | None  # (metric, vector): see link_vector
     last_ns: int
     alert: AlertState | None  # None while the pass has not yet shown enough evidence (`min_frames`)
-    frames: int = 1
+    frames: int = 1  # of an unconfirmed pass: its frames of evidence (matching frames `evidence_gap_s` apart)
     pending: Sighting | None = None  # the best sighting of an unconfirmed track
+    evidence_ns: int = 0  # capture time of its last frame of evidence
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class Tracker:
     similarity_min: float = 0.6
     min_frames: int = 1  # matching sightings a pass needs before it raises (1 = the first frame raises)
     strong_margin: float = 0.0  # ... unless one scores this far above the threshold (0 = no shortcut)
+    evidence_gap_s: float = 0.0  # matching frames count as separate evidence only this far apart
     unconfirmed: int = 0  # passes that ended without enough evidence: nothing was raised
     waiting: list[int] = field(default_factory=list)  # of the last `observe`: sightings in a pass still unconfirmed
     new_id: Callable[[], str] = field(default=lambda: uuid.uuid4().hex)
@@ -147,7 +150,9 @@ class Tracker:
             track = taken.get(i)
             confirmed = False
             if track is not None and track.alert is None:  # an unconfirmed pass: one more frame of evidence
-                track.box, track.last_ns, track.frames = s.box, capture_ns, track.frames + 1
+                track.box, track.last_ns = s.box, capture_ns
+                if capture_ns - track.evidence_ns >= self.evidence_gap_s * 1e9 - 1e6:  # not the same moment again
+                    track.frames, track.evidence_ns = track.frames + 1, capture_ns
                 if vectors[i] is not None:
                     track.vector = vectors[i]
                 if track.pending is None or s.score > track.pending.score:
@@ -160,7 +165,7 @@ class Tracker:
             if track is None and not confirmed and not self._convincing(1, s) and \
                     self._open_alert(deployment_id, s.entry_id, capture_ns) is None:
                 tracks.append(Track(self.new_id(), camera_id, s.entry_id, s.box, vectors[i], capture_ns, None,
-                                    pending=s))
+                                    pending=s, evidence_ns=capture_ns))
                 self.waiting.append(i)
                 continue
             if track is None:

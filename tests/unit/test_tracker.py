@@ -170,6 +170,20 @@ def test_a_pass_raises_once_at_the_frame_that_completes_the_evidence_with_its_be
     assert all(a.kind == "update" for a in more)  # the same pass: no second alert
 
 
+def test_frames_of_evidence_must_be_apart_in_time():
+    """Neighbouring frames of one face are nearly the same picture (a stranger who matches in one matches in the
+    next: the demo's stage video did this): with evidence_gap_s 0.25 the frame 0.1 s later adds no evidence, the
+    one 0.3 s after the first does."""
+    t = tracker(min_frames=2, strong_margin=0.2, evidence_gap_s=0.25)
+    assert _one(t, "e1", 0.0, 0, 0.55) == []
+    assert _one(t, "e1", 0.1, 6, 0.56) == [] and t.waiting == [0]  # too soon: still waiting for evidence
+    raised = _one(t, "e1", 0.3, 18, 0.55)
+    assert [a.kind for a in raised] == ["raise"] and raised[0].alert.best_score == 0.56
+    same_moment = tracker(min_frames=2, strong_margin=0.2, evidence_gap_s=0.25)
+    for k in range(3):  # three frames within 0.2 s: never convincing
+        assert _one(same_moment, "e2", k / 10, 6 * k, 0.55) == []
+
+
 def test_waiting_names_the_sightings_whose_pass_needs_more_evidence():
     """After each frame `waiting` lists the sightings in a pass not yet convincing (match asks detection for more
     frames of those faces); a confirmed pass, a strong frame and an open alert's sighting are not waiting."""

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--enroll", default="", help="folder of <subject>/<image> files, one entry per subject "
                    "(default: the shared faces/knn_examples/train)")
     p.add_argument("--fps", type=float, default=10.0, help="sampling rate (default 10)")
+    p.add_argument("--cameras", type=int, default=1, help="stream the video on this many cameras of the deployment "
+                   "at once (default 1; measures LFR_DETECTION_BATCH and LFR_EMBEDDING_BATCH across cameras)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this many seconds of video (0 = all)")
     p.add_argument("--loops", type=int, default=1, help="play the video this many times (a longer run)")
     p.add_argument("--minutes", type=float, default=0.0, help="soak: play the video again and again for this long, "
@@ -177,7 +180,9 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
         env["LFR_ALERT_STRONG_MARGIN"] = str(args.strong_margin)
     with EmbeddedSystem(state, media_roots=[Path(video).resolve().parent], env=env or None) as system:
         c = Clients.connect(system.endpoints(), access=system.access(user="operator", follow_actor=True))
-        d = create_deployment(c, "bench", [CAMERA], threshold=getattr(args, "threshold", 0.0),
+        n_cams = max(1, getattr(args, "cameras", 1))
+        cameras = [CAMERA] if n_cams == 1 else [f"{CAMERA}-{k + 1}" for k in range(n_cams)]
+        d = create_deployment(c, "bench", cameras, threshold=getattr(args, "threshold", 0.0),
                               threshold_reason="benchmark: pass rules compared at a lower threshold"
                               if getattr(args, "threshold", 0.0) else "")
         with closed_on_failure(c, d.id):  # an error or Ctrl-C ends (and purges) the deployment
@@ -197,10 +202,12 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
                         for s in c.ingest.ListSources(ingest_pb2.ListSourcesRequest()).sources
                         if s.state == ingest_pb2.SOURCE_STATE_RUNNING])
                     timer.start()
-                src = stream_video(c, d.id, CAMERA, video, args.fps, realtime=True)
+                with ThreadPoolExecutor(len(cameras)) as pool:  # every camera streams at once
+                    srcs = list(pool.map(lambda cam: stream_video(c, d.id, cam, video, args.fps, realtime=True),
+                                         cameras))
                 if args.seconds:
                     timer.cancel()
-                frames_in += src.frames_published
+                frames_in += sum(src.frames_published for src in srcs)
             wall = time.monotonic() - t0
             if soak:
                 soak.stop()
@@ -278,4 +285,5 @@ def _measure(state: str, video: str, subjects: dict, args) -> dict:
         "deployment": {"id": d.id, "status": watchlist_pb2.DeploymentStatus.Name(ended.status).removeprefix(
             "DEPLOYMENT_STATUS_"), "purged": bool(ended.purged_at.seconds)},
         "loops": loops,
+        "cameras": len(cameras),
     } | ({"soak": (report := soak.report()), "ok": report["ok"]} if soak else {})

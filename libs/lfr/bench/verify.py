@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", default=None, help="pair file (default: pairs.txt or pairsDev* in DIR)")
     parser.add_argument(
         "--limit", type=int, default=None, help="use at most N pairs per pair file (balanced)"
+    )
+    parser.add_argument(
+        "--int8", type=int, default=0, metavar="N",
+        help="also evaluate SFace quantised to int8 (PyTorch FX, fbgemm: static, per-channel weights), calibrated "
+        "on the chips of N images of the shared data's faces and crowd folders (never in an LFW pair file); float "
+        "and int8 in one JSON (--model sface)",
     )
 
 
@@ -246,9 +253,82 @@ def run(args) -> dict:
     protocol = find_protocol(root, args.pairs, args.limit)
     ours, ref = make_pipelines(args)
     result = {"model": ours.model_id, "data": str(root), **evaluate(ours, root, protocol)}
+    if args.int8:
+        result["int8"] = evaluate_int8(ours, root, protocol, args.int8)
     if ref is not None:
         result["reference"] = {"model": ref.model_id, **evaluate(ref, root, protocol)}
     return result
+
+
+def calibration_images(n: int) -> list[Path]:
+    """`n` images, evenly spread, of the shared data's faces and crowd folders: never in an LFW pair file."""
+    from lfr.runtime.paths import data_dir as shared_data
+
+    base = shared_data(required=True)
+    found = sorted(p for sub in ("faces", "crowd") for p in (base / sub).rglob("*")
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if len(found) < n:
+        raise SystemExit(f"--int8 {n}: only {len(found)} images in {base}/faces and {base}/crowd")
+    return [found[i] for i in np.linspace(0, len(found) - 1, n).round().astype(int)]
+
+
+def evaluate_int8(pipe, root, protocol, n: int) -> dict:
+    """The same evaluation with SFace quantised to int8 after calibration on real chips, beside the float model's:
+    accuracy, how far its vectors move (cosine to the float vectors of the same chips) and CPU per chip."""
+    import copy
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from lfr.bench.pipeline import _SHARED, load_rgb
+    from lfr.models.engines import SFACE
+
+    if pipe.components != [SFACE]:
+        raise SystemExit("--int8 measures SFace alone: use --model sface")
+    model = pipe.engine._embedders[SFACE].model  # the engine's network (its frozen copy runs as model.compiled)
+    imgs = [load_rgb(p.parent, p.name) for p in calibration_images(n)]
+    faces, _ = pipe.select(imgs)
+    chips = np.stack([pipe.engine.chips(img, f)[SFACE] for img, f in zip(imgs, faces, strict=True)])
+    x = torch.from_numpy(chips).permute(0, 3, 1, 2).to(torch.float32).contiguous(memory_format=torch.channels_last)
+    frozen = model.compiled
+    object.__setattr__(model, "compiled", None)  # the eager network, traced by FX
+    try:
+        eager = copy.deepcopy(model).eval()
+    finally:
+        object.__setattr__(model, "compiled", frozen)
+    torch.backends.quantized.engine = "fbgemm"
+    with torch.no_grad():
+        prepared = prepare_fx(eager, get_default_qconfig_mapping("fbgemm"), (x[:2],))
+        for i in range(0, len(x), 32):
+            prepared(x[i: i + 32])  # calibration: activation ranges from real chips
+        quantised = convert_fx(prepared)
+
+    def per_chip_ms(net) -> float:  # batches of 4, as the live embedder runs (LFR_EMBEDDING_BATCH)
+        sample = x[:64]
+        with torch.inference_mode():
+            net(sample[:4])
+            t = time.process_time()
+            for i in range(0, len(sample), 4):
+                net(sample[i: i + 4])
+            return round((time.process_time() - t) / len(sample) * 1000, 2)
+
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(model(x), dim=1)
+        got = torch.nn.functional.normalize(quantised(x), dim=1)
+    cos = (ref * got).sum(1).numpy()
+    threads = torch.get_num_threads()
+    speed = {"threads": threads, "float_ms_per_chip": per_chip_ms(model), "int8_ms_per_chip": per_chip_ms(quantised)}
+    _SHARED.pop(pipe.cache_key(SFACE), None)  # the int8 vectors are new: embed every image again
+    object.__setattr__(model, "compiled", quantised)
+    try:
+        result = evaluate(pipe, root, protocol)
+    finally:
+        object.__setattr__(model, "compiled", frozen)
+        _SHARED.pop(pipe.cache_key(SFACE), None)
+    return {"calibration_images": n, "cosine_to_float": {"min": round(float(cos.min()), 4),
+                                                         "mean": round(float(cos.mean()), 4)},
+            "cpu": speed, **result}
 
 
 def format_text(r: dict) -> str:
@@ -260,6 +340,8 @@ def format_text(r: dict) -> str:
         )
 
     lines = [f"{r['model']} on {r['data']} ({r['protocol']}, {r['pairs']} pairs)", line("ours", r)]
+    if "int8" in r:
+        lines.append(line("int8", r["int8"]))
     if "reference" in r:
         lines.append(line("reference", r["reference"]))
     ap = r.get("all_pairs", {})

@@ -63,9 +63,10 @@ class Config:
     live_embed_max_per_s: float = _opt(20.0, "live: in a crowd, a camera's tracked faces are re-embedded at most "
                                        "this often a second together (LFR_LIVE_EMBED_INTERVAL_MS grows with the "
                                        "faces in view; a new face is always embedded at once); 0 = no limit")
-    live_embed_follow_ms: float = _opt(100.0, "live: a new face's next LFR_ALERT_MIN_FRAMES - 1 embeddings are due "
-                                       "this soon after its first (evidence for the pass rule without waiting for "
-                                       "the interval); 0 = they wait for the interval")
+    live_embed_follow_ms: float = _opt(250.0, "live: a new face's next LFR_ALERT_MIN_FRAMES - 1 embeddings, and the "
+                                       "next one of a face whose pass match waits on, are due this soon after the "
+                                       "last (evidence for the pass rule, LFR_ALERT_EVIDENCE_GAP_MS apart, without "
+                                       "waiting for a crowd's longer interval); 0 = they wait for the interval")
     min_face_px: float = _opt(16.0, "faces with a smaller inter-eye distance (px) are not embedded or matched live")
     detection_target: str = _opt("127.0.0.1:50052", "detection service gRPC address")
     embedding_target: str = _opt("127.0.0.1:50053", "embedding service gRPC address")
@@ -85,6 +86,8 @@ class Config:
                                  "compared on the walk-by suite in docs/benchmarks.md)")
     alert_strong_margin: float = _opt(0.08, "... or at once when one frame scores this far above the threshold "
                                       "(0 = never)")
+    alert_evidence_gap_ms: float = _opt(250.0, "matching frames of a pass count as separate evidence only this far "
+                                        "apart (neighbouring frames of one face are nearly the same picture)")
     realert_window_s: float = _opt(120.0, "a watchlist entry raises no new alert in a deployment until it has gone "
                                    "unseen this long; sightings within the window update its open alert")
     alert_update_interval_s: float = _opt(1.0, "while a pass goes on, its alert is re-published with a better "
@@ -199,6 +202,8 @@ class Config:
                 raise ConfigError(f"LFR_{name.upper()}: must be positive")
         if self.live_embed_max_per_s < 0:
             raise ConfigError("LFR_LIVE_EMBED_MAX_PER_S: must be 0 or more")
+        if self.alert_evidence_gap_ms < 0:
+            raise ConfigError("LFR_ALERT_EVIDENCE_GAP_MS: must be 0 or more")
         if self.live_embed_follow_ms < 0:
             raise ConfigError("LFR_LIVE_EMBED_FOLLOW_MS: must be 0 or more")
         if self.live_embed_interval_ms < 0:
