@@ -40,9 +40,9 @@ def frame_image(frame: ingest_pb2.FrameEvent, max_bytes: int, max_pixels: int,
         try:
             rgb = rings.read(framering.FrameRef(ref.ring, ref.slot, ref.seq, ref.size),
                              lambda planes: i420_to_rgb(planes, frame.width, frame.height, max_pixels))
-        except (ValueError, OSError) as exc:  # ImageError is a ValueError: a bad reference or bad planes
-            if isinstance(exc, ImageError):
-                raise
+        except ImageError:  # the planes themselves (a ValueError too)
+            raise
+        except (ValueError, OSError) as exc:  # a reference that is no frame of a ring
             raise ImageError("unreachable", f"frame ring {ref.ring[:40]!r}: {type(exc).__name__}") from None
         if rgb is None:
             raise ImageError("gone", "the frame's slot was overwritten or its ring closed before it was read")

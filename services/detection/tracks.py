@@ -16,9 +16,10 @@ crossing the picture at 10 fps moves most of its width between frames).
 
 Evidence comes quickly (#14): match raises a pass's alert once `LFR_ALERT_MIN_FRAMES` of its frames match, so a new
 track's first `follow` embeddings after the first are due `follow_s` apart (match counts frames of evidence only
-that far apart: LFR_ALERT_EVIDENCE_GAP_MS), not at the interval, which a crowd stretches to seconds; and when match says a pass waits for
-evidence (`want`: a face that matched weakly later in its track), that track's next face is due `follow_s` after
-its last too. Without it a matched person waited for the interval before a second frame could confirm the alert.
+that far apart: LFR_ALERT_EVIDENCE_GAP_MS), not at the interval, which a crowd stretches to seconds; and when match
+says a pass waits for evidence (`want`: a face that matched weakly later in its track), that track's next face is
+due `follow_s` after its last too. Without it a matched person waited for the interval before a second frame could
+confirm the alert.
 """
 
 from __future__ import annotations

@@ -25,13 +25,13 @@ EXPORTS = {
 def _export(module, size: int, path: Path) -> None:
     import torch
 
+    from lfr.models.device import own_layers
+
     module = module.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    # the module's own layers are traced: a frozen TorchScript copy run in its place (LFR_TORCH_JIT) cannot be
-    if getattr(module, "compiled", None) is not None:
-        object.__setattr__(module, "compiled", None)
     x = torch.zeros(2, 3, size, size)
-    torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17, input_names=["chips"],
-                      output_names=["vectors"], dynamic_axes={"chips": {0: "n"}, "vectors": {0: "n"}})
+    with own_layers(module):  # a frozen TorchScript copy run in its place (LFR_TORCH_JIT) cannot be exported
+        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17, input_names=["chips"],
+                          output_names=["vectors"], dynamic_axes={"chips": {0: "n"}, "vectors": {0: "n"}})
 
 
 def export(out: Path, which: tuple[str, ...] = tuple(EXPORTS)) -> dict[str, Path]:

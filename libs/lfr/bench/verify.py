@@ -282,6 +282,7 @@ def evaluate_int8(pipe, root, protocol, n: int) -> dict:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     from lfr.bench.pipeline import _SHARED, load_rgb
+    from lfr.models.device import own_layers
     from lfr.models.engines import SFACE
 
     if pipe.components != [SFACE]:
@@ -291,12 +292,8 @@ def evaluate_int8(pipe, root, protocol, n: int) -> dict:
     faces, _ = pipe.select(imgs)
     chips = np.stack([pipe.engine.chips(img, f)[SFACE] for img, f in zip(imgs, faces, strict=True)])
     x = torch.from_numpy(chips).permute(0, 3, 1, 2).to(torch.float32).contiguous(memory_format=torch.channels_last)
-    frozen = model.compiled
-    object.__setattr__(model, "compiled", None)  # the eager network, traced by FX
-    try:
+    with own_layers(model):  # the network itself, traced by FX
         eager = copy.deepcopy(model).eval()
-    finally:
-        object.__setattr__(model, "compiled", frozen)
     torch.backends.quantized.engine = "fbgemm"
     with torch.no_grad():
         prepared = prepare_fx(eager, get_default_qconfig_mapping("fbgemm"), (x[:2],))
@@ -317,15 +314,15 @@ def evaluate_int8(pipe, root, protocol, n: int) -> dict:
         ref = torch.nn.functional.normalize(model(x), dim=1)
         got = torch.nn.functional.normalize(quantised(x), dim=1)
     cos = (ref * got).sum(1).numpy()
-    threads = torch.get_num_threads()
-    speed = {"threads": threads, "float_ms_per_chip": per_chip_ms(model), "int8_ms_per_chip": per_chip_ms(quantised)}
+    speed = {"threads": torch.get_num_threads(), "float_ms_per_chip": per_chip_ms(model),
+             "int8_ms_per_chip": per_chip_ms(quantised)}
     _SHARED.pop(pipe.cache_key(SFACE), None)  # the int8 vectors are new: embed every image again
-    object.__setattr__(model, "compiled", quantised)
-    try:
-        result = evaluate(pipe, root, protocol)
-    finally:
-        object.__setattr__(model, "compiled", frozen)
-        _SHARED.pop(pipe.cache_key(SFACE), None)
+    with own_layers(model):
+        object.__setattr__(model, "compiled", quantised)  # the engine runs the int8 network in its place
+        try:
+            result = evaluate(pipe, root, protocol)
+        finally:
+            _SHARED.pop(pipe.cache_key(SFACE), None)
     return {"calibration_images": n, "cosine_to_float": {"min": round(float(cos.min()), 4),
                                                          "mean": round(float(cos.mean()), 4)},
             "cpu": speed, **result}

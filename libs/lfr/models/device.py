@@ -10,6 +10,9 @@ the fourth decimal.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _tf32 = False
@@ -57,3 +60,15 @@ def cpu_optimised(model: torch.nn.Module, example: torch.Tensor):
             return torch.jit.optimize_for_inference(frozen)
     except Exception:  # noqa: BLE001 - an unusual torch build: the eager module is always correct
         return None
+
+
+@contextlib.contextmanager
+def own_layers(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` running its own layers, not the frozen copy ``cpu_optimised`` put in its place (``compiled``): for
+    what traces the network itself (an ONNX export, int8 quantisation). The frozen copy is back afterwards."""
+    frozen = getattr(model, "compiled", None)
+    object.__setattr__(model, "compiled", None)
+    try:
+        yield model
+    finally:
+        object.__setattr__(model, "compiled", frozen)

@@ -35,7 +35,6 @@ from lfr.runtime.outbox import Outbox
 M = TypeVar("M", bound=Message)
 
 
-
 async def fetch_ready(psub, batch: int, wait_s: float = 1.0) -> list:
     """Up to `batch` messages of a pull consumer, handed over as soon as there is one: it waits at most `wait_s` for
     the first, then takes what else is already there. (nats-py's `fetch(batch)` that gets its first message from a
